@@ -1,0 +1,197 @@
+"""``flashdistill`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EPILOG_SET = "Config keys for --set (key (default): meaning):\n  "
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _config_help(cls) -> str:
+    from .config import describe
+
+    return EPILOG_SET + "\n  ".join(describe(cls))
+
+
+def _load_method_config(cls, args, extra: dict):
+    from .config import load_config, merge
+
+    cfg = load_config(cls, args.config, args.set)
+    if extra:
+        from .config import from_dict, to_dict
+
+        cfg = from_dict(cls, merge(to_dict(cfg), extra))
+    return cfg
+
+
+def cmd_train_teacher(args) -> None:
+    from .config import to_dict
+    from .data.digits import get_dataset
+    from .methods.dsm import TeacherConfig, TeacherTraining
+    from .train import train
+
+    extra = {"dataset": args.dataset} if args.dataset else {}
+    train_extra = {k: v for k, v in {"steps": args.steps, "seed": args.seed}.items() if v is not None}
+    if train_extra:
+        extra["train"] = train_extra
+    cfg = _load_method_config(TeacherConfig, args, extra)
+    print(json.dumps(to_dict(cfg), indent=2))
+    if args.dry_run:
+        return
+    dataset = get_dataset(cfg.dataset, "train")
+    method = TeacherTraining(cfg)
+    n = sum(p.numel() for p in method.unet.parameters())
+    print(f"teacher UNet: {n / 1e6:.2f}M parameters; training {cfg.train.steps} steps -> {args.out}")
+    summary = train(method, dataset, args.out, resume=args.resume)
+    print(f"teacher written to {args.out} ({summary['seconds']:.0f} s)")
+
+
+def cmd_sample(args) -> None:
+    import numpy as np
+
+    from .models.loading import load_model
+    from .sample import sample
+    from .train import save_image_grid
+
+    model = load_model(args.model)
+    prompts = [args.prompt] * args.num_images
+    seeds = [args.seed + i for i in range(args.num_images)]
+    images = sample(model, prompts, seeds, args.steps, guidance=args.guidance, sampler=args.sampler)
+    save_image_grid(images, Path(args.out), nrow=min(8, args.num_images), scale=8)
+    print(f"wrote {args.out}")
+    if args.npz:
+        np.savez(args.npz, images=images.float().clamp(-1, 1).numpy().astype(np.float32), prompts=np.array(prompts))
+        print(f"wrote {args.npz}")
+
+
+def evaluate_model(model, num_samples: int, steps_list: list[int], guidance: float | None, sampler: str | None,
+                   reference=None) -> list[dict]:
+    from .evaluate import eval_prompts, score
+    from .sample import sample
+
+    prompts, labels, seeds = eval_prompts(num_samples)
+    rows = []
+    for steps in steps_list:
+        images = sample(model, prompts, seeds, steps, guidance=guidance, sampler=sampler)
+        rows.append({"steps": steps, **score(images, labels, reference)})
+    return rows
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate import eval_prompts, fd_floor
+    from .models.loading import load_model
+    from .sample import sample
+
+    model = load_model(args.model)
+    reference = None
+    if args.teacher:
+        teacher = load_model(args.teacher)
+        prompts, _, seeds = eval_prompts(args.num_samples)
+        reference = sample(teacher, prompts, seeds, 32, guidance=args.teacher_guidance)
+    rows = evaluate_model(model, args.num_samples, args.steps, args.guidance, args.sampler, reference)
+    print(f"FD floor (train vs test digits): {fd_floor():.3f}")
+    for r in rows:
+        mse = "" if r["teacher_mse"] is None else f"  teacher_mse {r['teacher_mse']:.4f}"
+        print(f"steps {r['steps']:>3}  FD {r['fd']:.3f}  adherence {r['adherence']:.3f}{mse}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods.dsm import TeacherConfig
+
+    ap = argparse.ArgumentParser(
+        prog="flashdistill",
+        description="Distil a multi-step diffusion teacher into a 1-4 step student (Flash Diffusion).",
+    )
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train-teacher", help="train the built-in SD-style teacher from scratch",
+                       description="Train an SD-style UNet2DConditionModel teacher on a built-in dataset, "
+                                   "conditioned on MiniLM text embeddings, and save it as a diffusers-format folder.",
+                       epilog=_config_help(TeacherConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=None, help="built-in dataset (default: digits)")
+    p.add_argument("--out", required=True, help="output folder (the teacher, checkpoints, log, previews)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps (default 1500)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser("sample", help="generate a PNG grid (and optionally an .npz) from a teacher or a student",
+                       description="Generate images. Image i uses seed S+i, so it does not depend on --num-images.")
+    p.add_argument("--model", required=True, help="teacher folder or distillation run folder")
+    p.add_argument("--prompt", required=True, help="text prompt, e.g. 'a handwritten digit seven'")
+    p.add_argument("--steps", type=positive_int, default=32, help="sampling steps (students: 1, 2 or 4)")
+    p.add_argument("--guidance", type=finite_float, default=None, help="CFG scale for teachers (default: the teacher's)")
+    p.add_argument("--sampler", choices=["dpmpp_2m", "ddim", "euler"], default=None, help="teacher solver (default dpmpp_2m)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    p.add_argument("--num-images", type=positive_int, default=16, help="number of images")
+    p.add_argument("--out", required=True, help="PNG grid to write (upscaled 8x for viewing)")
+    p.add_argument("--npz", default=None, help="also save raw samples: images float32 (N,C,H,W) in [-1,1], prompts")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="FD, adherence and teacher MSE on the built-in digits task",
+                       description="Score a teacher or student on the digits task (see the README for the metrics).")
+    p.add_argument("--model", required=True, help="teacher folder or distillation run folder")
+    p.add_argument("--steps", type=positive_int, nargs="+", default=[32], help="step counts to evaluate")
+    p.add_argument("--guidance", type=finite_float, default=None, help="CFG scale for teachers")
+    p.add_argument("--sampler", choices=["dpmpp_2m", "ddim", "euler"], default=None, help="teacher solver")
+    p.add_argument("--num-samples", type=positive_int, default=1000, help="generated samples per row")
+    p.add_argument("--teacher", default=None, help="teacher folder for teacher_mse (its 32-step output)")
+    p.add_argument("--teacher-guidance", type=finite_float, default=None, help="CFG scale of the reference")
+    p.set_defaults(func=cmd_evaluate)
+    return ap
+
+
+def _add_run_options(p) -> None:
+    p.add_argument("--config", default=None, help="YAML file with config keys (see below)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+
+
+def main(argv=None) -> int:
+    from .config import ConfigError
+    from .models.loading import ModelNotFound
+    from .train import TrainingInterrupted
+
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    try:
+        args.func(args)
+    except TrainingInterrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    except (ConfigError, ModelNotFound, ValueError, FileNotFoundError) as e:
+        print(f"flashdistill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if getattr(args, "verbose_time", True):
+        print(f"[{args.command} done in {time.time() - t0:.1f} s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Stateless deterministic samplers working on x0 predictions (k-diffusion style).
+
+A *model* is a callable ``model(x_t, t) -> x0_pred`` (already conditioned) where ``t`` is the
+float32 batch of timesteps ``t.expand(B)`` in training units (see ``schedules``). Samplers only use
+x0 predictions and the schedule's ``alpha(t)`` / ``sigma(t)``, so they are agnostic to the
+backbone and to its native parametrisation (wrap a raw network with ``schedule.to_x0``).
+
+``x`` is the state at ``timesteps[0]`` and is used as is (never rescaled): pure noise when
+``timesteps[0]`` is the largest timestep, or a partially noised sample. Each sampler integrates
+through every ``timesteps[i]`` and finally to the clean sample (alpha = 1, sigma = 0), returning x0.
+
+Precision: coefficients are float64 and the state is kept in float64 internally; the model is
+called with the state cast to ``x.dtype`` and the result is returned in ``x.dtype``.
+``generator`` is accepted for API uniformity; these ODE solvers are deterministic and ignore it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .schedules import append_dims
+
+Model = Callable[[Tensor, Tensor], Tensor]
+
+__all__ = ["SAMPLERS", "cfg_model", "ddim", "dpmpp_2m", "euler", "flow_euler", "get_sampler"]
+
+
+def _cat(a, b):
+    """Concatenate tensors (recursing into dicts) along dim 0; non-tensor values are taken from ``a``."""
+    if torch.is_tensor(a):
+        return torch.cat([a, b])
+    if isinstance(a, dict):
+        if a.keys() != b.keys():
+            raise ValueError(f"cond/uncond keys differ: {sorted(a)} vs {sorted(b)}")
+        return {k: _cat(a[k], b[k]) for k in a}
+    return a
+
+
+def cfg_model(denoiser: Callable[[Tensor, Tensor, dict], Tensor], cond: dict, uncond: dict | None, guidance) -> Model:
+    """Classifier-free guidance (Ho & Salimans 2022) as an x0 model.
+
+    ``denoiser(x, t, cond_dict) -> x0``. Cond and uncond run in ONE batched forward: ``x``, ``t`` and
+    every tensor value of the dicts (recursively) are concatenated along dim 0, cond first; then
+    ``x0 = x0_u + w * (x0_c - x0_u)``. ``guidance`` is a float or a per-sample tensor of shape (B,).
+    With ``uncond=None`` or ``guidance == 1.0`` (a float) only the cond branch runs.
+    Since x0 is affine in eps (and in v) with coefficients shared by both branches, guidance in x0
+    space equals guidance in eps/v space.
+    """
+    if uncond is None or (not torch.is_tensor(guidance) and guidance == 1.0):
+        return lambda x, t: denoiser(x, t, cond)
+    both = _cat(cond, uncond)
+
+    def model(x: Tensor, t: Tensor) -> Tensor:
+        x0_c, x0_u = denoiser(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        w = append_dims(guidance.to(x0_c), x0_c.ndim) if torch.is_tensor(guidance) else guidance
+        return x0_u + w * (x0_c - x0_u)
+
+    return model
+
+
+def _check(timesteps: Tensor) -> Tensor:
+    if timesteps.ndim != 1 or timesteps.numel() == 0:
+        raise ValueError(f"timesteps must be a non-empty 1-D tensor, got {timesteps.tolist()}")
+    if (timesteps[1:] >= timesteps[:-1]).any():
+        raise ValueError(f"timesteps must be strictly decreasing, got {timesteps.tolist()}")
+    return timesteps
+
+
+def _steps(timesteps: Tensor, schedule, device):
+    """Iterate (t, alpha, sigma, alpha_next, sigma_next) with float64 0-d coefficients; the last step
+    goes to the clean sample (alpha_next = 1, sigma_next = 0)."""
+    ts = _check(timesteps).to(device)
+    alphas, sigmas = schedule.alpha(ts), schedule.sigma(ts)
+    one, zero = torch.ones_like(alphas[:1]), torch.zeros_like(sigmas[:1])
+    alphas_n, sigmas_n = torch.cat([alphas[1:], one]), torch.cat([sigmas[1:], zero])
+    return zip(ts, alphas, sigmas, alphas_n, sigmas_n)
+
+
+def _denoise(model: Model, x: Tensor, t: Tensor, dtype: torch.dtype) -> Tensor:
+    return model(x.to(dtype), t.float().expand(x.shape[0])).double()
+
+
+def ddim(model: Model, x: Tensor, timesteps: Tensor, schedule, generator=None) -> Tensor:
+    """DDIM, eta = 0 (Song et al. 2021, Eq. 12): x_next = alpha_next * x0 + sigma_next * eps_hat.
+
+    For the flow schedule this is exactly the flow Euler step.
+    """
+    dtype, x = x.dtype, x.double()
+    for t, a, s, a_n, s_n in _steps(timesteps, schedule, x.device):
+        x0 = _denoise(model, x, t, dtype)
+        x = a_n * x0 + s_n * (x - a * x0) / s
+    return x.to(dtype)
+
+
+def euler(model: Model, x: Tensor, timesteps: Tensor, schedule, generator=None) -> Tensor:
+    """Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1 without churn) in the VE
+    coordinates y = x / alpha, sigma_ve = sigma / alpha, as diffusers' EulerDiscreteScheduler.
+
+    dy/dsigma_ve = (y - x0) / sigma_ve. Requires alpha > 0 at every timestep (VP schedules);
+    mathematically identical to ``ddim``.
+    """
+    dtype, x = x.dtype, x.double()
+    for t, a, s, a_n, s_n in _steps(timesteps, schedule, x.device):
+        x0 = _denoise(model, x, t, dtype)
+        y, s_ve = x / a, s / a
+        y = y + (s_n / a_n - s_ve) * (y - x0) / s_ve
+        x = a_n * y
+    return x.to(dtype)
+
+
+def dpmpp_2m(model: Model, x: Tensor, timesteps: Tensor, schedule, generator=None) -> Tensor:
+    """DPM-Solver++(2M), data prediction, midpoint form (Lu et al. 2022, Alg. 2), lambda = log(alpha/sigma).
+
+    First step first order, later steps second order, final step to sigma = 0 first order (which
+    lands on the last x0 prediction); matches diffusers' DPMSolverMultistepScheduler(
+    algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero").
+    """
+    dtype, x = x.dtype, x.double()
+    x0_prev = h_prev = None
+    for t, a, s, a_n, s_n in _steps(timesteps, schedule, x.device):
+        x0 = _denoise(model, x, t, dtype)
+        h = (a_n.log() - s_n.log()) - (a.log() - s.log())  # +inf on the final step
+        first_order = x0_prev is None or s_n == 0
+        d = x0 if first_order else x0 + (x0 - x0_prev) * (h / (2 * h_prev))
+        x = (s_n / s) * x - a_n * torch.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x.to(dtype)
+
+
+def flow_euler(model: Model, x: Tensor, timesteps: Tensor, schedule, generator=None) -> Tensor:
+    """Euler for rectified flow (Esser et al. 2024), as diffusers' FlowMatchEulerDiscreteScheduler:
+    x_next = x + (sigma_next - sigma) * v with v = (x - x0) / sigma; final sigma 0."""
+    if schedule.kind != "flow":
+        raise ValueError(f"flow_euler needs a flow schedule (alpha = 1 - sigma), got kind {schedule.kind!r}")
+    dtype, x = x.dtype, x.double()
+    for t, _, s, _, s_n in _steps(timesteps, schedule, x.device):
+        x0 = _denoise(model, x, t, dtype)
+        x = x + (s_n - s) * (x - x0) / s
+    return x.to(dtype)
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddim": ddim, "euler": euler, "dpmpp_2m": dpmpp_2m, "flow_euler": flow_euler}
+
+
+def get_sampler(name: str) -> Callable[..., Tensor]:
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; valid: {sorted(SAMPLERS)}") from None

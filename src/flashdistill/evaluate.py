@@ -1,0 +1,155 @@
+"""Metrics for the built-in digits task.
+
+- **FD**: Fréchet distance (Heusel et al. 2017, the FID formula) between generated images and the
+  held-out test digits, on the 64-d penultimate features of a fixed CNN classifier trained on the
+  train split. Its floor is FD(train split, test split).
+- **Adherence**: the classifier's accuracy on generated images against the digit the prompt asked for.
+- **Teacher fidelity** (``teacher_mse``): mean over samples of the per-sample MSE between a model's
+  output and the teacher's 32-step output from the same noise and prompt.
+
+Generated images are clamped to [-1, 1] (the data range) before the classifier. Evaluation prompts
+cycle through the digits and the prompt templates, and sample i always uses seed ``seed + i``.
+
+The classifier's weights ship with the package (``data/digits_classifier.safetensors``) so FD is
+the same metric on every machine; ``python -m flashdistill.evaluate --build-classifier`` rebuilds
+them deterministically.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.digits import PROMPT_TEMPLATES, load_digits, prompt_for
+
+CLASSIFIER_FILE = Path(__file__).parent / "data" / "digits_classifier.safetensors"
+FEATURE_DIM = 64
+
+
+class DigitsClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, FEATURE_DIM), nn.ReLU(),
+        )
+        self.head = nn.Linear(FEATURE_DIM, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def build_classifier(epochs: int = 40, seed: int = 0) -> DigitsClassifier:
+    """Train on the train split only: Adam, random one-pixel shifts as augmentation."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    data = load_digits("train")
+    net = DigitsClassifier()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x_all, y_all = data.images, data.labels
+    for _ in range(epochs):
+        perm = torch.randperm(len(y_all), generator=g)
+        for i in range(0, len(perm), 64):
+            idx = perm[i: i + 64]
+            x = x_all[idx]
+            dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
+            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+            loss = nn.functional.cross_entropy(net(x), y_all[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+@functools.lru_cache(maxsize=1)
+def classifier() -> DigitsClassifier:
+    from safetensors.torch import load_file
+
+    net = DigitsClassifier()
+    if not CLASSIFIER_FILE.is_file():
+        raise FileNotFoundError(
+            f"{CLASSIFIER_FILE} is missing; rebuild it with: python -m flashdistill.evaluate --build-classifier"
+        )
+    net.load_state_dict(load_file(str(CLASSIFIER_FILE)))
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def features(images: torch.Tensor) -> np.ndarray:
+    x = images.detach().float().cpu().clamp(-1, 1)
+    return torch.cat([classifier().features(c) for c in x.split(1024)]).double().numpy()
+
+
+@torch.no_grad()
+def predict(images: torch.Tensor) -> torch.Tensor:
+    x = images.detach().float().cpu().clamp(-1, 1)
+    return torch.cat([classifier()(c).argmax(1) for c in x.split(1024)])
+
+
+def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)); the trace of the matrix square root is taken
+    from the eigenvalues of the symmetric S1^(1/2) S2 S1^(1/2)."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
+
+
+@functools.lru_cache(maxsize=1)
+def _test_features() -> np.ndarray:
+    return features(load_digits("test").images)
+
+
+@functools.lru_cache(maxsize=1)
+def fd_floor() -> float:
+    """FD(train split, test split): what real digits score."""
+    return frechet_distance(features(load_digits("train").images), _test_features())
+
+
+def eval_prompts(n: int, seed: int = 0) -> tuple[list[str], torch.Tensor, list[int]]:
+    """Prompts cycling digits and templates, their labels and per-sample seeds ``seed + i``."""
+    labels = torch.arange(n) % 10
+    prompts = [prompt_for(int(d), (i // 10) % len(PROMPT_TEMPLATES)) for i, d in enumerate(labels)]
+    return prompts, labels, [seed + i for i in range(n)]
+
+
+def score(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None) -> dict:
+    """FD against the test split, adherence, and teacher MSE when ``reference`` is given."""
+    out = {
+        "fd": frechet_distance(features(images), _test_features()),
+        "adherence": float((predict(images) == labels.cpu()).float().mean()),
+        "teacher_mse": None,
+    }
+    if reference is not None:
+        if reference.shape != images.shape:
+            raise ValueError(f"reference shape {tuple(reference.shape)} != images shape {tuple(images.shape)}")
+        out["teacher_mse"] = float(((images.float() - reference.float()) ** 2).flatten(1).mean(1).mean())
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m flashdistill.evaluate", description="Maintain the digits metric.")
+    ap.add_argument("--build-classifier", action="store_true", help=f"retrain and write {CLASSIFIER_FILE.name}")
+    args = ap.parse_args(argv)
+    if args.build_classifier:
+        from safetensors.torch import save_file
+
+        net = build_classifier()
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(CLASSIFIER_FILE))
+        classifier.cache_clear()
+    test = load_digits("test")
+    print(f"test accuracy {float((predict(test.images) == test.labels).float().mean()):.4f}  FD floor {fd_floor():.3f}")
+
+
+if __name__ == "__main__":
+    main()

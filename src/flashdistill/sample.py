@@ -1,0 +1,53 @@
+"""Generation with per-sample seeds: image i starts from ``randn(seed_i)``, so it does not depend
+on the batch size or on which other images are generated. Teachers sample with a training-free
+solver and CFG; students (see :mod:`flashdistill.models.student`) with their own few-step sampler."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .core.solvers import cfg_model, get_sampler
+
+
+def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def teacher_timesteps(schedule, steps: int, spacing: str = "trailing") -> torch.Tensor:
+    if steps <= 0:
+        raise ValueError(f"steps must be > 0, got {steps}")
+    if schedule.kind == "flow":
+        return schedule.timesteps(steps)
+    return schedule.timesteps(steps, spacing)
+
+
+@torch.no_grad()
+def sample_teacher(model, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+                   sampler: str = "dpmpp_2m", spacing: str = "trailing", batch_size: int = 256,
+                   progress: bool = False) -> torch.Tensor:
+    """Teacher samples in [-1, 1] (not clamped), float32 (N, C, H, W)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    solve = get_sampler(sampler)
+    ts = teacher_timesteps(model.schedule, steps, spacing)
+    out = []
+    for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc=f"teacher {sampler} {steps} steps", leave=False):
+        p, s = prompts[i: i + batch_size], seeds[i: i + batch_size]
+        x = seeded_noise(model.image_shape, s).to(model.device)
+        m = cfg_model(model.denoiser, model.cond(p), model.cond([""] * len(p)), guidance)
+        out.append(solve(m, x, ts, model.schedule).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample(model, prompts: list[str], seeds: list[int], steps: int, guidance: float | None = None,
+           sampler: str | None = None, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    """Samples from a teacher (solver + CFG) or a student run (its own few-step sampler, no CFG)."""
+    if steps <= 0:
+        raise ValueError(f"steps must be > 0, got {steps}")
+    if model.meta.get("kind") == "student":
+        from .models.student import sample_student
+
+        return sample_student(model, prompts, seeds, steps, batch_size=batch_size)
+    return sample_teacher(model, prompts, seeds, steps, 5.0 if guidance is None else guidance,
+                          sampler or "dpmpp_2m", batch_size=batch_size, progress=progress)

@@ -1,0 +1,232 @@
+"""The one training loop: accelerate, devices and precision, data order, checkpoints and resume,
+signals, logging and progress. Methods (``flashdistill.methods.*``) only compute losses.
+
+A method object provides:
+- ``config``: its typed config, with a ``train`` field of type :class:`TrainConfig`;
+- ``models() -> dict[str, nn.Module]``: the trainable models, each with its own AdamW;
+- ``optimizer_settings(name) -> dict``: AdamW keyword arguments for that model;
+- ``setup(device)``: move frozen parts (teacher, text encoder) to the device;
+- ``step(batch, step, models, generator) -> (losses, logs)``: ``losses`` is an ordered list of
+  ``(model_name, loss)``; each loss is back-propagated into that model's parameters only, and
+  that model's optimizer steps. ``models`` are the prepared (possibly DDP-wrapped) models;
+- ``preview(models, generator) -> (images, nrow)``: a sample grid in [-1, 1];
+- ``finalize(out_dir, models)``: write the final artifacts (a teacher folder, a student...).
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import field, to_dict
+
+
+@dataclass
+class TrainConfig:
+    steps: int = field(1000, "optimizer steps to train for")
+    batch_size: int = field(64, "samples per process per micro-batch")
+    grad_accum: int = field(1, "micro-batches accumulated per optimizer step")
+    seed: int = field(0, "seed for data order, noise and initialisation")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = field("auto", "'auto' uses bf16 on GPUs that support it, fp32 on CPU")
+    max_grad_norm: float = field(1.0, "gradient clipping norm (0 disables)")
+    checkpoint_every: int = field(500, "steps between checkpoints (a final one is always written)")
+    keep_checkpoints: int = field(2, "how many checkpoints to keep")
+    sample_every: int = field(0, "steps between preview grids written to RUN/samples (0: only at the end)")
+    log_every: int = field(10, "steps between lines in RUN/log.jsonl")
+
+    def validate(self):
+        for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"train.{k} must be > 0, got {getattr(self, k)}")
+        if self.sample_every < 0:
+            raise ValueError(f"train.sample_every must be >= 0, got {self.sample_every}")
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a clean save when SIGINT/SIGTERM stopped training."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint saved, resume with --resume")
+        self.step, self.signum = step, signum
+
+
+def resolve_precision(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+class DeterministicBatches:
+    """Global sample order is a fresh seeded permutation per epoch; each process takes its slice.
+
+    Position is a pure function of (step, micro-batch), so a resumed run sees the same data as an
+    unbroken one without saving any loader state.
+    """
+
+    def __init__(self, dataset, batch_size: int, grad_accum: int, seed: int, rank: int, world: int):
+        self.dataset, self.bs, self.accum = dataset, batch_size, grad_accum
+        self.seed, self.rank, self.world = seed, rank, world
+        self._perm_epoch, self._perm = -1, None
+
+    def _perm_for(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g), epoch
+        return self._perm
+
+    def get(self, step: int, micro: int) -> dict:
+        n = len(self.dataset)
+        start = ((step * self.accum + micro) * self.world + self.rank) * self.bs
+        idx = [int(self._perm_for((start + j) // n)[(start + j) % n]) for j in range(self.bs)]
+        items = [self.dataset[i] for i in idx]
+        return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items] for k in items[0]}
+
+
+def save_image_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 1) -> None:
+    """Images in [-1, 1] (N, C, H, W) -> one PNG grid, nearest-upscaled ``scale`` times."""
+    from PIL import Image
+
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.full((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Run ``method`` on ``dataset`` under accelerate; returns a summary dict."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    cfg = method.config.train
+    out = Path(out_dir)
+    acc = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), gradient_accumulation_steps=1)
+    set_seed(cfg.seed, device_specific=False)  # identical init on every process
+    ckpt_root = out / "checkpoints"
+    if acc.is_main_process:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(method.config), indent=2))
+    acc.wait_for_everyone()
+
+    method.setup(acc.device)
+    names = list(method.models())
+    raw_models = [method.models()[n] for n in names]
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], **method.optimizer_settings(n))
+            for n, m in zip(names, raw_models)]
+    for opt in opts:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    prepared = acc.prepare(*raw_models, *opts)
+    models = dict(zip(names, prepared[: len(names)]))
+    optims = dict(zip(names, prepared[len(names):]))
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
+
+    start = 0
+    if resume:
+        found = ckpt.latest(ckpt_root)
+        if found is None:
+            acc.print(f"--resume: no checkpoint in {ckpt_root}, starting from step 0")
+        else:
+            for n in names:
+                ckpt.load_trainable(acc.unwrap_model(models[n]), ckpt.load_file_tensors(found / f"{n}.safetensors"))
+                ckpt.load_optimizer(optims[n].optimizer, found / f"{n}.optim")
+            ckpt.load_rng(generator, found / f"rng_rank{acc.process_index}.safetensors")
+            start = json.loads((found / "state.json").read_text())["step"]
+            acc.print(f"resumed from {found} at step {start}")
+
+    def save(step: int) -> None:
+        stage = ckpt.staging_dir(ckpt_root, step)
+        if acc.is_main_process:
+            stage.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            for n in names:
+                ckpt.save_file_tensors(ckpt.trainable_state(acc.unwrap_model(models[n])), stage / f"{n}.safetensors")
+                ckpt.save_optimizer(optims[n].optimizer, stage / f"{n}.optim")
+            (stage / "state.json").write_text(json.dumps({"step": step}))
+        ckpt.save_rng(generator, stage / f"rng_rank{acc.process_index}.safetensors")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.commit(ckpt_root, step, cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    def preview(step: int) -> None:
+        if acc.is_main_process:
+            images, nrow = method.preview({n: acc.unwrap_model(m) for n, m in models.items()}, torch.Generator().manual_seed(0))
+            save_image_grid(images, out / "samples" / f"step_{step:08d}.png", nrow, scale=4)
+
+    stop = {"signum": 0}
+
+    def on_signal(signum, _frame):
+        stop["signum"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    batches = DeterministicBatches(dataset, cfg.batch_size, cfg.grad_accum, cfg.seed, acc.process_index, acc.num_processes)
+    log_path = out / "log.jsonl"
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and acc.is_main_process), desc="train", dynamic_ncols=True)
+    t0, step = time.time(), start
+    try:
+        for n in names:
+            models[n].train()
+        while step < cfg.steps:
+            logs: dict = {}
+            for micro in range(cfg.grad_accum):
+                batch = batches.get(step, micro)
+                with acc.autocast():
+                    losses, step_logs = method.step(batch, step, models, generator)
+                for n, loss in losses:
+                    params = [p for p in models[n].parameters() if p.requires_grad]
+                    acc.backward(loss / cfg.grad_accum, inputs=params)
+                for k, v in step_logs.items():
+                    logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
+            factor = method.lr_factor(step) if hasattr(method, "lr_factor") else 1.0
+            for n in {n for n, _ in losses}:
+                for group in optims[n].param_groups:
+                    group["lr"] = group["initial_lr"] * factor
+                if cfg.max_grad_norm > 0:
+                    logs[f"grad_norm/{n}"] = float(acc.clip_grad_norm_(models[n].parameters(), cfg.max_grad_norm))
+                optims[n].step()
+                optims[n].zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if not k.startswith("grad_norm")}, refresh=False)
+            if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps):
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"step": step, "time": round(time.time() - t0, 3), **logs}) + "\n")
+            flag = torch.tensor([float(stop["signum"])], device=acc.device)
+            if acc.num_processes > 1:
+                flag = acc.reduce(flag, reduction="max")
+            if flag.item() > 0:
+                save(step)
+                raise TrainingInterrupted(step, int(flag.item()))
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                save(step)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                preview(step)
+        save(step)
+        preview(step)
+        if acc.is_main_process:
+            method.finalize(out, {n: acc.unwrap_model(m) for n, m in models.items()})
+        acc.wait_for_everyone()
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    return {"steps": step, "seconds": time.time() - t0, "processes": acc.num_processes}
