@@ -78,22 +78,28 @@ def staging_dir(root: Path, step: int) -> Path:
 def commit(root: Path, step: int, keep: int) -> Path:
     """Rename the staged checkpoint into place, point ``latest`` at it and prune old ones."""
     final = root / f"step_{step:08d}"
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists():  # re-saving a step (a finished run resumed): move the old copy aside first
+        aside = root / f".old_step_{step:08d}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
     os.replace(staging_dir(root, step), final)
     _write_json_atomic(root / "latest.json", {"step": step, "dir": final.name})
     done = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in done[: max(0, len(done) - keep)]:
+    for old in done[: max(0, len(done) - keep)] + sorted(root.glob(".old_step_*")) + sorted(root.glob(".tmp_step_*")):
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest(root: Path) -> Path | None:
+    """The checkpoint ``latest.json`` names; if that is gone (a crash between the two renames of
+    a re-save), the newest complete ``step_*`` folder."""
     f = root / "latest.json"
-    if not f.is_file():
-        return None
-    d = root / json.loads(f.read_text())["dir"]
-    return d if d.is_dir() else None
+    if f.is_file():
+        d = root / json.loads(f.read_text())["dir"]
+        if d.is_dir():
+            return d
+    done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+    return done[-1] if done else None
 
 
 def save_file_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -41,6 +41,11 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}: got {value!r}, expected a list")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: got {value!r}, expected a number")
         return float(value)
@@ -67,11 +72,20 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; valid keys: {sorted(prefix + n for n in names)}")
+    for f in dataclasses.fields(cls):  # a partly given nested section keeps this class's defaults
+        if f.name in data and dataclasses.is_dataclass(hints[f.name]):
+            if not isinstance(data[f.name], dict):
+                raise ConfigError(f"{prefix}{f.name}: got {data[f.name]!r}, expected a mapping of its keys")
+            data[f.name] = merge(to_dict(_default_of(f)), data[f.name])
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         obj.validate()
     return obj
+
+
+def _default_of(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def to_dict(cfg) -> dict:
@@ -89,6 +103,8 @@ def parse_overrides(pairs: list[str]) -> dict:
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair!r}: {p!r} was already set to a value, not a section")
         node[leaf] = yaml.safe_load(raw)
     return out
 
@@ -102,25 +118,31 @@ def merge(base: dict, override: dict) -> dict:
 
 def load_config(cls, path: str | None = None, overrides: list[str] | None = None):
     """``cls`` from an optional YAML/JSON file plus ``--set`` overrides."""
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path!r} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping, got {type(data).__name__}")
-    return from_dict(cls, merge(data, parse_overrides(overrides or [])))
+    return from_dict(cls, merge(read_config_file(path), parse_overrides(overrides or [])))
 
 
-def describe(cls, prefix: str = "") -> list[str]:
-    """``key (default): help`` lines, for --help and the README."""
+def read_config_file(path: str | None) -> dict:
+    """The mapping in a YAML/JSON file ({} for no path)."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def describe(cls, prefix: str = "", defaults=None) -> list[str]:
+    """``key (default): help`` lines, for --help and the README; nested sections show the
+    defaults their parent gives them."""
     lines = []
     for f in dataclasses.fields(cls):
         tp = typing.get_type_hints(cls)[f.name]
+        default = getattr(defaults, f.name) if defaults is not None else _default_of(f)
         if dataclasses.is_dataclass(tp):
-            lines += describe(tp, prefix + f.name + ".")
+            lines += describe(tp, prefix + f.name + ".", default)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"{prefix}{f.name} ({json.dumps(default)}): {f.metadata.get('help', '')}")
     return lines

@@ -102,7 +102,7 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     w, v = np.linalg.eigh(s1)
     r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
+    return max(0.0, float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross))
 
 
 @functools.lru_cache(maxsize=1)

@@ -49,5 +49,7 @@ def sample(model, prompts: list[str], seeds: list[int], steps: int, guidance: fl
         from .models.student import sample_student
 
         return sample_student(model, prompts, seeds, steps, batch_size=batch_size)
-    return sample_teacher(model, prompts, seeds, steps, 5.0 if guidance is None else guidance,
+    if guidance is None:
+        guidance = float(model.meta.get("default_guidance", 5.0))
+    return sample_teacher(model, prompts, seeds, steps, guidance,
                           sampler or "dpmpp_2m", batch_size=batch_size, progress=progress)

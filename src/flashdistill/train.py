@@ -57,6 +57,11 @@ class TrainingInterrupted(Exception):
         self.step, self.signum = step, signum
 
 
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
 def resolve_precision(mode: str) -> str:
     if mode != "auto":
         return mode
@@ -108,6 +113,18 @@ def save_image_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 1)
     img.save(path)
 
 
+def _record_rank_checksums(acc, models: dict, path: Path) -> None:
+    """Gather a float64 checksum of every model's trainable weights from every process into
+    ``ranks.json``: equal values mean the processes ended with identical weights (DDP in sync)."""
+    sums = {}
+    for n, m in models.items():
+        params = [p.detach().double() for p in m.parameters() if p.requires_grad]
+        local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)]).to(acc.device)
+        sums[n] = acc.gather(local[None]).cpu().tolist()
+    if acc.is_main_process:
+        path.write_text(json.dumps({"processes": acc.num_processes, "checksums": sums}, indent=2))
+
+
 def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Run ``method`` on ``dataset`` under accelerate; returns a summary dict."""
     from accelerate import Accelerator
@@ -116,7 +133,11 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
 
     cfg = method.config.train
     out = Path(out_dir)
-    acc = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), gradient_accumulation_steps=1)
+    # cpu=True on machines without an accelerator: with it, a torchrun-style launch (accelerate
+    # launch --multi_gpu --num_processes N) becomes MULTI_CPU over gloo instead of N lone processes.
+    acc = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), cpu=not _has_accelerator())
+    acc.print(f"accelerate: {acc.num_processes} process(es), {acc.distributed_type.value}, device {acc.device}, "
+              f"precision {acc.mixed_precision}")
     set_seed(cfg.seed, device_specific=False)  # identical init on every process
     ckpt_root = out / "checkpoints"
     if acc.is_main_process:
@@ -148,8 +169,12 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
                 ckpt.load_trainable(acc.unwrap_model(models[n]), ckpt.load_file_tensors(found / f"{n}.safetensors"))
                 ckpt.load_optimizer(optims[n].optimizer, found / f"{n}.optim")
             ckpt.load_rng(generator, found / f"rng_rank{acc.process_index}.safetensors")
-            start = json.loads((found / "state.json").read_text())["step"]
+            state = json.loads((found / "state.json").read_text())
+            start = state["step"]
             acc.print(f"resumed from {found} at step {start}")
+            if state.get("total_steps", cfg.steps) != cfg.steps:
+                acc.print(f"warning: the checkpoint was written by a run of {state['total_steps']} steps and this one has "
+                          f"{cfg.steps}; step-dependent schedules (learning rate, phases) differ from an unbroken run")
 
     def save(step: int) -> None:
         stage = ckpt.staging_dir(ckpt_root, step)
@@ -160,7 +185,7 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
             for n in names:
                 ckpt.save_file_tensors(ckpt.trainable_state(acc.unwrap_model(models[n])), stage / f"{n}.safetensors")
                 ckpt.save_optimizer(optims[n].optimizer, stage / f"{n}.optim")
-            (stage / "state.json").write_text(json.dumps({"step": step}))
+            (stage / "state.json").write_text(json.dumps({"step": step, "total_steps": cfg.steps}))
         ckpt.save_rng(generator, stage / f"rng_rank{acc.process_index}.safetensors")
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -222,6 +247,7 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
                 preview(step)
         save(step)
         preview(step)
+        _record_rank_checksums(acc, models, out / "ranks.json")
         if acc.is_main_process:
             method.finalize(out, {n: acc.unwrap_model(m) for n, m in models.items()})
         acc.wait_for_everyone()

@@ -54,7 +54,9 @@ class TeacherTraining:
         self.config = config
         self.schedule = VPSchedule(beta_schedule=config.beta_schedule, prediction_type=config.prediction_type)
         self.text = TextEncoder(MINILM, config.text_max_length)
-        self.unet = build_unet(digits_unet_config(self.text.hidden_size, tuple(config.channels)))
+        with torch.random.fork_rng(devices=[]):  # initialisation is a function of the config's seed
+            torch.manual_seed(config.train.seed)
+            self.unet = build_unet(digits_unet_config(self.text.hidden_size, tuple(config.channels)))
 
     def models(self) -> dict:
         return {"unet": self.unet}

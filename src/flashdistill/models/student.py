@@ -1,0 +1,140 @@
+"""Students: a copy of the teacher backbone with a LoRA (peft, through diffusers' adapter API) or
+fully trainable, whose output is the LCM boundary-scaled x0 (Luo et al. 2023):
+
+    x0_student = c_skip(t) * x_t + c_out(t) * x0_pred(x_t, t)
+
+with c_skip/c_out from :func:`flashdistill.core.schedules.lcm_boundary_scalings` (VP schedules;
+flow schedules use x0 = x_t - sigma * v unscaled). Sampling is LCM-style multistep: denoise at
+each of the student's timesteps and re-noise the x0 to the next one with fresh noise.
+
+A run folder holds ``flashdistill.json`` (kind "student": teacher path, LoRA settings, sampling
+timesteps), ``student/`` weights in safetensors and ``scheduler/`` (an LCMScheduler config).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.schedules import append_dims, lcm_boundary_scalings
+from .denoiser import Denoiser
+
+DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+LORA_FILE = "student_lora.safetensors"
+FULL_DIR = "unet"
+
+
+class StudentDenoiser(Denoiser):
+    """``Denoiser`` whose x0 carries the LCM boundary condition (identity at t = 0)."""
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        x0 = super().forward(x_t, t, cond)
+        if self.schedule.kind == "flow":
+            return x0
+        c_skip, c_out = lcm_boundary_scalings(t)
+        c_skip, c_out = append_dims(c_skip, x0.ndim).float(), append_dims(c_out, x0.ndim).float()
+        return c_skip * x_t.float() + c_out * x0
+
+
+def make_student_backbone(teacher_backbone: nn.Module, full: bool, rank: int, alpha: float | None,
+                          targets: list[str]) -> nn.Module:
+    """A trainable copy of the teacher: a LoRA of ``rank`` on ``targets`` or, with ``full``, all weights."""
+    student = copy.deepcopy(teacher_backbone).train()
+    if full:
+        return student.requires_grad_(True)
+    from peft import LoraConfig
+
+    student.requires_grad_(False)
+    present = [t for t in targets if any(n == t or n.endswith("." + t) for n, _ in student.named_modules())]
+    if not present:
+        raise ValueError(f"none of the LoRA target modules {targets} exist in the backbone")
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=present)
+    student.add_adapter(config)
+    return student
+
+
+def count_params(module: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def save_student(out: Path, backbone: nn.Module, meta: dict) -> None:
+    from diffusers import LCMScheduler
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    (out / "student").mkdir(parents=True, exist_ok=True)
+    if meta["full"]:
+        backbone.save_pretrained(out / "student" / FULL_DIR, safe_serialization=True)
+    else:
+        from peft.utils import get_peft_model_state_dict
+
+        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(backbone).items()}
+        save_file(state, str(out / "student" / LORA_FILE))
+    LCMScheduler(**meta["scheduler_config"]).save_pretrained(out / "scheduler")
+    (out / "flashdistill.json").write_text(json.dumps({"kind": "student", **meta}, indent=2))
+
+
+def load_student(path, device="cpu"):
+    from .loading import Model, load_teacher, read_meta
+
+    path = Path(path)
+    meta = read_meta(path)
+    teacher = load_teacher(meta["teacher"], device="cpu")
+    if meta["full"]:
+        from diffusers import UNet2DConditionModel
+
+        backbone = UNet2DConditionModel.from_pretrained(path / "student" / FULL_DIR)
+    else:
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        lora = meta["lora"]
+        backbone = make_student_backbone(teacher.denoiser.backbone, False, lora["rank"], lora["alpha"], lora["targets"])
+        result = set_peft_model_state_dict(backbone, load_file(str(path / "student" / LORA_FILE)))
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"LoRA weights do not match the student: unexpected {result.unexpected_keys[:5]}")
+    backbone.eval().requires_grad_(False)
+    denoiser = StudentDenoiser(backbone, teacher.schedule)
+    return Model(denoiser, teacher.text, {**teacher.meta, **meta, "kind": "student"}, path,
+                 sampling=meta["sampling"]).to(device)
+
+
+@torch.no_grad()
+def lcm_multistep(denoiser, x: torch.Tensor, timesteps: torch.Tensor, cond: dict, schedule,
+                  noises: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """LCM multistep sampling (Luo et al. 2023, Alg. 1): x0 = f(x, t_i), then x = add_noise(x0, z, t_{i+1}).
+
+    ``noises[i]`` is the re-noising noise for step i+1 (per-sample seeded by the caller)."""
+    x0 = x
+    for i, t in enumerate(timesteps):
+        x0 = denoiser(x, t.float().expand(x.shape[0]).to(x.device), cond)
+        if i + 1 < len(timesteps):
+            z = noises[i] if noises is not None else torch.randn_like(x0)
+            x = schedule.add_noise(x0, z.to(x0), timesteps[i + 1].expand(x.shape[0]).to(x.device))
+    return x0
+
+
+def student_timesteps(sampling: dict, steps: int) -> torch.Tensor:
+    table = sampling["timesteps"]
+    if str(steps) not in table:
+        raise ValueError(f"this student samples with {sorted(int(k) for k in table)} steps, got {steps}")
+    return torch.tensor(table[str(steps)], dtype=torch.float64)
+
+
+@torch.no_grad()
+def sample_student(model, prompts: list[str], seeds: list[int], steps: int, batch_size: int = 256) -> torch.Tensor:
+    """Per-sample seeded: sample i's initial and re-noising noise all come from seed_i's generator."""
+    ts = student_timesteps(model.sampling, steps)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        p, s = prompts[i: i + batch_size], seeds[i: i + batch_size]
+        gens = [torch.Generator().manual_seed(int(k)) for k in s]
+        draws = [torch.stack([torch.randn(model.image_shape, generator=g) for g in gens]) for _ in range(len(ts))]
+        x = draws[0].to(model.device)
+        out.append(lcm_multistep(model.denoiser, x, ts, model.cond(p), model.schedule, draws[1:]).cpu())
+    return torch.cat(out)

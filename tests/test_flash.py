@@ -1,0 +1,295 @@
+"""Flash Diffusion: pi(t), the teacher target, the losses, re-noising, LoRA, resume and DDP."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashdistill.config import from_dict
+from flashdistill.core.schedules import VPSchedule
+from flashdistill.core.timesteps import grid_probabilities, mode_indices, phase_at, sample_grid_index
+from flashdistill.losses import discriminator_loss, distillation_loss, dmd_loss, generator_adv_loss
+from flashdistill.methods.flash import FlashConfig, FlashDistillation
+
+TINY = {"lora_rank": 2, "lr": 1e-3, "disc_lr": 1e-3, "K": 8, "guidance_min": 1.0, "guidance_max": 3.0,
+        "phase_steps": [1, 1, 1], "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1}}
+
+
+def tiny_flash(teacher, **over):
+    cfg = {**TINY, "teacher": str(teacher), **over}
+    return FlashDistillation(from_dict(FlashConfig, cfg))
+
+
+# --- pi(t), Eq. (3) ------------------------------------------------------------------------
+
+def test_mode_indices_are_the_four_inference_timesteps():
+    grid = VPSchedule().timesteps(32, "trailing")
+    assert grid[mode_indices(32)].tolist() == [999, 749, 499, 249]
+
+
+def test_pi_formula_reference_mass_fractions():
+    p = grid_probabilities(32, "flash", [0, 0, 0.5, 0.5], std=0.5)
+    # Reference behaviour (notes): ~79% on each mode's centre, ~10.5% on each neighbour.
+    assert p[16] == pytest.approx(0.5 * 0.787, abs=0.003)
+    assert p[15] == pytest.approx(0.5 * 0.1065, abs=0.003)
+    assert p[:14].sum() < 1e-6  # warm-up: no mass near full noise
+    assert p.sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind,weights", [("flash", [0.4, 0.2, 0.2, 0.2]), ("flash", [0.1, 0.3, 0.3, 0.3]),
+                                          ("uniform", None), ("gaussian", None), ("sharp", [0.4, 0.2, 0.2, 0.2])])
+def test_pi_drawn_frequencies_match_formula(kind, weights):
+    K, n = 32, 200_000
+    j = torch.arange(K, dtype=torch.float64)
+    if kind == "flash":
+        expected = sum(w * torch.exp(-(j - m) ** 2 / (2 * 0.25)) for w, m in zip(weights, [0, 8, 16, 24]))
+    elif kind == "uniform":
+        expected = torch.ones(K, dtype=torch.float64)
+    elif kind == "gaussian":
+        expected = torch.exp(-(j - 16) ** 2 / (2 * 8.0**2))
+    else:
+        expected = torch.zeros(K, dtype=torch.float64)
+        expected[[0, 8, 16, 24]] = torch.tensor(weights, dtype=torch.float64)
+    expected = expected / expected.sum()
+    probs = grid_probabilities(K, kind, weights, std=0.5)
+    torch.testing.assert_close(probs, expected)
+    draws = sample_grid_index(probs, n, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=K).double() / n
+    # 5 standard errors per bin
+    tol = 5 * torch.sqrt(expected * (1 - expected) / n) + 1e-9
+    assert ((freq - expected).abs() <= tol).all(), (freq - expected).abs().max()
+
+
+def test_phases_shift_mass_towards_full_noise(tiny_teacher):
+    m = tiny_flash(tiny_teacher, K=32, phase_steps=[10, 10, 10])
+    assert [m.phase(s) for s in (0, 9, 10, 19, 20, 29, 30, 10_000)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    p_full = [float(m.probabilities(s)[0]) for s in (0, 10, 20, 30)]
+    assert p_full[0] < 1e-9 and p_full[1] < p_full[2] < p_full[3]
+    assert phase_at(5, [2, 2]) == 2
+
+
+def test_bad_pi_config_is_rejected(tiny_teacher):
+    with pytest.raises(ValueError, match="K must be"):
+        tiny_flash(tiny_teacher, K=30)
+    with pytest.raises(ValueError, match="mode_weights"):
+        tiny_flash(tiny_teacher, mode_weights=[[1, 0, 0, 0]])
+    with pytest.raises(ValueError, match="nope"):
+        tiny_flash(tiny_teacher, pi="nope")
+
+
+# --- Teacher target, Eq. (2) -----------------------------------------------------------------
+
+def test_teacher_target_equals_independent_diffusers_dpm_solver(tiny_teacher):
+    from diffusers import DPMSolverMultistepScheduler
+
+    m = tiny_flash(tiny_teacher)
+    m.setup("cpu")
+    unet, sch = m.teacher.denoiser.backbone, m.schedule
+    prompts = ["the number 3", "7"]
+    cond, uncond = m.teacher.cond(prompts), m.teacher.cond(["", ""])
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 1, 8, 8, generator=g) * 2 - 1
+    index = 3
+    t = m.grid[index].float().expand(2)
+    x_t = sch.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+    w = torch.tensor([1.5, 4.0])
+    ours = m.teacher_target(x_t, index, cond, uncond, w)
+
+    ref = DPMSolverMultistepScheduler(**sch.to_diffusers_config(), algorithm_type="dpmsolver++", solver_order=2,
+                                      final_sigmas_type="zero", timestep_spacing="trailing")
+    ref.set_timesteps(m.config.K)
+    assert ref.timesteps.tolist() == m.grid.tolist()
+    ref.set_begin_index(index)
+    x = x_t.clone()
+    with torch.no_grad():
+        for ts in ref.timesteps[index:]:
+            tt = ts.expand(2)
+            eps_c = unet(x, tt, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+            eps_u = unet(x, tt, encoder_hidden_states=uncond["encoder_hidden_states"]).sample
+            eps = eps_u + w.view(-1, 1, 1, 1) * (eps_c - eps_u)
+            x = ref.step(eps, ts, x).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+# --- Losses ----------------------------------------------------------------------------------
+
+def _gaussian_x0(mu, s2, schedule):
+    """Exact x0 denoiser of N(mu, s2 I) data: E[x0 | x_t]."""
+    def f(x_t, t):
+        a = schedule.alpha(t).float().view(-1, 1)
+        sg = schedule.sigma(t).float().view(-1, 1)
+        k = a * s2 / (a**2 * s2 + sg**2)
+        return mu + k * (x_t - a * mu)
+    return f
+
+
+def test_dmd_gradient_moves_student_samples_towards_teacher_distribution():
+    """Toy case with a known answer: teacher data N(mu_r, s2), student samples N(mu_f, s2) with exact
+    denoisers for both. The DMD gradient must point along mu_f - mu_r, so descent moves the student
+    samples' mean to mu_r."""
+    sch = VPSchedule()
+    g = torch.Generator().manual_seed(0)
+    mu_r, mu_f, s2 = torch.tensor([1.0, -0.5]), torch.tensor([-1.0, 0.5]), 0.25
+    real, fake = _gaussian_x0(mu_r, s2, sch), _gaussian_x0(mu_f, s2, sch)
+    x = (mu_f + s2**0.5 * torch.randn(512, 2, generator=g)).requires_grad_(True)
+    t = torch.randint(20, 980, (512,), generator=g).float()
+    noisy = sch.add_noise(x.detach(), torch.randn(512, 2, generator=g), t)
+    loss, logs = dmd_loss(x, real(noisy, t), fake(noisy, t))
+    loss.backward()
+    direction = x.grad.mean(0)
+    cos = torch.nn.functional.cosine_similarity(direction, mu_f - mu_r, dim=0)
+    assert cos > 0.99
+    # a few descent steps on the samples themselves (fresh noise each time) move them to mu_r
+    y = x.detach().clone()
+    for _ in range(200):
+        y.requires_grad_(True)
+        t = torch.randint(20, 980, (512,), generator=g).float()
+        noisy = sch.add_noise(y.detach(), torch.randn(512, 2, generator=g), t)
+        l, _ = dmd_loss(y, real(noisy, t), fake(noisy, t))
+        (gy,) = torch.autograd.grad(l, y)
+        y = (y - 0.5 * 512 * gy).detach()
+        fake = _gaussian_x0(y.mean(0), s2, sch)  # the student's score follows its samples
+    assert (y.mean(0) - mu_r).abs().max() < 0.1
+    assert torch.isfinite(logs["dmd"])
+
+
+def test_dmd_is_zero_when_student_matches_teacher():
+    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+    same = torch.randn(4, 1, 8, 8)
+    loss, _ = dmd_loss(x, same, same)
+    loss.backward()
+    assert loss.item() == 0 and x.grad.abs().max() == 0
+
+
+def test_gan_losses_values():
+    real, fake = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.5])
+    assert discriminator_loss(real, fake, "lsgan")[0].item() == pytest.approx(0.5 * (0.125 + 0.125))
+    assert generator_adv_loss(fake, "lsgan")[0].item() == pytest.approx(0.5 * (1 + 0.25) / 2)
+    assert discriminator_loss(real, fake, "hinge")[0].item() == pytest.approx(0.25 + 1.25)
+    assert discriminator_loss(real, fake, "wgan")[0].item() == pytest.approx(0.25 - 0.75)
+    assert generator_adv_loss(fake, "hinge")[0].item() == pytest.approx(-0.25)
+    p, tgt = torch.tensor([0.0, 3.0]), torch.tensor([1.0, 0.0])
+    assert distillation_loss(p, tgt, "mse")[0].item() == pytest.approx(5.0)
+    assert distillation_loss(p, tgt, "l1")[0].item() == pytest.approx(2.0)
+    assert distillation_loss(p, tgt, "huber")[0].item() == pytest.approx((0.5 + 2.5) / 2)
+    with pytest.raises(ValueError, match="nope"):
+        distillation_loss(p, tgt, "nope")
+
+
+# --- The training step -----------------------------------------------------------------------
+
+def test_adversarial_renoising_uses_t_prime_and_shared_noise(tiny_teacher, monkeypatch):
+    """The reference collapses off-grid t' to the last grid point; ours must re-noise real and student
+    samples with the same noise at exactly t' in adv_timesteps, with the schedule's own alphas."""
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.train import DeterministicBatches
+
+    m = tiny_flash(tiny_teacher, phase_steps=[0, 0, 0])  # phase 3: every loss is on
+    m.setup("cpu")
+    calls = []
+    original = VPSchedule.add_noise
+
+    def spy(self, x0, noise, t):
+        out = original(self, x0, noise, t)
+        calls.append((x0.detach(), noise.detach(), torch.as_tensor(t).detach(), out.detach()))
+        return out
+
+    monkeypatch.setattr(VPSchedule, "add_noise", spy)
+    batch = DeterministicBatches(get_dataset("digits"), 4, 1, 0, 0, 1).get(0, 0)
+    m.step(batch, 10, m.models(), torch.Generator().manual_seed(0))
+    is_adv = [set(c[2].tolist()) <= {10.0, 250.0, 500.0, 750.0} for c in calls]
+    adv = [c for c, a in zip(calls, is_adv) if a]
+    assert len(adv) == 2, [c[2].tolist() for c in calls]
+    (x_real, n_real, t_real, out_real), (x_fake, n_fake, t_fake, out_fake) = adv
+    assert torch.equal(n_real, n_fake) and torch.equal(t_real, t_fake)
+    assert not torch.isin(t_real, m.grid.float()).all()  # off-grid values are used as such
+    a = VPSchedule().alpha(t_real).float().view(-1, 1, 1, 1)
+    s = VPSchedule().sigma(t_real).float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(out_real, a * x_real + s * n_real)
+    # DMD re-noising happens at integer t'' in [dmd_t_min, dmd_t_max], not snapped to the grid
+    dmd = [c for c, a in zip(calls, is_adv) if not a and not torch.isin(c[2], m.grid.float()).all()]
+    assert dmd, "no off-grid DMD re-noising call"
+
+
+def test_lora_student_starts_as_teacher_and_only_lora_trains(tiny_teacher):
+    from flashdistill.models.student import StudentDenoiser
+
+    m = tiny_flash(tiny_teacher)
+    assert 0 < m.trainable < 0.2 * m.total
+    names = [n for n, p in m.student.named_parameters() if p.requires_grad]
+    assert names and all("lora" in n for n in names)
+    # LoRA B starts at zero: the student's x0 equals the teacher's x0 with the boundary scaling
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([999.0, 499.0])
+    cond = m.teacher.cond(["1", "2"])
+    with torch.no_grad():
+        torch.testing.assert_close(StudentDenoiser(m.student, m.schedule)(x, t, cond),
+                                   StudentDenoiser(m.teacher.denoiser.backbone, m.schedule)(x, t, cond))
+
+
+def test_full_student_trains_every_weight(tiny_teacher):
+    m = tiny_flash(tiny_teacher, full=True)
+    assert m.trainable == m.total
+
+
+def _weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "student" / "student_lora.safetensors"))
+
+
+def test_flash_train_resume_sample_and_logs(tiny_teacher, tmp_path):
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.models.loading import load_model
+    from flashdistill.sample import sample
+    from flashdistill.train import train
+
+    ds = get_dataset("digits")
+    full = tmp_path / "full"
+    train(tiny_flash(tiny_teacher), ds, full, progress=False)
+    split = tmp_path / "split"
+    train(tiny_flash(tiny_teacher, train={**TINY["train"], "steps": 2}), ds, split, progress=False)
+    train(tiny_flash(tiny_teacher), ds, split, resume=True, progress=False)
+    a, b = _weights(full), _weights(split)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    # the LoRA moved away from its initialisation
+    init = tmp_path / "init"
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    del init
+    logs = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
+    assert {"distill", "adv_d", "d_real", "d_fake", "dmd", "phase"} <= set(logs[-1])
+    # the run folder samples with its own timesteps and no CFG
+    meta = json.loads((full / "flashdistill.json").read_text())
+    assert meta["sampling"]["timesteps"] == {"1": [999], "2": [999, 499], "4": [999, 749, 499, 249]}
+    model = load_model(full)
+    x1 = sample(model, ["7", "3"], [5, 6], 2)
+    x2 = sample(model, ["3"], [6], 2)
+    torch.testing.assert_close(x1[1:], x2)
+    with pytest.raises(ValueError, match="steps"):
+        sample(model, ["7"], [0], 3)
+    assert (full / "scheduler" / "scheduler_config.json").is_file()
+
+
+@pytest.mark.skipif(os.environ.get("FLASHDISTILL_SKIP_MULTIPROC") == "1", reason="multi-process test disabled")
+def test_two_process_run_keeps_ranks_identical(tiny_teacher, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine (gloo, MULTI_CPU) runs the same command; both ranks end identical."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "flashdistill.cli", "distill", "--teacher", str(tiny_teacher), "--out", str(out),
+           "--set", "lora_rank=2", "--set", "K=8", "--set", "phase_steps=[1,1,1]",
+           "--set", "train.steps=3", "--set", "train.batch_size=2", "--set", "train.checkpoint_every=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert ranks["processes"] == 2
+    for name, sums in ranks["checksums"].items():
+        assert len(sums) == 2 and sums[0] == sums[1], (name, sums)
+    assert any(abs(v) > 0 for k, v in _weights(out).items() if "lora_B" in k for v in v.flatten()[:1].tolist())
