@@ -274,6 +274,16 @@ def test_flash_train_resume_sample_and_logs(tiny_teacher, tmp_path):
     with pytest.raises(ValueError, match="steps"):
         sample(model, ["7"], [0], 3)
     assert (full / "scheduler" / "scheduler_config.json").is_file()
+    # the demo's comparison table: same prompts/seeds, NFE accounting, finite metrics
+    from flashdistill.demo import comparison_rows
+
+    rows = comparison_rows(load_model(tiny_teacher), model, 20, 1.5)
+    assert [(r["method"], r["steps"], r["nfe"]) for r in rows] == [
+        ("teacher dpmpp_2m", 32, 64), ("teacher dpmpp_2m", 1, 2), ("teacher dpmpp_2m", 1, 1),
+        ("teacher dpmpp_2m", 2, 4), ("teacher dpmpp_2m", 2, 2), ("teacher dpmpp_2m", 4, 8), ("teacher dpmpp_2m", 4, 4),
+        ("flash student", 1, 1), ("flash student", 2, 2), ("flash student", 4, 4)]
+    assert rows[0]["teacher_mse"] == 0.0
+    assert all(torch.isfinite(torch.tensor([r["fd"], r["adherence"], r["teacher_mse"]])).all() for r in rows)
 
 
 @pytest.mark.skipif(os.environ.get("FLASHDISTILL_SKIP_MULTIPROC") == "1", reason="multi-process test disabled")

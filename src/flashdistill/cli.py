@@ -142,7 +142,7 @@ def cmd_distill(args) -> None:
     dataset = get_dataset(dataset_name, "train")
     method = FlashDistillation(cfg)
     share = 100 * method.trainable / method.total
-    print(f"student: {method.trainable:,} trainable of {method.total:,} parameters ({share:.2f}%)"
+    print(f"student: {method.trainable:,} trainable parameters, {share:.2f}% of the teacher's {method.total:,}"
           f" {'full' if cfg.full else f'LoRA rank {cfg.lora_rank}'}; discriminator head: "
           f"{sum(p.numel() for p in method.disc.parameters()):,}")
     summary = train(method, dataset, args.out, resume=args.resume)
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_config_help(TeacherConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=None, help="built-in dataset (default: digits)")
     p.add_argument("--out", required=True, help="output folder (the teacher, checkpoints, log, previews)")
-    p.add_argument("--steps", type=positive_int, default=None, help="training steps (default 1500)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps (default 950)")
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     _add_run_options(p)
     p.set_defaults(func=cmd_train_teacher)

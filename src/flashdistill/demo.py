@@ -38,8 +38,8 @@ def distill_flash(teacher: Path, out: Path, overrides: dict | None = None, progr
         shutil.rmtree(out)
     cfg = from_dict(FlashConfig, merge(merge(PRESETS["digits"], {"teacher": str(teacher)}), overrides or {}))
     method = FlashDistillation(cfg)
-    print(f"Flash student: {method.trainable:,} trainable of {method.total:,} parameters "
-          f"({100 * method.trainable / method.total:.2f}%)")
+    print(f"Flash student: {method.trainable:,} trainable parameters, "
+          f"{100 * method.trainable / method.total:.2f}% of the teacher's {method.total:,}")
     return train(method, get_dataset("digits"), out, progress=progress)["seconds"]
 
 

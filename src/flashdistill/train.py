@@ -40,13 +40,38 @@ class TrainConfig:
     keep_checkpoints: int = field(2, "how many checkpoints to keep")
     sample_every: int = field(0, "steps between preview grids written to RUN/samples (0: only at the end)")
     log_every: int = field(10, "steps between lines in RUN/log.jsonl")
+    ema_decay: float = field(0.0, "EMA of the trainable weights (0: off); the final model and previews use it")
 
     def validate(self):
         for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"train.{k} must be > 0, got {getattr(self, k)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.sample_every < 0:
             raise ValueError(f"train.sample_every must be >= 0, got {self.sample_every}")
+
+
+class EMA:
+    """Exponential moving average of a model's trainable weights, with the usual warm-up
+    ``decay_t = min(decay, (1 + t) / (10 + t))``."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach().float(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                p.copy_(self.shadow[n].to(p.dtype))
 
 
 class TrainingInterrupted(Exception):
@@ -158,6 +183,7 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
     models = dict(zip(names, prepared[: len(names)]))
     optims = dict(zip(names, prepared[len(names):]))
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
+    emas = {n: EMA(acc.unwrap_model(models[n]), cfg.ema_decay) for n in names} if cfg.ema_decay > 0 else {}
 
     start = 0
     if resume:
@@ -168,6 +194,8 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
             for n in names:
                 ckpt.load_trainable(acc.unwrap_model(models[n]), ckpt.load_file_tensors(found / f"{n}.safetensors"))
                 ckpt.load_optimizer(optims[n].optimizer, found / f"{n}.optim")
+                if n in emas:
+                    emas[n].shadow = {k: v.to(acc.device) for k, v in ckpt.load_file_tensors(found / f"{n}.ema.safetensors").items()}
             ckpt.load_rng(generator, found / f"rng_rank{acc.process_index}.safetensors")
             state = json.loads((found / "state.json").read_text())
             start = state["step"]
@@ -185,6 +213,8 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
             for n in names:
                 ckpt.save_file_tensors(ckpt.trainable_state(acc.unwrap_model(models[n])), stage / f"{n}.safetensors")
                 ckpt.save_optimizer(optims[n].optimizer, stage / f"{n}.optim")
+                if n in emas:
+                    ckpt.save_file_tensors({k: v.cpu().contiguous() for k, v in emas[n].shadow.items()}, stage / f"{n}.ema.safetensors")
             (stage / "state.json").write_text(json.dumps({"step": step, "total_steps": cfg.steps}))
         ckpt.save_rng(generator, stage / f"rng_rank{acc.process_index}.safetensors")
         acc.wait_for_everyone()
@@ -228,6 +258,8 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
                 if cfg.max_grad_norm > 0:
                     logs[f"grad_norm/{n}"] = float(acc.clip_grad_norm_(models[n].parameters(), cfg.max_grad_norm))
                 optims[n].step()
+                if n in emas:
+                    emas[n].update(acc.unwrap_model(models[n]), step)
                 optims[n].zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
@@ -246,6 +278,8 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
             if cfg.sample_every and step % cfg.sample_every == 0:
                 preview(step)
         save(step)
+        for n, ema in emas.items():  # from here on the models hold their EMA weights
+            ema.copy_to(acc.unwrap_model(models[n]))
         preview(step)
         _record_rank_checksums(acc, models, out / "ranks.json")
         if acc.is_main_process:

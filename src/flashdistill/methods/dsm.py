@@ -22,7 +22,7 @@ from ..train import TrainConfig
 
 
 def _teacher_train_defaults() -> TrainConfig:
-    return TrainConfig(steps=1500, batch_size=64, checkpoint_every=500)
+    return TrainConfig(steps=950, batch_size=64, checkpoint_every=250, ema_decay=0.995)
 
 
 @dataclass
@@ -35,7 +35,7 @@ class TeacherConfig:
     lr: float = field(2e-3, "AdamW learning rate (cosine-decayed to 10% over training)")
     weight_decay: float = field(0.0, "AdamW weight decay")
     text_max_length: int = field(16, "prompt tokens fed to cross-attention")
-    preview_guidance: float = field(3.0, "guidance scale of the preview grids")
+    preview_guidance: float = field(1.5, "default guidance scale (previews, sampling, evaluation)")
     train: TrainConfig = dc_field(default_factory=_teacher_train_defaults, metadata={"help": "training loop"})
 
     def validate(self):

@@ -120,7 +120,8 @@ class FlashDistillation:
             self.student = make_student_backbone(self.teacher.denoiser.backbone, c.full, c.lora_rank, c.lora_alpha or None, c.lora_targets)
             spatial = self.teacher.image_shape[-1] // 2 ** (len(self.teacher.denoiser.backbone.config.block_out_channels) - 1)
             self.disc = DiscriminatorHead(self.teacher.denoiser.feature_channels(), spatial)
-        self.trainable, self.total = count_params(self.student)
+        self.trainable = count_params(self.student)[0]
+        self.total = count_params(self.teacher.denoiser.backbone)[1]  # the teacher's parameter count
 
     # --- loop protocol -------------------------------------------------------------------
     def models(self) -> dict:
