@@ -156,14 +156,14 @@ def test_dry_run_defaults(tmp_path, capsys):
     rc, out, _ = _run(["train-teacher", "--out", str(tmp_path / "X"), "--dry-run"], capsys)
     assert rc == 0
     cfg = json.loads(out)
-    assert cfg["dataset"] == "digits" and cfg["train"]["steps"] == 1500
+    assert cfg["dataset"] == "digits" and cfg["train"]["steps"] == 950
 
 
 def test_dry_run_set_one_train_key_keeps_teacher_defaults(tmp_path, capsys):
     rc, out, _ = _run(["train-teacher", "--out", str(tmp_path / "X"), "--dry-run", "--set", "train.batch_size=8"], capsys)
     assert rc == 0
     cfg = json.loads(out)
-    assert cfg["train"]["batch_size"] == 8 and cfg["train"]["steps"] == 1500
+    assert cfg["train"]["batch_size"] == 8 and cfg["train"]["steps"] == 950
 
 
 # ------------------------------------------------------------------------- with a tiny teacher

@@ -13,7 +13,7 @@ def test_defaults_round_trip():
     cfg = from_dict(TeacherConfig, {})
     assert cfg == TeacherConfig()
     assert from_dict(TeacherConfig, to_dict(cfg)) == cfg
-    assert cfg.train.steps == 1500 and cfg.channels == [32, 64]
+    assert cfg.train.steps == 950 and cfg.train.ema_decay == 0.995 and cfg.channels == [32, 64]
     # list defaults are not shared between instances
     a, b = TeacherConfig(), TeacherConfig()
     a.channels.append(128)

@@ -115,11 +115,15 @@ def test_checkpoints_are_safetensors_and_pruned(reference_run):
     assert ckpt.latest(root) == root / "step_00000006"
     last = root / "step_00000006"
     assert sorted(p.name for p in last.iterdir()) == [
-        "rng_rank0.safetensors", "state.json", "unet.optim.json", "unet.optim.safetensors", "unet.safetensors"]
+        "rng_rank0.safetensors", "state.json", "unet.ema.safetensors", "unet.optim.json", "unet.optim.safetensors",
+        "unet.safetensors"]
     final = reference_run["final"]
     with safe_open(str(last / "unet.safetensors"), "pt") as f:
         keys = set(f.keys())
         assert keys == {n for n, p in reference_run["method"].unet.named_parameters() if p.requires_grad}
+    # the finished model holds the EMA weights (the checkpoint keeps raw and EMA weights apart)
+    with safe_open(str(last / "unet.ema.safetensors"), "pt") as f:
+        assert set(f.keys()) == keys
         for k in keys:
             assert torch.equal(f.get_tensor(k), final[k])
     with safe_open(str(last / "unet.optim.safetensors"), "pt") as f:
