@@ -120,6 +120,13 @@ def cmd_evaluate(args) -> None:
         print(f"steps {r['steps']:>3}  FD {r['fd']:.3f}  adherence {r['adherence']:.3f}{mse}")
 
 
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun/accelerate launch (set before accelerate starts), else True."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_distill(args) -> None:
     from .config import from_dict, merge, parse_overrides, read_config_file, to_dict
     from .data.digits import get_dataset
@@ -134,19 +141,20 @@ def cmd_distill(args) -> None:
     base = merge(PRESETS[preset], {"teacher": args.teacher})
     flags = {"full": True} if args.full else {}
     cfg = from_dict(FlashConfig, merge(merge(merge(base, read_config_file(args.config)), parse_overrides(args.set)), flags))
-    print(f"preset: {preset}")
-    print(json.dumps(to_dict(cfg), indent=2))
+    say = print if _is_main_process() else (lambda *a, **k: None)
+    say(f"preset: {preset}")
+    say(json.dumps(to_dict(cfg), indent=2))
     if args.dry_run:
         return
     dataset_name = meta.get("dataset")
     dataset = get_dataset(dataset_name, "train")
     method = FlashDistillation(cfg)
     share = 100 * method.trainable / method.total
-    print(f"student: {method.trainable:,} trainable parameters, {share:.2f}% of the teacher's {method.total:,}"
+    say(f"student: {method.trainable:,} trainable parameters, {share:.2f}% of the teacher's {method.total:,}"
           f" {'full' if cfg.full else f'LoRA rank {cfg.lora_rank}'}; discriminator head: "
           f"{sum(p.numel() for p in method.disc.parameters()):,}")
     summary = train(method, dataset, args.out, resume=args.resume)
-    print(f"student written to {args.out} ({summary['seconds']:.0f} s, {summary['processes']} process(es))")
+    say(f"student written to {args.out} ({summary['seconds']:.0f} s, {summary['processes']} process(es))")
 
 
 def cmd_demo(args) -> None:

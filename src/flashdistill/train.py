@@ -189,7 +189,7 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
     if resume:
         found = ckpt.latest(ckpt_root)
         if found is None:
-            acc.print(f"--resume: no checkpoint in {ckpt_root}, starting from step 0")
+            acc.print(f"resume: no checkpoint in {ckpt_root} yet, starting from step 0")
         else:
             for n in names:
                 ckpt.load_trainable(acc.unwrap_model(models[n]), ckpt.load_file_tensors(found / f"{n}.safetensors"))
