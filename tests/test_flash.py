@@ -256,10 +256,8 @@ def test_flash_train_resume_sample_and_logs(tiny_teacher, tmp_path):
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-    # the LoRA moved away from its initialisation
-    init = tmp_path / "init"
+    # the LoRA moved away from its initialisation (lora_B starts at zero)
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
-    del init
     logs = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
