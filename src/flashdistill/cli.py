@@ -128,27 +128,20 @@ def _is_main_process() -> bool:
 
 
 def cmd_distill(args) -> None:
-    from .config import from_dict, merge, parse_overrides, read_config_file, to_dict
+    from .config import parse_overrides, read_config_file, to_dict
     from .data.digits import get_dataset
-    from .methods.flash import PRESETS, FlashConfig, FlashDistillation
-    from .models.loading import read_meta
+    from .methods.flash import FlashDistillation, build_config
     from .train import train
 
-    meta = read_meta(Path(args.teacher))
-    preset = args.preset
-    if preset == "auto":
-        preset = "digits" if meta.get("dataset") == "digits" else "sd"
-    base = merge(PRESETS[preset], {"teacher": args.teacher})
     flags = {"full": True} if args.full else {}
-    cfg = from_dict(FlashConfig, merge(merge(merge(base, read_config_file(args.config)), parse_overrides(args.set)), flags))
+    cfg, preset = build_config(args.teacher, args.preset, read_config_file(args.config), parse_overrides(args.set), flags)
     say = print if _is_main_process() else (lambda *a, **k: None)
     say(f"preset: {preset}")
     say(json.dumps(to_dict(cfg), indent=2))
     if args.dry_run:
         return
-    dataset_name = meta.get("dataset")
-    dataset = get_dataset(dataset_name, "train")
     method = FlashDistillation(cfg)
+    dataset = get_dataset(method.teacher.meta.get("dataset"), "train")
     share = 100 * method.trainable / method.total
     say(f"student: {method.trainable:,} trainable parameters, {share:.2f}% of the teacher's {method.total:,}"
           f" {'full' if cfg.full else f'LoRA rank {cfg.lora_rank}'}; discriminator head: "
@@ -186,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distil a teacher into a few-step student (Flash Diffusion)",
                        description="Flash Diffusion distillation of a teacher folder into a LoRA (or --full) student. "
-                                   "Runs under accelerate: 'accelerate launch [--cpu] [--num_processes N] -m flashdistill.cli distill ...'. "
+                                   "Runs under accelerate: 'accelerate launch --num_processes N -m flashdistill.cli distill ...' "
+                                   "(on a CPU-only machine add --multi_gpu; accelerate's --cpu starts a single process). "
                                    "Config precedence: preset < --config file < --set.",
                        epilog=_config_help(FlashConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher folder (e.g. from train-teacher)")

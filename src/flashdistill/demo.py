@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import from_dict, merge
+from .config import from_dict
 from .data.digits import get_dataset, prompt_for
 from .evaluate import eval_prompts, fd_floor, score
 from .models.loading import load_model
@@ -32,11 +32,11 @@ def ensure_teacher(path: Path, progress: bool = True) -> float | None:
 
 
 def distill_flash(teacher: Path, out: Path, overrides: dict | None = None, progress: bool = True) -> float:
-    from .methods.flash import PRESETS, FlashConfig, FlashDistillation
+    from .methods.flash import FlashDistillation, build_config
 
     if out.exists():
         shutil.rmtree(out)
-    cfg = from_dict(FlashConfig, merge(merge(PRESETS["digits"], {"teacher": str(teacher)}), overrides or {}))
+    cfg, _ = build_config(teacher, "digits", overrides)
     method = FlashDistillation(cfg)
     print(f"Flash student: {method.trainable:,} trainable parameters, "
           f"{100 * method.trainable / method.total:.2f}% of the teacher's {method.total:,}")
@@ -83,7 +83,7 @@ def run_demo(out: str | Path, num_samples: int = 1000) -> dict:
     teacher_seconds = ensure_teacher(out / "teacher")
     flash_seconds = distill_flash(out / "teacher", out / "flash")
     teacher, student = load_model(out / "teacher"), load_model(out / "flash")
-    guidance = float(teacher.meta.get("default_guidance", 3.0))
+    guidance = teacher.default_guidance
     rows = comparison_rows(teacher, student, num_samples, guidance)
     demo_grid(teacher, student, guidance, out / "grid.png")
     floor = fd_floor()

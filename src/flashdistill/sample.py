@@ -49,7 +49,5 @@ def sample(model, prompts: list[str], seeds: list[int], steps: int, guidance: fl
         from .models.student import sample_student
 
         return sample_student(model, prompts, seeds, steps, batch_size=batch_size)
-    if guidance is None:
-        guidance = float(model.meta.get("default_guidance", 5.0))
-    return sample_teacher(model, prompts, seeds, steps, guidance,
+    return sample_teacher(model, prompts, seeds, steps, model.default_guidance if guidance is None else guidance,
                           sampler or "dpmpp_2m", batch_size=batch_size, progress=progress)

@@ -16,6 +16,7 @@ Departures from the public reference code (see shared/METHOD_NOTES.md), on purpo
 from __future__ import annotations
 
 from dataclasses import dataclass, field as dc_field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -25,7 +26,7 @@ from ..core.solvers import cfg_model, dpmpp_2m
 from ..core.timesteps import PI_KINDS, grid_probabilities, mode_indices, phase_at, sample_grid_index
 from ..losses import discriminator_loss, distillation_loss, dmd_loss, generator_adv_loss
 from ..models.discriminator import DiscriminatorHead
-from ..models.loading import load_teacher
+from ..models.loading import load_teacher, read_meta
 from ..models.student import (DEFAULT_LORA_TARGETS, StudentDenoiser, count_params, lcm_multistep,
                               make_student_backbone, save_student)
 from ..sample import seeded_noise
@@ -98,6 +99,21 @@ PRESETS = {
         "train": {"steps": 340, "batch_size": 16, "checkpoint_every": 100, "sample_every": 100},
     },
 }
+
+
+def build_config(teacher, preset: str = "auto", *layers: dict) -> tuple[FlashConfig, str]:
+    """FlashConfig from a preset (``auto``: ``digits`` for the built-in teacher, else ``sd``) with
+    ``layers`` (config file, --set, flags) merged on top in order; returns (config, preset used)."""
+    from ..config import from_dict, merge
+
+    if preset == "auto":
+        preset = "digits" if read_meta(Path(teacher)).get("dataset") == "digits" else "sd"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected 'auto' or one of {sorted(PRESETS)}")
+    data = merge(PRESETS[preset], {"teacher": str(teacher)})
+    for layer in layers:
+        data = merge(data, layer or {})
+    return from_dict(FlashConfig, data), preset
 
 
 def _unwrap(m):
@@ -242,8 +258,6 @@ class FlashDistillation:
         return torch.cat(rows), len(prompts)
 
     def finalize(self, out_dir, models: dict) -> None:
-        from pathlib import Path
-
         from ..config import to_dict
 
         c = self.config

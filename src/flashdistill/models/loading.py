@@ -46,6 +46,11 @@ class Model:
         return self.denoiser.schedule
 
     @property
+    def default_guidance(self) -> float:
+        """The CFG scale a teacher samples with when none is given (its folder says; else 5.0)."""
+        return float(self.meta.get("default_guidance", 5.0))
+
+    @property
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.meta["image_shape"])
 
