@@ -301,3 +301,17 @@ def test_two_process_run_keeps_ranks_identical(tiny_teacher, tmp_path):
     for name, sums in ranks["checksums"].items():
         assert len(sums) == 2 and sums[0] == sums[1], (name, sums)
     assert any(abs(v) > 0 for k, v in _weights(out).items() if "lora_B" in k for v in v.flatten()[:1].tolist())
+
+
+def test_fused_student_equals_adapter_student(tiny_teacher, tmp_path):
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.models.student import load_student
+    from flashdistill.train import train
+
+    train(tiny_flash(tiny_teacher), get_dataset("digits"), tmp_path / "run", progress=False)
+    fused, adapter = load_student(tmp_path / "run"), load_student(tmp_path / "run", fuse=False)
+    assert not any("lora" in n for n, _ in fused.denoiser.named_parameters())
+    assert any("lora" in n for n, _ in adapter.denoiser.named_parameters())
+    x, t, cond = torch.randn(3, 1, 8, 8), torch.tensor([999.0, 499.0, 10.0]), fused.cond(["1", "2", "3"])
+    with torch.no_grad():
+        torch.testing.assert_close(fused.denoiser(x, t, cond), adapter.denoiser(x, t, cond), rtol=1e-4, atol=1e-5)

@@ -5,10 +5,11 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 
 from flashdistill.core.schedules import FlowSchedule, VPSchedule
-from flashdistill.core.solvers import SAMPLERS, cfg_model, ddim, dpmpp_2m, euler, flow_euler, get_sampler
+from flashdistill.core.solvers import SAMPLERS, cfg_model, ddim, dpmpp_2m, euler, flow_euler, get_sampler, unipc
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 STEPS = [1, 2, 4, 10]
@@ -92,6 +93,32 @@ def test_flow_euler_matches_diffusers(n):
     assert_rel_close(flow_euler(as_x0_model(sch), x, ref.timesteps, sch), diffusers_loop(ref, x))
 
 
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_unipc_matches_diffusers(n, prediction_type):
+    # diffusers run natively (native eps/v outputs, its own trailing timesteps) against our wrapper
+    # fed x0 predictions at the same timesteps.
+    ref = UniPCMultistepScheduler(**SD, prediction_type=prediction_type, timestep_spacing="trailing",
+                                  final_sigmas_type="zero")  # fmt: skip
+    ref.set_timesteps(n)
+    sch = VPSchedule(**SD, prediction_type=prediction_type)
+    x = _rand(2, 4, 8, 8)
+    assert_rel_close(unipc(as_x0_model(sch), x, ref.timesteps, sch), diffusers_loop(ref, x))
+
+
+@pytest.mark.parametrize("n", STEPS)
+def test_unipc_flow_matches_diffusers(n):
+    ref = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                  final_sigmas_type="zero")  # fmt: skip
+    ref.set_timesteps(n)
+    # diffusers truncates these timesteps to integers but keeps the unrounded sigmas; make its
+    # sigmas those of the integer timesteps the model sees (sigma = t / T), as our schedule does.
+    ref.sigmas[:-1] = (ref.timesteps / 1000).clamp(max=1 - 1e-6)
+    sch = FlowSchedule(shift=3.0)
+    x = _rand(2, 4, 8, 8)
+    assert_rel_close(unipc(as_x0_model(sch), x, ref.timesteps, sch), diffusers_loop(ref, x))
+
+
 def test_ddim_equals_euler_and_flow_euler():
     x, vp, fl = _rand(2, 4, 8, 8), VPSchedule(**SD), FlowSchedule()
     ts = vp.timesteps(6, "linspace").float() + 0.5
@@ -104,7 +131,8 @@ def test_ddim_equals_euler_and_flow_euler():
 @pytest.mark.parametrize(
     "sampler,schedule",
     [(ddim, VPSchedule(**SD)), (euler, VPSchedule(**SD)), (dpmpp_2m, VPSchedule(**SD)),
-     (ddim, FlowSchedule()), (dpmpp_2m, FlowSchedule()), (flow_euler, FlowSchedule())],
+     (ddim, FlowSchedule()), (dpmpp_2m, FlowSchedule()), (flow_euler, FlowSchedule()),
+     (unipc, VPSchedule(**SD)), (unipc, FlowSchedule())],
 )  # fmt: skip
 def test_oracle_lands_on_x0(sampler, schedule, n):
     x0 = _rand(3, 4, 8, 8, seed=1)

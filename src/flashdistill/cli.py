@@ -156,6 +156,12 @@ def cmd_demo(args) -> None:
     run_demo(args.out, num_samples=args.num_samples)
 
 
+def cmd_benchmark(args) -> None:
+    from .benchmark import run_benchmark
+
+    run_benchmark(args.preset, args.out, cache=args.cache, num_samples=args.num_samples)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods.dsm import TeacherConfig
     from .methods.flash import FlashConfig
@@ -186,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="teacher folder (e.g. from train-teacher)")
     p.add_argument("--method", choices=["flash"], default="flash", help="distillation method")
     p.add_argument("--out", required=True, help="run folder (student, checkpoints, log, previews, config)")
-    p.add_argument("--preset", choices=["auto", "digits", "sd"], default="auto",
-                   help="per-teacher defaults: 'digits' for the built-in teacher, 'sd' (the paper's SD1.5 settings) otherwise")
+    p.add_argument("--preset", choices=["auto", "digits", "sd", "sdxl", "pixart", "sd3"], default="auto",
+                   help="per-teacher defaults (auto: 'digits' for the built-in teacher, else the pipeline's family; "
+                        "'sd' is the paper's SD1.5 setting)")
     p.add_argument("--full", action="store_true", help="train the whole student instead of a LoRA")
     _add_run_options(p)
     p.set_defaults(func=cmd_distill)
@@ -222,6 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--num-samples", type=positive_int, default=1000, help="samples per metric row")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("benchmark", help="quality vs NFE, speed and cost; the paper's ablations at toy scale",
+                       description="Benchmark on the built-in digits task. 'quick' (about 13 min on 2 CPU cores "
+                                   "from scratch): the teacher at 32 steps, DDIM / Euler / DPM-Solver++ / UniPC on "
+                                   "the teacher at 1, 2, 4, 8 steps, the Flash student at 1, 2, 4 steps. 'full': 2000 "
+                                   "samples per row, the teacher at 50 steps and a guidance sweep. 'ablations': 13 "
+                                   "equal-budget Flash runs (loss terms, pi(t), distillation loss, GAN loss, K) at "
+                                   "2 steps beside the paper's Fig. 4 numbers (about 35 min). Writes OUT/results.json, "
+                                   "OUT/report.md, OUT/grid.png and OUT/quality_vs_nfe.png (ablations: "
+                                   "OUT/ablations.png). Trained models are cached in --cache and reused.")
+    p.add_argument("--preset", choices=["quick", "full", "ablations"], default="quick", help="what to run (default quick)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--cache", default="runs/cache", help="folder of trained teachers and students, reused across "
+                                                         "runs and presets (default runs/cache)")
+    p.add_argument("--num-samples", type=positive_int, default=None,
+                   help="samples per row (default: quick 500, full 2000, ablations 500)")
+    p.set_defaults(func=cmd_benchmark)
     return ap
 
 

@@ -1,46 +1,21 @@
-"""The end-to-end demo on the built-in digits task: teacher (trained, or reused if present),
-Flash distillation, then FD / adherence / teacher MSE of the student at 1, 2 and 4 steps against
+"""The end-to-end demo on the built-in digits task: teacher and Flash distillation (each trained,
+resumed if unfinished, or reused if finished), then FD / adherence / teacher MSE of the student at 1, 2 and 4 steps against
 the teacher's 32-step samples and DPM-Solver++ on the teacher at the same NFE (network
 evaluations per sample; a CFG step costs 2)."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .config import from_dict
-from .data.digits import get_dataset, prompt_for
+from .benchmark import ensure_flash, ensure_teacher
+from .data.digits import prompt_for
 from .evaluate import eval_prompts, fd_floor, score
 from .models.loading import load_model
 from .sample import sample
-from .train import save_image_grid, train
-
-
-def ensure_teacher(path: Path, progress: bool = True) -> float | None:
-    """Train the teacher into ``path`` unless a finished one is there; returns seconds trained."""
-    from .methods.dsm import TeacherConfig, TeacherTraining
-
-    if (path / "flashdistill.json").is_file():
-        print(f"reusing the teacher in {path}")
-        return None
-    cfg = from_dict(TeacherConfig, {})
-    summary = train(TeacherTraining(cfg), get_dataset(cfg.dataset), path, resume=True, progress=progress)
-    return summary["seconds"]
-
-
-def distill_flash(teacher: Path, out: Path, overrides: dict | None = None, progress: bool = True) -> float:
-    from .methods.flash import FlashDistillation, build_config
-
-    if out.exists():
-        shutil.rmtree(out)
-    cfg, _ = build_config(teacher, "digits", overrides)
-    method = FlashDistillation(cfg)
-    print(f"Flash student: {method.trainable:,} trainable parameters, "
-          f"{100 * method.trainable / method.total:.2f}% of the teacher's {method.total:,}")
-    return train(method, get_dataset("digits"), out, progress=progress)["seconds"]
+from .train import save_image_grid
 
 
 def comparison_rows(teacher, student, num_samples: int, guidance: float) -> list[dict]:
@@ -81,7 +56,7 @@ def run_demo(out: str | Path, num_samples: int = 1000) -> dict:
     t0 = time.time()
     out = Path(out)
     teacher_seconds = ensure_teacher(out / "teacher")
-    flash_seconds = distill_flash(out / "teacher", out / "flash")
+    flash_seconds = ensure_flash(out / "teacher", out / "flash")
     teacher, student = load_model(out / "teacher"), load_model(out / "flash")
     guidance = teacher.default_guidance
     rows = comparison_rows(teacher, student, num_samples, guidance)

@@ -34,20 +34,24 @@ def sample_teacher(model, prompts: list[str], seeds: list[int], steps: int, guid
     for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc=f"teacher {sampler} {steps} steps", leave=False):
         p, s = prompts[i: i + batch_size], seeds[i: i + batch_size]
         x = seeded_noise(model.image_shape, s).to(model.device)
-        m = cfg_model(model.denoiser, model.cond(p), model.cond([""] * len(p)), guidance)
+        m = cfg_model(model.denoiser, model.cond(p), model.uncond(len(p)), guidance)
         out.append(solve(m, x, ts, model.schedule).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def sample(model, prompts: list[str], seeds: list[int], steps: int, guidance: float | None = None,
-           sampler: str | None = None, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-    """Samples from a teacher (solver + CFG) or a student run (its own few-step sampler, no CFG)."""
+           sampler: str | None = None, batch_size: int = 256, progress: bool = False,
+           decode: bool = True) -> torch.Tensor:
+    """Samples from a teacher (solver + CFG) or a student run (its own few-step sampler, no CFG);
+    images in [-1, 1] (latent models: decoded by the VAE unless ``decode=False``)."""
     if steps <= 0:
         raise ValueError(f"steps must be > 0, got {steps}")
     if model.meta.get("kind") == "student":
         from .models.student import sample_student
 
-        return sample_student(model, prompts, seeds, steps, batch_size=batch_size)
-    return sample_teacher(model, prompts, seeds, steps, model.default_guidance if guidance is None else guidance,
-                          sampler or "dpmpp_2m", batch_size=batch_size, progress=progress)
+        x = sample_student(model, prompts, seeds, steps, batch_size=batch_size)
+    else:
+        x = sample_teacher(model, prompts, seeds, steps, model.default_guidance if guidance is None else guidance,
+                           sampler or "dpmpp_2m", batch_size=batch_size, progress=progress)
+    return model.decode(x.to(model.device)).cpu() if decode and model.vae is not None else x

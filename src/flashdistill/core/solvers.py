@@ -25,17 +25,17 @@ from .schedules import append_dims
 
 Model = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["SAMPLERS", "cfg_model", "ddim", "dpmpp_2m", "euler", "flow_euler", "get_sampler"]
+__all__ = ["SAMPLERS", "cfg_model", "ddim", "dpmpp_2m", "euler", "flow_euler", "get_sampler", "unipc"]
 
 
-def _cat(a, b):
+def cat_cond(a, b):
     """Concatenate tensors (recursing into dicts) along dim 0; non-tensor values are taken from ``a``."""
     if torch.is_tensor(a):
         return torch.cat([a, b])
     if isinstance(a, dict):
         if a.keys() != b.keys():
             raise ValueError(f"cond/uncond keys differ: {sorted(a)} vs {sorted(b)}")
-        return {k: _cat(a[k], b[k]) for k in a}
+        return {k: cat_cond(a[k], b[k]) for k in a}
     return a
 
 
@@ -51,7 +51,7 @@ def cfg_model(denoiser: Callable[[Tensor, Tensor, dict], Tensor], cond: dict, un
     """
     if uncond is None or (not torch.is_tensor(guidance) and guidance == 1.0):
         return lambda x, t: denoiser(x, t, cond)
-    both = _cat(cond, uncond)
+    both = cat_cond(cond, uncond)
 
     def model(x: Tensor, t: Tensor) -> Tensor:
         x0_c, x0_u = denoiser(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
@@ -142,7 +142,37 @@ def flow_euler(model: Model, x: Tensor, timesteps: Tensor, schedule, generator=N
     return x.to(dtype)
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddim": ddim, "euler": euler, "dpmpp_2m": dpmpp_2m, "flow_euler": flow_euler}
+def unipc(model: Model, x: Tensor, timesteps: Tensor, schedule, generator=None) -> Tensor:
+    """UniPC (Zhao et al. 2023; bh2, order 2, data prediction) through diffusers'
+    ``UniPCMultistepScheduler``: a fresh scheduler per call, fed x0 predictions
+    (``prediction_type="sample"``) at exactly ``timesteps`` (its sigmas are overwritten with this
+    schedule's at those timesteps, then 0), so the call stays stateless. Works on VP and flow
+    schedules; state and coefficients are float32 as in diffusers.
+    """
+    from diffusers import UniPCMultistepScheduler
+
+    ts = _check(timesteps).to(x.device)
+    flow = schedule.kind == "flow"
+    config = {k: v for k, v in schedule.to_diffusers_config().items() if k != "prediction_type"}
+    if flow:
+        config = {"num_train_timesteps": config["num_train_timesteps"], "use_flow_sigmas": True}
+    sched = UniPCMultistepScheduler(**config, prediction_type="sample", solver_order=2, solver_type="bh2",
+                                    lower_order_final=True, final_sigmas_type="zero")
+    sched.set_timesteps(len(ts))
+    sig = schedule.sigma(ts) if flow else schedule.sigma(ts) / schedule.alpha(ts)
+    if flow:  # as diffusers: alpha = 0 at sigma = 1 would put log(0) in the first update
+        sig = sig.clamp(max=1 - 1e-6)
+    sched.sigmas = torch.cat([sig, sig.new_zeros(1)]).float().cpu()
+    sched.timesteps = ts.cpu()
+    dtype, x = x.dtype, x.float()
+    for t in sched.timesteps:
+        x0 = model(x.to(dtype), t.float().expand(x.shape[0]).to(x.device)).float()
+        x = sched.step(x0, t, x).prev_sample
+    return x.to(dtype)
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddim": ddim, "euler": euler, "dpmpp_2m": dpmpp_2m,
+                                              "flow_euler": flow_euler, "unipc": unipc}
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:

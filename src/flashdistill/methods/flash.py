@@ -22,14 +22,14 @@ from typing import Literal
 import torch
 
 from ..config import field
-from ..core.solvers import cfg_model, dpmpp_2m
+from ..core.solvers import cat_cond, cfg_model, dpmpp_2m
 from ..core.timesteps import PI_KINDS, grid_probabilities, mode_indices, phase_at, sample_grid_index
 from ..losses import discriminator_loss, distillation_loss, dmd_loss, generator_adv_loss
 from ..models.discriminator import DiscriminatorHead
 from ..models.loading import load_teacher, read_meta
-from ..models.student import (DEFAULT_LORA_TARGETS, StudentDenoiser, count_params, lcm_multistep,
-                              make_student_backbone, save_student)
-from ..sample import seeded_noise
+from ..models.pipelines import LORA_TARGETS, teacher_family
+from ..models.student import StudentDenoiser, count_params, lcm_multistep, make_student_backbone, save_student
+from ..sample import seeded_noise, teacher_timesteps
 from ..train import TrainConfig
 
 
@@ -61,7 +61,8 @@ class FlashConfig:
     full: bool = field(False, "train the whole student instead of a LoRA")
     lora_rank: int = field(64, "LoRA rank")
     lora_alpha: float = field(0.0, "LoRA alpha (0: equal to the rank)")
-    lora_targets: list[str] = field(list(DEFAULT_LORA_TARGETS), "module names that get a LoRA")
+    lora_targets: list[str] = field([], "module names that get a LoRA ([]: the family's default, see the README)")
+    feature_block: int = field(-1, "transformer teachers: block whose image tokens feed the discriminator (-1: middle)")
     lr: float = field(1e-5, "AdamW learning rate of the student")
     disc_lr: float = field(1e-5, "AdamW learning rate of the discriminator head")
     adam_betas: list[float] = field([0.9, 0.999], "AdamW betas (student and discriminator)")
@@ -91,6 +92,11 @@ class FlashConfig:
 # dataclass defaults). The built-in digits teacher is tiny, so its budget is minutes, not days.
 PRESETS = {
     "sd": {},
+    "sdxl": {},
+    # Notes (reference code): PixArt uses K = 16, w in [2, 9], 5,000-batch phases, lighter adversarial weights.
+    "pixart": {"K": 16, "guidance_min": 2.0, "guidance_max": 9.0, "phase_steps": [5000, 5000, 5000],
+               "lambda_adv": [0.0, 0.05, 0.1, 0.2]},
+    "sd3": {"guidance_min": 7.0, "guidance_max": 13.0, "lambda_adv": [0.0, 0.1, 0.3, 0.5]},
     # Tuned on the built-in teacher for a <= 5 minute CPU run (see the README's figures): K = 16
     # halves the teacher solve (the reference uses 16 for PixArt); rank 5 keeps LoRA <= 5%.
     "digits": {
@@ -102,12 +108,13 @@ PRESETS = {
 
 
 def build_config(teacher, preset: str = "auto", *layers: dict) -> tuple[FlashConfig, str]:
-    """FlashConfig from a preset (``auto``: ``digits`` for the built-in teacher, else ``sd``) with
-    ``layers`` (config file, --set, flags) merged on top in order; returns (config, preset used)."""
+    """FlashConfig from a preset (``auto``: ``digits`` for the built-in teacher, else the pipeline's
+    family: ``sd``, ``sdxl``, ``pixart`` or ``sd3``) with ``layers`` (config file, --set, flags)
+    merged on top in order; returns (config, preset used)."""
     from ..config import from_dict, merge
 
     if preset == "auto":
-        preset = "digits" if read_meta(Path(teacher)).get("dataset") == "digits" else "sd"
+        preset = teacher_family(teacher)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected 'auto' or one of {sorted(PRESETS)}")
     data = merge(PRESETS[preset], {"teacher": str(teacher)})
@@ -127,16 +134,20 @@ class FlashDistillation:
         self.config = config
         self.teacher = load_teacher(config.teacher)
         self.schedule = self.teacher.schedule
-        if self.schedule.kind != "vp":
-            raise ValueError("Flash on flow-matching teachers is not implemented yet (see the issue on real backbones)")
-        self.grid = self.schedule.timesteps(config.K, "trailing")
+        self.family = self.teacher.meta.get("family", "digits")
+        # the K-grid: trailing spacing on VP schedules, the shifted flow-matching grid on SD3
+        self.grid = teacher_timesteps(self.schedule, config.K)
         self.mode_timesteps = self.grid[mode_indices(config.K)]
         c = config
+        self.lora_targets = list(c.lora_targets) or LORA_TARGETS[self.family]
+        self.teacher.denoiser.feature_block = c.feature_block
+        with torch.no_grad():  # the discriminator head's input shape, from one dry pass
+            feats = self.teacher.denoiser.encoder_features(
+                torch.zeros(1, *self.teacher.image_shape), self.grid[:1].float(), self.teacher.uncond(1))
         with torch.random.fork_rng(devices=[]):  # initialisation is a function of the config's seed
             torch.manual_seed(c.train.seed)
-            self.student = make_student_backbone(self.teacher.denoiser.backbone, c.full, c.lora_rank, c.lora_alpha or None, c.lora_targets)
-            spatial = self.teacher.image_shape[-1] // 2 ** (len(self.teacher.denoiser.backbone.config.block_out_channels) - 1)
-            self.disc = DiscriminatorHead(self.teacher.denoiser.feature_channels(), spatial)
+            self.student = make_student_backbone(self.teacher.denoiser.backbone, c.full, c.lora_rank, c.lora_alpha or None, self.lora_targets)
+            self.disc = DiscriminatorHead(feats.shape[1], feats.shape[-1])
         self.trainable = count_params(self.student)[0]
         self.total = count_params(self.teacher.denoiser.backbone)[1]  # the teacher's parameter count
 
@@ -171,10 +182,10 @@ class FlashDistillation:
 
     def step(self, batch: dict, step: int, models: dict, generator: torch.Generator):
         c, sch, dev = self.config, self.schedule, self.device
-        x0 = batch["image"].to(dev).float()
+        x0 = self.teacher.encode(batch["image"].to(dev).float(), generator).to(dev)  # latents for VAE teachers
         b = x0.shape[0]
         phase = self.phase(step)
-        cond, uncond = self.teacher.cond(batch["prompt"]), self.teacher.cond([""] * b)
+        cond, uncond = self.teacher.cond(batch["prompt"]), self.teacher.uncond(b)
 
         # Eq. (3): one grid index per batch; Eq. (2): teacher target from the noised real sample.
         index = int(sample_grid_index(self.probabilities(step), 1, generator))
@@ -199,7 +210,7 @@ class FlashDistillation:
             # One frozen-teacher encoder pass for both; gradient reaches the student only when used.
             with torch.set_grad_enabled(lam_adv > 0):
                 feats = self.teacher.denoiser.encoder_features(
-                    noisy, torch.cat([t_adv, t_adv]), {k: torch.cat([v, v]) for k, v in cond.items()})
+                    noisy, torch.cat([t_adv, t_adv]), cat_cond(cond, cond))
             feat_real, feat_fake = feats.chunk(2)
             if lam_adv > 0:
                 # The generator step calls the unwrapped head: its gradient goes to the student only.
@@ -228,7 +239,8 @@ class FlashDistillation:
 
     # --- outputs -------------------------------------------------------------------------
     def sampling(self) -> dict:
-        m = [int(v) for v in self.mode_timesteps]
+        cast = int if self.schedule.kind == "vp" else (lambda v: round(float(v), 4))
+        m = [cast(v) for v in self.mode_timesteps]
         return {"timesteps": {"1": m[:1], "2": [m[0], m[2]], "4": m}, "sampler": "lcm_multistep",
                 "guidance": None, "boundary": {"sigma_data": 0.5, "timestep_scaling": 10.0}}
 
@@ -239,7 +251,7 @@ class FlashDistillation:
             from ..data.digits import prompt_for
 
             return [prompt_for(d) for d in range(10)]
-        raise ValueError("set preview_prompts in the config for this teacher")
+        return ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at sunset"]
 
     @torch.no_grad()
     def preview(self, models: dict, generator: torch.Generator):
@@ -253,7 +265,8 @@ class FlashDistillation:
         for n, ts in self.sampling()["timesteps"].items():
             noises = [seeded_noise(self.teacher.image_shape, [1000 * k + i for i in range(len(prompts))]).to(self.device)
                       for k in range(int(n))]
-            rows.append(lcm_multistep(student, noises[0], torch.tensor(ts, dtype=torch.float64), cond, self.schedule, noises[1:]).cpu())
+            x0 = lcm_multistep(student, noises[0], torch.tensor(ts, dtype=torch.float64), cond, self.schedule, noises[1:])
+            rows.append(self.teacher.decode(x0).cpu())
         models["student"].train(was)
         return torch.cat(rows), len(prompts)
 
@@ -261,10 +274,16 @@ class FlashDistillation:
         from ..config import to_dict
 
         c = self.config
-        sched = {**self.schedule.to_diffusers_config(), "timestep_spacing": "trailing", "original_inference_steps": c.K}
+        if self.schedule.kind == "vp":
+            sched = {"_class_name": "LCMScheduler", **self.schedule.to_diffusers_config(), "timestep_spacing": "trailing",
+                     "original_inference_steps": c.K}
+        else:  # flow: student timesteps are already shifted, so the exported scheduler must not shift again
+            sched = {"_class_name": "FlowMatchLCMScheduler", "num_train_timesteps": self.schedule.num_train_timesteps,
+                     "shift": 1.0}
         meta = {
             "method": "flash", "teacher": str(Path(c.teacher).resolve()), "full": c.full,
-            "lora": None if c.full else {"rank": c.lora_rank, "alpha": c.lora_alpha or c.lora_rank, "targets": c.lora_targets},
+            "lora": None if c.full else {"rank": c.lora_rank, "alpha": c.lora_alpha or c.lora_rank, "targets": self.lora_targets},
+            "family": self.family,
             "trainable_params": self.trainable, "teacher_params": self.total,
             "sampling": self.sampling(), "scheduler_config": sched, "config": to_dict(c),
         }

@@ -1,9 +1,12 @@
 """One calling convention over every backbone.
 
-``Denoiser(backbone, schedule)`` turns a raw network (a diffusers UNet today; DiT/MMDiT adapters
-follow the same contract) into ``denoiser(x_t, t, cond) -> x0`` in float32, where ``t`` follows
-the convention of :mod:`flashdistill.core.schedules` and ``cond`` is a flat dict of batched
-tensors (``encoder_hidden_states`` for SD-style UNets). Samplers and losses only ever see this.
+``Denoiser(backbone, schedule)`` turns a raw network (a diffusers ``UNet2DConditionModel``,
+``PixArtTransformer2DModel`` or ``SD3Transformer2DModel``) into ``denoiser(x_t, t, cond) -> x0``
+in float32, where ``t`` follows the convention of :mod:`flashdistill.core.schedules` and ``cond``
+holds the backbone's other keyword arguments as batched tensors, possibly nested
+(``encoder_hidden_states``; SDXL's ``added_cond_kwargs``; SD3's ``pooled_projections``...).
+Samplers and losses only ever see this. Backbones that also predict a variance (PixArt's learned
+sigma: twice the input channels) have that half dropped, as their pipelines do.
 
 Precision boundary: the input is cast to the backbone's dtype here and the output back to
 float32 here; schedule arithmetic outside stays in float32/float64.
@@ -19,10 +22,11 @@ class _StopForward(Exception):
 
 
 class Denoiser(nn.Module):
-    def __init__(self, backbone: nn.Module, schedule):
+    def __init__(self, backbone: nn.Module, schedule, feature_block: int = -1):
         super().__init__()
         self.backbone = backbone
         self.schedule = schedule
+        self.feature_block = feature_block  # transformers: block whose output feeds the discriminator (-1: middle)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -30,32 +34,50 @@ class Denoiser(nn.Module):
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The backbone's native output (eps, v or flow velocity), float32."""
-        out = self.backbone(x_t.to(self.dtype), t, **cond, return_dict=False)[0]
+        out = self.backbone(x_t.to(self.dtype), timestep=t, **cond, return_dict=False)[0]
+        if out.shape[1] == 2 * x_t.shape[1]:
+            out = out[:, : x_t.shape[1]]
         return out.float()
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         return self.schedule.to_x0(self.predict(x_t, t, cond), x_t.float(), t)
 
-    def encoder_features(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        """The UNet encoder's output (down blocks, then the mid block), for discriminator heads.
+    def _feature_module(self) -> nn.Module:
+        if getattr(self.backbone, "mid_block", None) is not None:
+            return self.backbone.mid_block
+        blocks = getattr(self.backbone, "transformer_blocks", None)
+        if blocks is None:
+            raise ValueError(f"no encoder features for {type(self.backbone).__name__}: "
+                             "expected a UNet mid_block or transformer_blocks")
+        i = len(blocks) // 2 if self.feature_block < 0 else self.feature_block
+        if not 0 <= i < len(blocks):
+            raise ValueError(f"feature_block {self.feature_block} out of range: the backbone has {len(blocks)} blocks")
+        return blocks[i]
 
-        The backbone's own forward runs up to the mid block, where a hook stops it, so every
+    def encoder_features(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """Features for discriminator heads, (B, C, h, w) float32: a UNet's encoder output (down
+        blocks, then the mid block), or a transformer's image tokens after block ``feature_block``
+        laid back on the patch grid.
+
+        The backbone's own forward runs up to that module, where a hook stops it, so every
         conditioning path (time, text, added embeddings) is the backbone's own code.
         """
         captured = {}
 
         def hook(_module, _inputs, output):
-            captured["h"] = output
+            captured["h"] = output[-1] if isinstance(output, tuple) else output  # SD3 blocks: (context, image)
             raise _StopForward
 
-        handle = self.backbone.mid_block.register_forward_hook(hook)
+        handle = self._feature_module().register_forward_hook(hook)
         try:
-            self.backbone(x_t.to(self.dtype), t, **cond, return_dict=False)
+            self.backbone(x_t.to(self.dtype), timestep=t, **cond, return_dict=False)
         except _StopForward:
             pass
         finally:
             handle.remove()
-        return captured["h"].float()
-
-    def feature_channels(self) -> int:
-        return self.backbone.config.block_out_channels[-1]
+        h = captured["h"].float()
+        if h.ndim == 3:  # tokens (B, N, D) on an (H/p, W/p) grid
+            p = self.backbone.config.patch_size
+            gh, gw = x_t.shape[-2] // p, x_t.shape[-1] // p
+            h = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], gh, gw)
+        return h

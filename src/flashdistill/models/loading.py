@@ -1,10 +1,16 @@
 """Model folders on disk.
 
-A *teacher folder* is a diffusers-format folder: ``unet/`` (``save_pretrained``, safetensors),
-``scheduler/scheduler_config.json`` and ``flashdistill.json``, a small file naming the text
-encoder, the dataset and the image shape. :func:`load_model` reads it into a :class:`Model`
-(denoiser adapter + text encoder); run folders written by distillation are read by the same
-function and resolve to their teacher plus the trained student weights.
+A *teacher folder* is either
+
+- the built-in teacher's diffusers-format folder: ``unet/`` (``save_pretrained``, safetensors),
+  ``scheduler/scheduler_config.json`` and ``flashdistill.json``, a small file naming the text
+  encoder, the dataset and the image shape; or
+- a diffusers pipeline folder (``model_index.json``: SD1.5/2, SDXL, PixArt-alpha/sigma, SD3), read
+  by :mod:`flashdistill.models.pipelines`.
+
+:func:`load_model` reads either into a :class:`Model` (denoiser adapter + conditioner, and a VAE
+for latent models); run folders written by distillation are read by the same function and resolve
+to their teacher plus the trained student weights.
 """
 from __future__ import annotations
 
@@ -31,15 +37,29 @@ def schedule_from_config(config: dict):
     return VPSchedule.from_diffusers_config(config)
 
 
+def _to(x, device):
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
 @dataclass
 class Model:
-    """A loaded model: ``denoiser(x_t, t, cond) -> x0`` plus what it needs around it."""
+    """A loaded model: ``denoiser(x_t, t, cond) -> x0`` plus what it needs around it.
+
+    ``conditioner`` has ``cond(prompts) -> dict`` and ``uncond(n) -> dict`` (the backbone's keyword
+    arguments besides x_t and t); ``vae`` (latent models only) has ``encode(images, generator)`` and
+    ``decode(latents)``. ``image_shape`` is the shape the denoiser works on (latents for VAE models).
+    """
 
     denoiser: Denoiser
-    text: TextEncoder
+    conditioner: object
     meta: dict
     path: Path
     sampling: dict = field(default_factory=dict)  # student runs: timesteps and sampler settings
+    vae: object | None = None
 
     @property
     def schedule(self):
@@ -59,10 +79,24 @@ class Model:
         return next(self.denoiser.parameters()).device
 
     def cond(self, prompts: list[str]) -> dict:
-        return {"encoder_hidden_states": self.text.encode(list(prompts)).to(self.device)}
+        return _to(self.conditioner.cond(list(prompts)), self.device)
+
+    def uncond(self, n: int) -> dict:
+        """The unconditional branch of CFG for ``n`` samples, as the model's pipeline defines it."""
+        return _to(self.conditioner.uncond(n), self.device)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> what the denoiser works on (identity without a VAE)."""
+        return images if self.vae is None else self.vae.encode(images, generator)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The denoiser's space -> images in [-1, 1] (identity without a VAE)."""
+        return x if self.vae is None else self.vae.decode(x)
 
     def to(self, device) -> "Model":
         self.denoiser.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
         return self
 
 
@@ -81,8 +115,9 @@ def read_meta(path: Path) -> dict:
         raise ModelNotFound(f"model folder {str(path)!r} does not exist")
     if not (path / META_FILE).is_file():
         raise ModelNotFound(
-            f"{str(path)!r} is not a flashdistill model folder (no {META_FILE}); expected a teacher "
-            "written by 'flashdistill train-teacher' or a run written by 'flashdistill distill'"
+            f"{str(path)!r} is not a model folder (no {META_FILE} or model_index.json); expected a "
+            "diffusers pipeline folder, a teacher written by 'flashdistill train-teacher' or a run "
+            "written by 'flashdistill distill'"
         )
     return json.loads((path / META_FILE).read_text())
 
@@ -91,6 +126,10 @@ def load_teacher(path: str | Path, device="cpu") -> Model:
     from diffusers import UNet2DConditionModel
 
     path = Path(path)
+    if (path / "model_index.json").is_file() and not (path / META_FILE).is_file():
+        from .pipelines import load_pipeline_teacher
+
+        return load_pipeline_teacher(path, device)
     meta = read_meta(path)
     if meta.get("kind") != "teacher":
         raise ModelNotFound(f"{str(path)!r} holds a {meta.get('kind')!r}, not a teacher")
@@ -102,7 +141,9 @@ def load_teacher(path: str | Path, device="cpu") -> Model:
 
 
 def load_model(path: str | Path, device="cpu") -> Model:
-    """A teacher folder or a distillation run folder, by what its ``flashdistill.json`` says."""
+    """A teacher folder (built-in or diffusers pipeline) or a distillation run folder."""
+    if (Path(path) / "model_index.json").is_file() and not (Path(path) / META_FILE).is_file():
+        return load_teacher(path, device)
     meta = read_meta(Path(path))
     kind = meta.get("kind")
     if kind == "teacher":

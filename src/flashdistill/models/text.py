@@ -59,3 +59,10 @@ class TextEncoder(torch.nn.Module):
             hidden = self.model(**tokens).last_hidden_state.float()
             self._cache.update(zip(missing, hidden))
         return torch.stack([self._cache[p] for p in prompts])
+
+    def cond(self, prompts: list[str]) -> dict:
+        """The UNet's conditioning keywords (the conditioner protocol of ``loading.Model``)."""
+        return {"encoder_hidden_states": self.encode(prompts)}
+
+    def uncond(self, n: int) -> dict:
+        return self.cond([""] * n)

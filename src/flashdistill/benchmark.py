@@ -1,0 +1,416 @@
+"""``flashdistill benchmark``: quality against NFE, speed and cost on the built-in digits task,
+and the paper's ablations (Fig. 4c-4g) at toy scale, side by side in one run.
+
+Presets:
+
+- ``quick``: the teacher at 32 steps; DDIM, Euler, DPM-Solver++(2M) and UniPC on the teacher (CFG
+  at its default w) at 1, 2, 4 and 8 steps; the Flash student at 1, 2 and 4 steps.
+- ``full``: more samples, the teacher at 50 steps too, and a teacher guidance sweep (cf. Fig. 5).
+- ``ablations``: equal-budget Flash runs, FD and adherence at 2 steps, the paper's numbers beside.
+
+Trained models are cached under ``--cache`` (default ``runs/cache``), keyed by a hash of their
+config: a second run, or another preset, reuses them; an interrupted training resumes. NFE counts
+network evaluations per sample (a CFG step costs 2). Speed: images per second of each row's
+sampler, timed in this process after a warm-up, at one batch size, best of a few repeats.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data.digits import get_dataset, prompt_for
+from .evaluate import eval_prompts, fd_floor, score
+from .models.loading import load_model
+from .sample import sample
+
+SOLVERS = ("ddim", "euler", "dpmpp_2m", "unipc")
+TIMING_FILE = "benchmark_timing.json"
+
+
+@dataclass(frozen=True)
+class Preset:
+    num_samples: int = 500  # per row; every row of a table uses the same prompts and seeds
+    teacher_steps: tuple[int, ...] = (32,)
+    solvers: tuple[str, ...] = SOLVERS
+    solver_steps: tuple[int, ...] = (1, 2, 4, 8)
+    student_steps: tuple[int, ...] = (1, 2, 4)
+    guidance_sweep: tuple[float, ...] = ()
+    ablations: bool = False
+    ablation_flash: dict = field(default_factory=dict)  # budget of each ablation run (over the digits preset)
+    speed_batch: int = 64
+    speed_repeats: int = 2
+    teacher: dict = field(default_factory=dict)  # overrides of TeacherConfig
+    flash: dict = field(default_factory=dict)  # overrides of the Flash "digits" preset
+
+
+PRESETS = {
+    "quick": Preset(),
+    "full": Preset(num_samples=2000, teacher_steps=(32, 50), guidance_sweep=(1.0, 1.5, 2.0, 3.0, 4.0, 6.0),
+                   speed_repeats=3),
+    # Half the digits preset's budget per run (170 steps, phases halved): 13 runs in about 30 min.
+    "ablations": Preset(solvers=(), student_steps=(2,), ablations=True,
+                        ablation_flash={"phase_steps": [25, 50, 50], "train": {"steps": 170}}),
+}
+
+# Fig. 4c-4g of the paper: SD1.5 teacher, 20k iterations, COCO-2017 5k, 2 NFE: (FID, CLIP).
+# Our digits preset uses K = 16 (the paper's default is 32), so our baseline run is K = 16.
+ABLATIONS = [
+    ("loss terms (Fig. 4c)", [
+        ("distil", {"use_adv": False, "use_dmd": False}, (27.12, 29.85)),
+        ("distil + DMD", {"use_adv": False}, (26.88, 30.45)),
+        ("distil + adv", {"use_dmd": False}, (23.41, 30.14)),
+        ("distil + DMD + adv", {}, (22.64, 30.61)),
+    ]),
+    ("pi(t) (Fig. 4d)", [
+        ("uniform", {"pi": "uniform"}, (24.25, 30.11)),
+        ("gaussian", {"pi": "gaussian"}, (35.89, 28.15)),
+        ("sharp", {"pi": "sharp"}, (23.35, 30.58)),
+        ("ours", {}, (22.64, 30.61)),
+    ]),
+    ("distillation loss (Fig. 4e; the paper compares LPIPS 24.89 / 30.56)", [
+        ("MSE", {}, (22.64, 30.61)),
+        ("L1", {"distill_loss": "l1"}, None),
+        ("Huber", {"distill_loss": "huber"}, None),
+    ]),
+    ("GAN loss (Fig. 4f)", [
+        ("hinge", {"gan_loss": "hinge"}, (25.02, 30.17)),
+        ("WGAN", {"gan_loss": "wgan"}, (24.58, 30.36)),
+        ("LSGAN", {}, (22.64, 30.61)),
+    ]),
+    ("K (Fig. 4g)", [
+        ("16", {}, (23.35, 30.11)),
+        ("32", {"K": 32}, (22.64, 30.61)),
+        ("64", {"K": 64}, (22.87, 30.58)),
+    ]),
+]
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def ensure_teacher(path: Path, overrides: dict | None = None, progress: bool = True) -> float | None:
+    """Train the built-in teacher into ``path`` unless a finished one is there (an unfinished one
+    resumes); returns its training seconds as recorded when it finished (None if unrecorded)."""
+    from .config import from_dict
+    from .methods.dsm import TeacherConfig, TeacherTraining
+    from .train import train
+
+    path = Path(path)
+    if not (path / "flashdistill.json").is_file():
+        cfg = from_dict(TeacherConfig, overrides or {})
+        summary = train(TeacherTraining(cfg), get_dataset(cfg.dataset), path, resume=True, progress=progress)
+        (path / TIMING_FILE).write_text(json.dumps({"train_seconds": summary["seconds"]}))
+    else:
+        print(f"reusing the teacher in {path}")
+    return _recorded_seconds(path)
+
+
+def ensure_flash(teacher: Path, path: Path, overrides: dict | None = None, progress: bool = True) -> float | None:
+    """Flash-distil ``teacher`` into ``path`` (digits preset + ``overrides``) unless finished there."""
+    from .methods.flash import FlashDistillation, build_config
+    from .train import train
+
+    path = Path(path)
+    if not (path / "flashdistill.json").is_file():
+        cfg, _ = build_config(teacher, "digits", overrides)
+        method = FlashDistillation(cfg)
+        print(f"Flash student: {method.trainable:,} trainable parameters, "
+              f"{100 * method.trainable / method.total:.2f}% of the teacher's {method.total:,}")
+        summary = train(method, get_dataset("digits"), path, resume=True, progress=progress)
+        (path / TIMING_FILE).write_text(json.dumps({"train_seconds": summary["seconds"]}))
+    else:
+        print(f"reusing the Flash run in {path}")
+    return _recorded_seconds(path)
+
+
+def _recorded_seconds(path: Path) -> float | None:
+    f = path / TIMING_FILE
+    return json.loads(f.read_text())["train_seconds"] if f.is_file() else None
+
+
+def images_per_second(generate, batch: int, repeats: int) -> float:
+    """``generate(n)`` makes n images; warm up once, then the best of ``repeats`` timed calls."""
+    generate(min(batch, 8))
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        generate(batch)
+        best = min(best, time.perf_counter() - t0)
+    return batch / best
+
+
+class Bench:
+    """Scores rows against one set of prompts, seeds and the teacher's 32-step reference."""
+
+    def __init__(self, teacher, preset: Preset, progress: bool = True):
+        self.teacher, self.preset, self.progress = teacher, preset, progress
+        self.prompts, self.labels, self.seeds = eval_prompts(preset.num_samples)
+        self.guidance = teacher.default_guidance
+        self.reference = sample(teacher, self.prompts, self.seeds, 32, guidance=self.guidance)
+
+    def row(self, model, method: str, steps: int, guidance: float | None, sampler: str | None = None,
+            extra: dict | None = None) -> dict:
+        def generate(n):
+            return sample(model, self.prompts[:n], self.seeds[:n], steps, guidance=guidance, sampler=sampler)
+
+        student = guidance is None
+        is_reference = model is self.teacher and steps == 32 and guidance == self.guidance and sampler == "dpmpp_2m"
+        images = self.reference if is_reference else generate(len(self.prompts))
+        return {
+            "method": method, "steps": steps, "nfe": steps if student else (steps if guidance == 1.0 else 2 * steps),
+            "guidance": guidance, **score(images, self.labels, self.reference),
+            "images_per_second": images_per_second(generate, self.preset.speed_batch, self.preset.speed_repeats),
+            "train_seconds": None, "trainable_params": None, **(extra or {}),
+        }
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("flashdistill", "torch", "diffusers", "transformers", "peft", "accelerate", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _machine() -> dict:
+    import os
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": "cpu"}
+
+
+def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "runs/cache",
+                  num_samples: int | None = None, progress: bool = True) -> dict:
+    t0 = time.time()
+    name = preset if isinstance(preset, str) else "custom"
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+        preset = PRESETS[preset]
+    if num_samples is not None:
+        if num_samples < 10:
+            raise ValueError(f"num_samples must be >= 10 (one per digit at least), got {num_samples}")
+        preset = dataclasses.replace(preset, num_samples=num_samples)
+    out, cache = Path(out), Path(cache)
+    out.mkdir(parents=True, exist_ok=True)
+
+    teacher_dir = cache / f"teacher-{_key(preset.teacher)}"
+    teacher_seconds = ensure_teacher(teacher_dir, preset.teacher, progress)
+    teacher = load_model(teacher_dir)
+    print(f"scoring {preset.num_samples} samples per row against the teacher's 32-step reference")
+    bench = Bench(teacher, preset, progress)
+    w = bench.guidance
+    jobs = [("teacher dpmpp_2m", s, w, "dpmpp_2m") for s in preset.teacher_steps]
+    jobs += [("teacher dpmpp_2m", 32, g, "dpmpp_2m") for g in preset.guidance_sweep if g != w]
+    jobs += [(f"{solver} (training-free)", s, w, solver) for solver in preset.solvers for s in preset.solver_steps]
+    rows = [bench.row(teacher, *job) for job in tqdm(jobs, desc="teacher rows", disable=not progress)]
+    result = {"preset": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "num_samples": preset.num_samples, "fd_floor": fd_floor(), "teacher": str(teacher_dir),
+              "teacher_train_seconds": teacher_seconds, "teacher_guidance": w,
+              "teacher_params": sum(p.numel() for p in teacher.denoiser.parameters())}
+
+    if preset.ablations:
+        result["ablations"] = run_ablations(bench, teacher_dir, cache, preset, progress)
+        rows += [r["row"] for group in result["ablations"] for r in group["variants"]]
+    else:
+        flash_dir = cache / f"flash-{_key(preset.teacher, preset.flash)}"
+        flash_seconds = ensure_flash(teacher_dir, flash_dir, preset.flash, progress)
+        student = load_model(flash_dir)
+        extra = {"train_seconds": flash_seconds, "trainable_params": student.meta["trainable_params"]}
+        rows += [bench.row(student, "flash student", s, None, extra=extra)
+                 for s in tqdm(preset.student_steps, desc="student rows", disable=not progress)]
+    result["rows"] = rows
+    result["teacher_best_fd"] = min(r["fd"] for r in rows if r["method"] == "teacher dpmpp_2m" and r["steps"] >= 32)
+    result["speedup_2step_student_vs_teacher_32"] = _speedup(rows, w)
+    result["versions"], result["machine"] = _versions(), _machine()
+    result["wall_seconds"] = time.time() - t0
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_grid(bench, rows, result, teacher_dir, cache, preset, out / "grid.png")
+    if not preset.ablations:
+        plot_quality_vs_nfe(result, out / "quality_vs_nfe.png")
+    else:
+        plot_ablations(result, out / "ablations.png")
+    (out / "report.md").write_text(report(result))
+    print(report(result))
+    return result
+
+
+def _speedup(rows: list[dict], w: float) -> float | None:
+    student = [r for r in rows if r["method"] == "flash student" and r["steps"] == 2]
+    teacher = [r for r in rows if r["method"] == "teacher dpmpp_2m" and r["steps"] == 32 and r["guidance"] == w]
+    if not student or not teacher:
+        return None
+    return student[0]["images_per_second"] / teacher[0]["images_per_second"]
+
+
+def ablation_overrides(preset: Preset, variant: dict) -> dict:
+    from .config import merge
+
+    return merge(merge(preset.flash, preset.ablation_flash), variant)
+
+
+def run_ablations(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, progress: bool) -> list[dict]:
+    """Each variant: a Flash run (cached by config) at the same budget, scored at 2 steps."""
+    groups, done = [], {}
+    total = sum(len(v) for _, v in ABLATIONS)
+    bar = tqdm(total=total, desc="ablations", disable=not progress)
+    for group, variants in ABLATIONS:
+        entries = []
+        for label, variant, paper in variants:
+            overrides = ablation_overrides(preset, variant)
+            key = _key(preset.teacher, overrides)
+            if key not in done:
+                run = cache / f"flash-{key}"
+                seconds = ensure_flash(teacher_dir, run, overrides, progress)
+                student = load_model(run)
+                extra = {"train_seconds": seconds, "trainable_params": student.meta["trainable_params"], "run": str(run)}
+                done[key] = bench.row(student, "flash student", 2, None, extra=extra)
+            row = {**done[key], "ablation": f"{group}: {label}"}
+            entries.append({"variant": label, "overrides": variant, "row": row, "fd": row["fd"],
+                            "adherence": row["adherence"], "paper_fid": paper[0] if paper else None,
+                            "paper_clip": paper[1] if paper else None})
+            bar.update()
+        groups.append({"group": group, "variants": entries, "ranking_agrees": _ranking_agrees(entries)})
+    bar.close()
+    return groups
+
+
+def _ranking_agrees(entries: list[dict]) -> bool | None:
+    """Whether our FD orders the variants the paper's FID orders (variants with a paper number)."""
+    both = [e for e in entries if e["paper_fid"] is not None]
+    if len(both) < 2:
+        return None
+    ours = sorted(range(len(both)), key=lambda i: both[i]["fd"])
+    paper = sorted(range(len(both)), key=lambda i: both[i]["paper_fid"])
+    return ours == paper
+
+
+def write_grid(bench: Bench, rows: list[dict], result: dict, teacher_dir: Path, cache: Path, preset: Preset,
+               path: Path) -> None:
+    """Same 10 prompts (digits 0-9) and seeds in every row; one row per table row, labelled."""
+    from PIL import Image, ImageDraw
+
+    prompts, seeds = [prompt_for(d) for d in range(10)], list(range(10))
+    teacher = bench.teacher
+    students: dict[str, object] = {}
+    strips, labels = [], []
+    for r in rows:
+        if r["guidance"] is None:
+            run = r.get("run") or str(cache / f"flash-{_key(preset.teacher, preset.flash)}")
+            model = students.setdefault(run, load_model(run))
+            images = sample(model, prompts, seeds, r["steps"])
+        else:
+            sampler = "dpmpp_2m" if r["method"].startswith("teacher") else r["method"].split()[0]
+            images = sample(teacher, prompts, seeds, r["steps"], guidance=r["guidance"], sampler=sampler)
+        strips.append(images)
+        labels.append(r.get("ablation") or f"{r['method']}, {r['steps']} steps ({r['nfe']} NFE)"
+                      + ("" if r["guidance"] is None else f", w={r['guidance']:g}"))
+    scale, size = 4, 8 * 4
+    label_w = 8 + 7 * max(len(s) for s in labels)
+    img = Image.new("L", (label_w + 10 * (size + 2), len(strips) * (size + 2)), 255)
+    draw = ImageDraw.Draw(img)
+    for i, (x, label) in enumerate(zip(strips, labels)):
+        y = i * (size + 2)
+        draw.text((4, y + size // 2 - 5), label, fill=0)
+        for j in range(10):
+            tile = ((x[j, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+            img.paste(Image.fromarray(tile).resize((size, size), Image.NEAREST), (label_w + j * (size + 2), y))
+    img.save(path)
+
+
+def plot_quality_vs_nfe(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    methods = []
+    for r in result["rows"]:
+        if r["method"] not in methods and not (r["method"].startswith("teacher") and r["steps"] >= 32):
+            methods.append(r["method"])
+    for m in methods:
+        pts = sorted((r["nfe"], r["fd"]) for r in result["rows"] if r["method"] == m)
+        style = dict(lw=2.5, marker="o", color="C3") if m == "flash student" else dict(lw=1.2, marker=".")
+        ax.plot(*zip(*pts), label=m, **style)
+    ax.axhline(result["teacher_best_fd"], ls="--", color="k", lw=1, label=f"teacher best ({result['teacher_best_fd']:.2f})")
+    ax.axhline(result["fd_floor"], ls=":", color="gray", lw=1, label=f"data floor ({result['fd_floor']:.2f})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE per image (a CFG step counts 2)")
+    ax.set_ylabel("FD to test digits (lower is better)")
+    ax.set_title(f"digits, {result['num_samples']} samples per point")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_ablations(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = result["ablations"]
+    fig, axes = plt.subplots(1, len(groups), figsize=(3 * len(groups), 3.2), dpi=120, sharey=True)
+    for ax, g in zip(axes, groups):
+        ax.bar([e["variant"] for e in g["variants"]], [e["fd"] for e in g["variants"]], color="C0")
+        ax.set_title(g["group"].split(" (")[0], fontsize=9)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    axes[0].set_ylabel("FD at 2 steps")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fmt(x, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def report(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# flashdistill benchmark: preset `{result['preset']}`", "",
+             f"{result['date']}; {m['processor']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads; "
+             f"wall time {result['wall_seconds'] / 60:.1f} min. "
+             + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
+             f"FD floor (train vs test digits): **{result['fd_floor']:.2f}**; teacher best FD: "
+             f"**{result['teacher_best_fd']:.2f}**; {result['num_samples']} samples per row; teacher trained "
+             f"in {_fmt(result['teacher_train_seconds'], '.0f')} s; CFG scale w = {result['teacher_guidance']:g}.", ""]
+    speed = result["speedup_2step_student_vs_teacher_32"]
+    if speed is not None:
+        lines += [f"Speed: the 2-step student makes **{speed:.1f}×** the images per second of the 32-step CFG "
+                  f"teacher, same run (target ≥ 25×, ideal 32×).", ""]
+    lines += ["| method | steps | NFE | w | FD ↓ | adherence ↑ | teacher MSE ↓ | images/s | train s | trainable params |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if "ablation" in r:
+            continue
+        lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {_fmt(r['guidance'], 'g')} | {r['fd']:.2f} | "
+                     f"{r['adherence']:.3f} | {r['teacher_mse']:.4f} | {r['images_per_second']:.0f} | "
+                     f"{_fmt(r['train_seconds'], '.0f')} | {_fmt(r['trainable_params'], ',')} |")
+    for g in result.get("ablations", []):
+        agrees = {True: "same order as the paper", False: "**order differs from the paper**", None: "no paper order"}
+        lines += ["", f"### {g['group']} — {agrees[g['ranking_agrees']]}", "",
+                  "| variant | FD ↓ (ours, 2 steps) | adherence ↑ | paper FID ↓ | paper CLIP ↑ | train s |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for e in g["variants"]:
+            lines.append(f"| {e['variant']} | {e['fd']:.2f} | {e['adherence']:.3f} | {_fmt(e['paper_fid'], '.2f')} | "
+                         f"{_fmt(e['paper_clip'], '.2f')} | {_fmt(e['row']['train_seconds'], '.0f')} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,156 @@
+"""``flashdistill export --model RUN --out DIR``: a distilled student as files diffusers loads as is.
+
+- LoRA students of UNet and SD3 teachers: ``pytorch_lora_weights.safetensors`` written by the
+  teacher pipeline's own ``save_lora_weights`` (with the LoRA's rank and alpha as adapter
+  metadata), so ``pipe.load_lora_weights(DIR)`` takes it. PixArt pipelines have no LoRA loader in
+  diffusers: their LoRA is fused and written as a full ``transformer/`` folder instead. Full
+  students: ``unet/`` or ``transformer/`` (``save_pretrained``).
+- ``scheduler/scheduler_config.json``: ``LCMScheduler`` (VP teachers) or ``FlowMatchLCMScheduler``
+  with ``shift = 1`` (SD3: the student's sigmas are already shifted), and
+  ``flashdistill_sampling.json`` with the student's timesteps per step count, which the pipeline
+  call passes as ``timesteps=`` (``sigmas=`` for SD3).
+- ``README.md``: a model card with the teacher, the method, the settings, the metrics and a usage
+  snippet.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+PIPELINE_CLASSES = {"digits": "StableDiffusionPipeline", "sd": "StableDiffusionPipeline",
+                    "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def _lora_state(path: Path, meta: dict):
+    """The student's LoRA as a peft state dict (module paths relative to the backbone) and its config."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    from .models.student import LORA_FILE as STUDENT_LORA
+
+    lora = meta["lora"]
+    state = load_file(str(path / "student" / STUDENT_LORA))
+    config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], target_modules=lora["targets"],
+                        init_lora_weights="gaussian")
+    metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+    return state, metadata
+
+
+def export(run: str | Path, out: str | Path, metrics: dict | None = None) -> Path:
+    from .models.loading import load_model, read_meta
+    from .models.student import scheduler_class
+
+    run, out = Path(run), Path(out)
+    meta = read_meta(run)
+    if meta.get("kind") != "student":
+        raise ValueError(f"{str(run)!r} holds a {meta.get('kind')!r}, not a distilled student run")
+    family = meta.get("family", "digits")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output folder {str(out)!r} exists and is not empty; choose a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    backbone_dir = "transformer" if family in ("pixart", "sd3") else "unet"
+
+    if meta["full"]:
+        shutil.copytree(run / "student" / "unet", out / backbone_dir)
+        weights = f"{backbone_dir}/"
+    elif family == "pixart":
+        model = load_model(run)  # fused
+        model.denoiser.backbone.save_pretrained(out / backbone_dir, safe_serialization=True)
+        weights = f"{backbone_dir}/ (LoRA fused: diffusers has no PixArt LoRA loader)"
+    else:
+        import diffusers
+
+        state, metadata = _lora_state(run, meta)
+        cls = getattr(diffusers, PIPELINE_CLASSES[family])
+        key = "transformer" if family == "sd3" else "unet"
+        cls.save_lora_weights(out, **{f"{key}_lora_layers": state, f"{key}_lora_adapter_metadata": metadata},
+                              weight_name=LORA_FILE)
+        weights = LORA_FILE
+    config = meta["scheduler_config"]
+    scheduler_class(config).from_config(config).save_pretrained(out / "scheduler")
+    (out / "flashdistill_sampling.json").write_text(json.dumps(meta["sampling"], indent=2))
+    (out / "README.md").write_text(model_card(meta, family, weights, metrics))
+    return out
+
+
+def _metrics_table(metrics: dict | None) -> str:
+    if not metrics or not metrics.get("rows"):
+        return ("No metrics were recorded with this export. Score the student with `flashdistill evaluate "
+                "--model RUN --steps 1 2 4` (digits), or with FID / CLIP on your prompts for real models.")
+    lines = ["| steps | NFE | FD ↓ | adherence ↑ | teacher MSE ↓ |", "|---:|---:|---:|---:|---:|"]
+    for r in metrics["rows"]:
+        mse = "–" if r.get("teacher_mse") is None else f"{r['teacher_mse']:.4f}"
+        lines.append(f"| {r['steps']} | {r['nfe']} | {r['fd']:.2f} | {r['adherence']:.3f} | {mse} |")
+    note = metrics.get("note", "")
+    return "\n".join(lines) + (f"\n\n{note}" if note else "")
+
+
+def model_card(meta: dict, family: str, weights: str, metrics: dict | None) -> str:
+    cfg = meta.get("config", {})
+    ts = meta["sampling"]["timesteps"]
+    flow = family == "sd3"
+    steps_arg = "sigmas" if flow else "timesteps"
+    values = {k: ([round(v / 1000, 6) for v in t] if flow else t) for k, t in ts.items()}
+    pipe_cls = PIPELINE_CLASSES.get(family, "PixArtAlphaPipeline")
+    sched_cls = meta["scheduler_config"].get("_class_name", "LCMScheduler")
+    if family == "pixart" or meta["full"]:
+        sub = "transformer" if family in ("pixart", "sd3") else "unet"
+        model_cls = {"transformer": "PixArtTransformer2DModel" if family == "pixart" else "SD3Transformer2DModel",
+                     "unet": "UNet2DConditionModel"}[sub]
+        load = (f"from diffusers import {model_cls}\n"
+                f"pipe.{sub} = {model_cls}.from_pretrained(\"EXPORT_DIR\", subfolder=\"{sub}\")")
+    else:
+        load = 'pipe.load_lora_weights("EXPORT_DIR")'
+    lora = meta.get("lora")
+    student = "full fine-tune" if meta["full"] else \
+        "LoRA rank {}, alpha {}, on {}".format(lora["rank"], lora["alpha"], ", ".join(lora["targets"]))
+    settings = [f"- teacher: `{meta['teacher']}` ({family})",
+                f"- student: {student}; "
+                f"{meta['trainable_params']:,} trainable of the teacher's {meta['teacher_params']:,} parameters",
+                f"- K = {cfg.get('K')}, pi = {cfg.get('pi')}, teacher guidance w ~ U[{cfg.get('guidance_min')}, {cfg.get('guidance_max')}]",
+                f"- losses: distillation {cfg.get('distill_loss')}, adversarial {cfg.get('gan_loss') if cfg.get('use_adv') else 'off'}"
+                f" (lambda {cfg.get('lambda_adv')}), DMD {'on' if cfg.get('use_dmd') else 'off'} (lambda {cfg.get('lambda_dmd')})",
+                f"- training: {cfg.get('train', {}).get('steps')} steps, batch {cfg.get('train', {}).get('batch_size')}, "
+                f"lr {cfg.get('lr')}"]
+    usage = "flashdistill sample --model RUN --prompt \"a handwritten digit seven\" --steps 2 --out grid.png" if family == "digits" else f"""import torch
+from diffusers import {pipe_cls}, {sched_cls}
+
+pipe = {pipe_cls}.from_pretrained("TEACHER_DIR")
+{load}
+pipe.scheduler = {sched_cls}.from_pretrained("EXPORT_DIR", subfolder="scheduler")
+image = pipe("a photo of a cat", num_inference_steps=2, {steps_arg}={values.get('2')}, guidance_scale=1.0).images[0]"""
+    lang = "bash" if family == "digits" else "python"
+    return f"""---
+library_name: diffusers
+tags: [flash-diffusion, distillation, few-step, flashdistill]
+---
+# Flash Diffusion student of `{Path(meta['teacher']).name}`
+
+A {'LoRA' if not meta['full'] else 'full'} student distilled with Flash Diffusion (Chadebec et al. 2024) by
+flashdistill. It generates in 1, 2 or 4 steps without classifier-free guidance (one network
+evaluation per step).
+
+## Files
+- `{weights}`
+- `scheduler/`: `{sched_cls}` config
+- `flashdistill_sampling.json`: the student's timesteps per step count
+
+## Sampling
+Pass the student's own {steps_arg} for the step count you want (guidance off):
+
+| steps | {steps_arg} |
+|---:|---|
+""" + "\n".join(f"| {k} | `{v}` |" for k, v in values.items()) + f"""
+
+```{lang}
+{usage}
+```
+
+## Settings
+""" + "\n".join(settings) + f"""
+
+## Metrics
+{_metrics_table(metrics)}
+"""

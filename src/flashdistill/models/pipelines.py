@@ -1,0 +1,186 @@
+"""Teachers from diffusers pipeline folders: SD1.5/SD2, SDXL, PixArt-alpha/sigma and SD3.
+
+``load_pipeline_teacher(path)`` reads a local pipeline folder (``model_index.json``) with diffusers
+and returns the same :class:`~flashdistill.models.loading.Model` as the built-in teacher:
+
+- the denoiser adapter over the UNet or transformer, with the prediction type of the folder's
+  scheduler (epsilon, v_prediction, or flow matching for SD3);
+- a conditioner that calls the pipeline's own ``encode_prompt`` (CLIP for SD1.5/2; CLIP-L + CLIP-G
+  with pooled embeddings and ``add_time_ids`` for SDXL; T5 with its attention mask for PixArt;
+  CLIP-L, CLIP-G and optional T5 for SD3) and caches embeddings per prompt; its ``uncond`` is the
+  pipeline's negative branch for the empty prompt (zeros for SDXL's
+  ``force_zeros_for_empty_prompt``);
+- the VAE, with its scaling and shift factors: ``encode(images)`` to latents, ``decode(latents)``.
+
+Nothing is downloaded: every component must be in the folder.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "PixArtAlphaPipeline": "pixart",
+    "PixArtSigmaPipeline": "pixart",
+    "StableDiffusion3Pipeline": "sd3",
+}
+
+# Default LoRA targets per family (module-name suffixes; absent ones are skipped).
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+LORA_TARGETS = {
+    "digits": UNET_TARGETS,
+    "sd": UNET_TARGETS,
+    "sdxl": UNET_TARGETS,
+    # transformers (notes): attention, plus the output projection, the FF layers and the adaptive-norm linears
+    "pixart": ["to_q", "to_k", "to_v", "to_out.0", "proj_out", "ff.net.0.proj", "ff.net.2", "adaln_single.linear"],
+    "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_out",
+            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
+            "norm1_context.linear"],
+}
+
+
+def teacher_family(path: str | Path) -> str:
+    """``digits`` for the built-in teacher, else the diffusers pipeline folder's family."""
+    path = Path(path)
+    if (path / "model_index.json").is_file() and not (path / "flashdistill.json").is_file():
+        return pipeline_family(path)
+    from .loading import read_meta
+
+    meta = read_meta(path)
+    if meta.get("kind") != "teacher":
+        raise ValueError(f"{str(path)!r} holds a {meta.get('kind')!r}, not a teacher")
+    return meta.get("family", "digits")
+
+
+def pipeline_family(path: str | Path) -> str:
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    name = index.get("_class_name")
+    if name not in FAMILIES:
+        raise ValueError(f"{str(path)!r}: unsupported pipeline class {name!r}; expected one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+class PipelineVAE:
+    """``encode``: images in [-1, 1] -> (latent - shift) * scale; ``decode``: the inverse, clamped."""
+
+    def __init__(self, vae):
+        self.vae = vae.eval().requires_grad_(False)
+        self.scale = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+        return ((z - self.shift) * self.scale).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(self.vae.device, self.vae.dtype) / self.scale + self.shift
+        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+    def to(self, device):
+        self.vae.to(device)
+        return self
+
+
+class PipelineConditioner:
+    """Per-family prompt encoding through the pipeline's ``encode_prompt``, cached per prompt."""
+
+    def __init__(self, pipe, family: str, height: int, width: int, max_sequence_length: int | None = None):
+        self.pipe, self.family = pipe, family
+        self.max_sequence_length = max_sequence_length
+        self.height, self.width = height, width
+        self._cache: dict[str, dict] = {}
+        self.time_ids = None
+        if family == "sdxl":
+            proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else None
+            self.time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), torch.float32,
+                                                   text_encoder_projection_dim=proj)[0]
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> list[dict]:
+        p, f, dev = self.pipe, self.family, torch.device("cpu")
+        if f == "sd":
+            emb, _ = p.encode_prompt(prompts, dev, 1, False)
+            return [{"encoder_hidden_states": e} for e in emb]
+        if f == "sdxl":
+            emb, _, pooled, _ = p.encode_prompt(prompts, device=dev, do_classifier_free_guidance=False)
+            return [{"encoder_hidden_states": e, "text_embeds": q} for e, q in zip(emb, pooled)]
+        if f == "pixart":
+            kw = {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
+            emb, mask, _, _ = p.encode_prompt(prompts, do_classifier_free_guidance=False, device=dev, **kw)
+            return [{"encoder_hidden_states": e, "encoder_attention_mask": m} for e, m in zip(emb, mask)]
+        kw = {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
+        emb, _, pooled, _ = p.encode_prompt(prompts, prompts, prompts, device=dev, do_classifier_free_guidance=False, **kw)
+        return [{"encoder_hidden_states": e, "pooled_projections": q} for e, q in zip(emb, pooled)]
+
+    def _stack(self, items: list[dict]) -> dict:
+        out = {k: torch.stack([it[k] for it in items]).float() for k in items[0]}
+        if self.family == "sdxl":
+            b = len(items)
+            return {"encoder_hidden_states": out["encoder_hidden_states"],
+                    "added_cond_kwargs": {"text_embeds": out["text_embeds"], "time_ids": self.time_ids.expand(b, -1)}}
+        if self.family == "pixart":
+            b = len(items)
+            out["encoder_attention_mask"] = out["encoder_attention_mask"].long()
+            out["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+            if self.pipe.transformer.config.sample_size == 128:  # PixArt-alpha 1024: size conditioning
+                out["added_cond_kwargs"] = {"resolution": torch.tensor([[self.height, self.width]] * b, dtype=torch.float32),
+                                            "aspect_ratio": torch.tensor([[self.height / self.width]] * b)}
+        return out
+
+    def cond(self, prompts: list[str]) -> dict:
+        missing = sorted({q for q in prompts if q not in self._cache})
+        if missing:
+            self._cache.update(zip(missing, self._encode(missing)))
+        return self._stack([self._cache[q] for q in prompts])
+
+    def uncond(self, n: int) -> dict:
+        if self.family == "sdxl" and self.pipe.config.get("force_zeros_for_empty_prompt", True):
+            c = self.cond([""] * n)
+            return {"encoder_hidden_states": torch.zeros_like(c["encoder_hidden_states"]),
+                    "added_cond_kwargs": {"text_embeds": torch.zeros_like(c["added_cond_kwargs"]["text_embeds"]),
+                                          "time_ids": c["added_cond_kwargs"]["time_ids"]}}
+        return self.cond([""] * n)
+
+
+def load_pipeline(path: str | Path):
+    from diffusers import DiffusionPipeline
+
+    family = pipeline_family(path)
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    # components saved as absent (e.g. SD3 without T5, SD without a safety checker) stay absent
+    kwargs = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
+    if family == "sd":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load the diffusers pipeline in {str(path)!r} offline: {e}") from e
+    return pipe, family
+
+
+def load_pipeline_teacher(path: str | Path, device="cpu"):
+    from .denoiser import Denoiser
+    from .loading import Model, schedule_from_config
+
+    path = Path(path)
+    pipe, family = load_pipeline(path)
+    backbone = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
+    backbone.eval().requires_grad_(False)
+    schedule = schedule_from_config(dict(pipe.scheduler.config))
+    if schedule.kind == "flow" and family != "sd3":
+        raise ValueError(f"{family} teachers with a flow-matching scheduler are not supported")
+    latent = backbone.config.sample_size
+    channels = backbone.config.in_channels
+    size = latent * pipe.vae_scale_factor
+    conditioner = PipelineConditioner(pipe, family, size, size)
+    meta = {"kind": "teacher", "family": family, "image_shape": [channels, latent, latent],
+            "image_size": size, "default_guidance": {"sd": 7.5, "sdxl": 5.0, "pixart": 4.5, "sd3": 7.0}[family],
+            "pipeline": type(pipe).__name__}
+    return Model(Denoiser(backbone, schedule), conditioner, meta, path, vae=PipelineVAE(pipe.vae)).to(device)

@@ -1,0 +1,98 @@
+"""The benchmark on a reduced preset (tiny models, few samples): schema, finiteness, caching.
+No quality threshold is asserted: these models are trained for 2 steps."""
+import json
+import math
+
+import pytest
+
+from flashdistill import benchmark
+from flashdistill.benchmark import Preset, run_benchmark
+
+TINY_TEACHER = {"channels": [8, 16], "train": {"steps": 2, "batch_size": 8, "checkpoint_every": 2}}
+TINY_FLASH = {"K": 8, "lora_rank": 2, "phase_steps": [1, 1, 1],
+              "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "sample_every": 0}}
+ROW_KEYS = {"method", "steps", "nfe", "guidance", "fd", "adherence", "teacher_mse", "images_per_second",
+            "train_seconds", "trainable_params"}
+
+
+def tiny(**over) -> Preset:
+    base = dict(num_samples=20, solvers=("ddim", "unipc"), solver_steps=(1, 2), student_steps=(1, 2),
+                speed_batch=4, speed_repeats=1, teacher=TINY_TEACHER, flash=TINY_FLASH)
+    return Preset(**{**base, **over})
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_quick_schema_files_and_cache(tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    result = run_benchmark(tiny(guidance_sweep=(1.0,)), out, cache=cache, progress=False)
+    for name in ("results.json", "report.md", "grid.png", "quality_vs_nfe.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == result["rows"]
+    for key in ("fd_floor", "teacher_train_seconds", "versions", "wall_seconds", "teacher_best_fd",
+                "speedup_2step_student_vs_teacher_32", "machine", "num_samples"):
+        assert key in saved, key
+    assert saved["versions"]["torch"] and saved["machine"]["torch_threads"] >= 1
+    assert _finite(saved["teacher_train_seconds"]) and _finite(saved["speedup_2step_student_vs_teacher_32"])
+    rows = saved["rows"]
+    assert all(set(r) >= ROW_KEYS for r in rows)
+    for r in rows:
+        assert all(_finite(r[k]) for k in ("fd", "adherence", "teacher_mse", "images_per_second")), r
+    got = {(r["method"], r["steps"], r["guidance"]) for r in rows}
+    w = saved["teacher_guidance"]
+    expected = {("teacher dpmpp_2m", 32, w), ("teacher dpmpp_2m", 32, 1.0)}
+    expected |= {(f"{s} (training-free)", n, w) for s in ("ddim", "unipc") for n in (1, 2)}
+    expected |= {("flash student", n, None) for n in (1, 2)}
+    assert got == expected and len(rows) == len(expected)
+    for r in rows:
+        if r["method"] == "flash student":
+            assert r["nfe"] == r["steps"] and r["guidance"] is None
+            assert r["trainable_params"] > 0 and _finite(r["train_seconds"])
+        else:
+            assert r["nfe"] == (r["steps"] if r["guidance"] == 1.0 else 2 * r["steps"])
+            assert r["train_seconds"] is None and r["trainable_params"] is None
+    reference = [r for r in rows if r["method"] == "teacher dpmpp_2m" and r["guidance"] == w][0]
+    assert reference["teacher_mse"] == 0.0
+    report = (out / "report.md").read_text()
+    assert "| flash student | 2 | 2 |" in report and "unipc (training-free)" in report
+
+    # a second run reuses both trained models (their recorded training time included)
+    capsys.readouterr()
+    again = run_benchmark(tiny(), tmp_path / "out2", cache=cache, progress=False)
+    printed = capsys.readouterr().out
+    assert "reusing the teacher" in printed and "reusing the Flash run" in printed
+    assert again["teacher_train_seconds"] == saved["teacher_train_seconds"]
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["flash", "teacher"]
+
+
+def test_ablations_schema(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "ABLATIONS", [
+        ("loss terms", [("distil", {"use_adv": False, "use_dmd": False}, (27.12, 29.85)),
+                        ("all", {}, (22.64, 30.61))]),
+        ("K", [("8", {}, None), ("16", {"K": 16}, (22.64, 30.61))]),
+    ])
+    out = tmp_path / "out"
+    result = run_benchmark(tiny(solvers=(), student_steps=(2,), ablations=True), out, cache=tmp_path / "cache",
+                           progress=False)
+    for name in ("results.json", "report.md", "grid.png", "ablations.png"):
+        assert (out / name).is_file(), name
+    groups = json.loads((out / "results.json").read_text())["ablations"]
+    assert [g["group"] for g in groups] == ["loss terms", "K"]
+    assert groups[0]["ranking_agrees"] in (True, False) and groups[1]["ranking_agrees"] is None
+    for g in groups:
+        for e in g["variants"]:
+            assert _finite(e["fd"]) and _finite(e["adherence"]) and e["row"]["steps"] == 2
+    # the baseline ("all" and "8" are the same config) trains once: 3 runs, not 4
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.name.startswith("flash-")]) == 3
+    assert "paper FID" in (out / "report.md").read_text()
+    assert len(result["rows"]) == 1 + 4  # teacher reference + one per variant entry
+
+
+def test_unknown_preset_and_bad_samples(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset 'fast'.*quick"):
+        run_benchmark("fast", tmp_path)
+    with pytest.raises(ValueError, match="num_samples must be >= 10"):
+        run_benchmark("quick", tmp_path, num_samples=3)
