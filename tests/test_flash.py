@@ -315,3 +315,19 @@ def test_fused_student_equals_adapter_student(tiny_teacher, tmp_path):
     x, t, cond = torch.randn(3, 1, 8, 8), torch.tensor([999.0, 499.0, 10.0]), fused.cond(["1", "2", "3"])
     with torch.no_grad():
         torch.testing.assert_close(fused.denoiser(x, t, cond), adapter.denoiser(x, t, cond), rtol=1e-4, atol=1e-5)
+
+
+def test_export_digits_student_with_metrics_in_the_model_card(tiny_teacher, tmp_path):
+    from flashdistill.cli import main
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.train import train
+
+    train(tiny_flash(tiny_teacher), get_dataset("digits"), tmp_path / "run", progress=False)
+    assert main(["export", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "x"), "--num-samples", "20"]) == 0
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert "| 2 | 2 |" in card and "20 samples per row" in card
+    assert json.loads((tmp_path / "x" / "flashdistill_sampling.json").read_text())["timesteps"]["2"] == [999, 499]
+    from safetensors.torch import load_file
+
+    keys = list(load_file(str(tmp_path / "x" / "pytorch_lora_weights.safetensors")))
+    assert keys and all(k.startswith("unet.") and "lora" in k for k in keys)

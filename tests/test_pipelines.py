@@ -136,3 +136,42 @@ def test_unsupported_pipeline_and_missing_folder(tmp_path):
         load_model(tmp_path / "p")
     with pytest.raises(ModelNotFound, match="does not exist"):
         load_model(tmp_path / "nope")
+
+
+def test_cli_distill_on_an_image_folder_then_export(teachers, tmp_path, capsys):
+    from PIL import Image
+
+    from flashdistill.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = []
+    for i, prompt in enumerate(["a cat", "a red car", "a dog", "a lake"]):
+        Image.new("RGB", (20, 24), (60 * i, 20, 200)).save(data / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": prompt}))
+    (data / "metadata.jsonl").write_text("\n".join(lines))
+    run, out = tmp_path / "run", tmp_path / "export"
+    args = ["distill", "--teacher", str(teachers["sd"]), "--data", str(data), "--out", str(run),
+            "--set", "K=8", "--set", "lora_rank=2", "--set", "phase_steps=[1,1,1]", "--set", "train.steps=2",
+            "--set", "train.batch_size=2", "--set", "train.checkpoint_every=2"]
+    assert main(args) == 0
+    assert "data: 4 captioned images" in capsys.readouterr().out
+    assert main(["export", "--model", str(run), "--out", str(out)]) == 0
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "scheduler").is_dir()
+    assert main(["export", "--model", str(run), "--out", str(out)]) == 2  # refuses a non-empty folder
+    assert "not empty" in capsys.readouterr().err
+    no_data = ["distill", "--teacher", str(teachers["sd"]), "--out", str(tmp_path / "r2")]
+    assert main(no_data) == 2
+    assert "pass --data PATH" in capsys.readouterr().err
+
+
+def test_accelerate_config_files_parse():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    ddp = ClusterConfig.from_yaml_file(root / "accelerate_ddp.yaml")
+    fsdp = ClusterConfig.from_yaml_file(root / "accelerate_fsdp.yaml")
+    assert ddp.distributed_type.value == "MULTI_GPU" and fsdp.distributed_type.value == "FSDP"
+    assert fsdp.fsdp_config["fsdp_use_orig_params"] is True

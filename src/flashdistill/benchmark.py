@@ -138,15 +138,19 @@ def _recorded_seconds(path: Path) -> float | None:
     return json.loads(f.read_text())["train_seconds"] if f.is_file() else None
 
 
-def images_per_second(generate, batch: int, repeats: int) -> float:
-    """``generate(n)`` makes n images; warm up once, then the best of ``repeats`` timed calls."""
-    generate(min(batch, 8))
-    best = float("inf")
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
+def images_per_second(generators: list, batch: int, repeats: int, progress: bool = False) -> list[float]:
+    """Images per second of each ``generate(n)`` in ``generators``: one warm-up call each, then
+    ``repeats`` rounds that time every generator once in turn (round-robin, so that a slow spell of
+    a shared machine hits all rows alike); each row keeps its best round."""
+    for generate in generators:
         generate(batch)
-        best = min(best, time.perf_counter() - t0)
-    return batch / best
+    best = [float("inf")] * len(generators)
+    for _ in tqdm(range(max(1, repeats)), desc="speed rounds", disable=not progress):
+        for i, generate in enumerate(generators):
+            t0 = time.perf_counter()
+            generate(batch)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return [batch / b for b in best]
 
 
 class Bench:
@@ -158,6 +162,8 @@ class Bench:
         self.guidance = teacher.default_guidance
         self.reference = sample(teacher, self.prompts, self.seeds, 32, guidance=self.guidance)
 
+        self.generators: list = []  # one per row, for the speed rounds at the end
+
     def row(self, model, method: str, steps: int, guidance: float | None, sampler: str | None = None,
             extra: dict | None = None) -> dict:
         def generate(n):
@@ -166,12 +172,18 @@ class Bench:
         student = guidance is None
         is_reference = model is self.teacher and steps == 32 and guidance == self.guidance and sampler == "dpmpp_2m"
         images = self.reference if is_reference else generate(len(self.prompts))
+        self.generators.append(generate)
         return {
             "method": method, "steps": steps, "nfe": steps if student else (steps if guidance == 1.0 else 2 * steps),
-            "guidance": guidance, **score(images, self.labels, self.reference),
-            "images_per_second": images_per_second(generate, self.preset.speed_batch, self.preset.speed_repeats),
+            "guidance": guidance, **score(images, self.labels, self.reference), "images_per_second": None,
             "train_seconds": None, "trainable_params": None, **(extra or {}),
         }
+
+    def measure_speeds(self, rows: list[dict]) -> None:
+        """Fill ``images_per_second`` of ``rows`` (made by :meth:`row`, in order), all in one phase."""
+        speeds = images_per_second(self.generators, self.preset.speed_batch, self.preset.speed_repeats, self.progress)
+        for r, v in zip(rows, speeds):
+            r["images_per_second"] = v
 
 
 def _versions() -> dict:
@@ -226,7 +238,8 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
 
     if preset.ablations:
         result["ablations"] = run_ablations(bench, teacher_dir, cache, preset, progress)
-        rows += [r["row"] for group in result["ablations"] for r in group["variants"]]
+        # one row per distinct run (variants with the same config share a run and its row)
+        rows += list({id(e["row"]): e["row"] for g in result["ablations"] for e in g["variants"]}.values())
     else:
         flash_dir = cache / f"flash-{_key(preset.teacher, preset.flash)}"
         flash_seconds = ensure_flash(teacher_dir, flash_dir, preset.flash, progress)
@@ -234,7 +247,10 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
         extra = {"train_seconds": flash_seconds, "trainable_params": student.meta["trainable_params"]}
         rows += [bench.row(student, "flash student", s, None, extra=extra)
                  for s in tqdm(preset.student_steps, desc="student rows", disable=not progress)]
+    bench.measure_speeds(rows)
     result["rows"] = rows
+    result["speed"] = {"batch": preset.speed_batch, "rounds": preset.speed_repeats,
+                       "method": "warm-up call per row, then round-robin rounds over all rows; best round per row"}
     result["teacher_best_fd"] = min(r["fd"] for r in rows if r["method"] == "teacher dpmpp_2m" and r["steps"] >= 32)
     result["speedup_2step_student_vs_teacher_32"] = _speedup(rows, w)
     result["versions"], result["machine"] = _versions(), _machine()
@@ -279,8 +295,9 @@ def run_ablations(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, 
                 seconds = ensure_flash(teacher_dir, run, overrides, progress)
                 student = load_model(run)
                 extra = {"train_seconds": seconds, "trainable_params": student.meta["trainable_params"], "run": str(run)}
-                done[key] = bench.row(student, "flash student", 2, None, extra=extra)
-            row = {**done[key], "ablation": f"{group}: {label}"}
+                done[key] = bench.row(student, "flash student", 2, None, extra={**extra, "variants": []})
+            row = done[key]
+            row["variants"].append(f"{group.split(' (')[0]}: {label}")
             entries.append({"variant": label, "overrides": variant, "row": row, "fd": row["fd"],
                             "adherence": row["adherence"], "paper_fid": paper[0] if paper else None,
                             "paper_clip": paper[1] if paper else None})
@@ -318,7 +335,7 @@ def write_grid(bench: Bench, rows: list[dict], result: dict, teacher_dir: Path, 
             sampler = "dpmpp_2m" if r["method"].startswith("teacher") else r["method"].split()[0]
             images = sample(teacher, prompts, seeds, r["steps"], guidance=r["guidance"], sampler=sampler)
         strips.append(images)
-        labels.append(r.get("ablation") or f"{r['method']}, {r['steps']} steps ({r['nfe']} NFE)"
+        labels.append(" = ".join(r["variants"]) if r.get("variants") else f"{r['method']}, {r['steps']} steps ({r['nfe']} NFE)"
                       + ("" if r["guidance"] is None else f", w={r['guidance']:g}"))
     scale, size = 4, 8 * 4
     label_w = 8 + 7 * max(len(s) for s in labels)
@@ -400,7 +417,7 @@ def report(result: dict) -> str:
     lines += ["| method | steps | NFE | w | FD ↓ | adherence ↑ | teacher MSE ↓ | images/s | train s | trainable params |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        if "ablation" in r:
+        if r.get("variants"):
             continue
         lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {_fmt(r['guidance'], 'g')} | {r['fd']:.2f} | "
                      f"{r['adherence']:.3f} | {r['teacher_mse']:.4f} | {r['images_per_second']:.0f} | "

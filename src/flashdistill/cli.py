@@ -82,7 +82,7 @@ def cmd_sample(args) -> None:
     prompts = [args.prompt] * args.num_images
     seeds = [args.seed + i for i in range(args.num_images)]
     images = sample(model, prompts, seeds, args.steps, guidance=args.guidance, sampler=args.sampler)
-    save_image_grid(images, Path(args.out), nrow=min(8, args.num_images), scale=8)
+    save_image_grid(images, Path(args.out), nrow=min(8, args.num_images), scale=max(1, 64 // images.shape[-1]))
     print(f"wrote {args.out}")
     if args.npz:
         np.savez(args.npz, images=images.float().clamp(-1, 1).numpy().astype(np.float32), prompts=np.array(prompts))
@@ -102,12 +102,39 @@ def evaluate_model(model, num_samples: int, steps_list: list[int], guidance: flo
     return rows
 
 
+def cmd_evaluate_real(args, model) -> None:
+    from .metrics import (PROTOCOLS, MetricUnavailable, clip_scorer, evaluate_real, inception_extractor,
+                          read_prompts, read_reference_images)
+
+    if not args.prompts:
+        raise ValueError("this model is not a digits model: pass --prompts FILE (COCO captions JSON or one prompt "
+                         "per line), and --reference DIR for FID")
+    n = PROTOCOLS[args.protocol] if args.protocol else args.num_samples
+    prompts = read_prompts(args.prompts, n if args.protocol else None)[:n]
+    try:
+        extractor = inception_extractor(args.inception_weights) if args.reference else None
+        scorer = clip_scorer(args.clip_model) if args.clip_model or not args.reference else None
+    except MetricUnavailable as e:
+        raise ValueError(str(e)) from None
+    reference = read_reference_images(args.reference, 299, None) if args.reference else None
+    rows = evaluate_real(model, prompts, args.steps, args.guidance, reference, extractor, scorer)
+    for r in rows:
+        fid = "-" if r["fid"] is None else f"{r['fid']:.2f}"
+        clip = "-" if r["clip_score"] is None else f"{r['clip_score']:.2f}"
+        print(f"steps {r['steps']:>3}  FID {fid}  CLIP {clip}  ({r['num_samples']} prompts)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": str(args.model), "protocol": args.protocol, "rows": rows}, indent=2))
+        print(f"wrote {args.out}")
+
+
 def cmd_evaluate(args) -> None:
     from .evaluate import eval_prompts, fd_floor
     from .models.loading import load_model
     from .sample import sample
 
     model = load_model(args.model)
+    if model.meta.get("dataset") != "digits":
+        return cmd_evaluate_real(args, model)
     reference = None
     if args.teacher:
         teacher = load_model(args.teacher)
@@ -141,13 +168,45 @@ def cmd_distill(args) -> None:
     if args.dry_run:
         return
     method = FlashDistillation(cfg)
-    dataset = get_dataset(method.teacher.meta.get("dataset"), "train")
+    if args.data:
+        from .data.images import load_image_dataset
+
+        size = method.teacher.meta.get("image_size")
+        if size is None:
+            raise ValueError("--data needs a latent (VAE) teacher; the built-in teacher trains on its own dataset")
+        dataset = load_image_dataset(args.data, size, args.caption_column)
+        say(f"data: {len(dataset):,} captioned images from {args.data}, at {size}x{size}")
+    elif method.teacher.meta.get("dataset"):
+        dataset = get_dataset(method.teacher.meta["dataset"], "train")
+    else:
+        raise ValueError(f"the teacher {args.teacher!r} has no built-in dataset: pass --data PATH "
+                         "(image folder with metadata.jsonl, datasets folder, or webdataset .tar shards)")
     share = 100 * method.trainable / method.total
     say(f"student: {method.trainable:,} trainable parameters, {share:.2f}% of the teacher's {method.total:,}"
           f" {'full' if cfg.full else f'LoRA rank {cfg.lora_rank}'}; discriminator head: "
           f"{sum(p.numel() for p in method.disc.parameters()):,}")
     summary = train(method, dataset, args.out, resume=args.resume)
     say(f"student written to {args.out} ({summary['seconds']:.0f} s, {summary['processes']} process(es))")
+
+
+def cmd_export(args) -> None:
+    from .evaluate import eval_prompts
+    from .export import export
+    from .models.loading import load_model, read_meta
+    from .sample import sample
+
+    metrics = None
+    student = load_model(args.model) if read_meta(args.model).get("kind") == "student" and args.num_samples else None
+    if student is not None and student.meta.get("dataset") == "digits":  # metrics for the model card
+        teacher = load_model(student.meta["teacher"])
+        prompts, _, seeds = eval_prompts(args.num_samples)
+        reference = sample(teacher, prompts, seeds, 32)
+        rows = evaluate_model(student, args.num_samples, [1, 2, 4], None, None, reference)
+        metrics = {"rows": [{**r, "nfe": r["steps"]} for r in rows],
+                   "note": f"Digits task, {args.num_samples} samples per row (see the flashdistill README for the "
+                           f"metrics); teacher MSE against the teacher's 32-step output at w = {teacher.default_guidance:g}."}
+    out = export(args.model, args.out, metrics)
+    print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
 
 def cmd_demo(args) -> None:
@@ -196,8 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-teacher defaults (auto: 'digits' for the built-in teacher, else the pipeline's family; "
                         "'sd' is the paper's SD1.5 setting)")
     p.add_argument("--full", action="store_true", help="train the whole student instead of a LoRA")
+    p.add_argument("--data", default=None, help="captioned images for real teachers: an image folder with metadata.jsonl "
+                                                "(file_name, text), a Hugging Face datasets folder (save_to_disk), or "
+                                                "webdataset .tar shards (a file, a folder or a glob)")
+    p.add_argument("--caption-column", default=None, help="caption field of --data (default: text, then caption)")
     _add_run_options(p)
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("export", help="write a student as files diffusers loads as is",
+                       description="Export a distillation run: pytorch_lora_weights.safetensors for "
+                                   "pipe.load_lora_weights (SD1.5/2, SDXL, SD3; PixArt and full students: the "
+                                   "fused/full backbone folder), scheduler/ (LCMScheduler or FlowMatchLCMScheduler), "
+                                   "flashdistill_sampling.json (the student's timesteps) and a model card README.md.")
+    p.add_argument("--model", required=True, help="distillation run folder")
+    p.add_argument("--out", required=True, help="new or empty output folder")
+    p.add_argument("--num-samples", type=int, default=500,
+                   help="digits students: samples per row of the model card's metrics (0: none; default 500)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="generate a PNG grid (and optionally an .npz) from a teacher or a student",
                        description="Generate images. Image i uses seed S+i, so it does not depend on --num-images.")
@@ -205,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text prompt, e.g. 'a handwritten digit seven'")
     p.add_argument("--steps", type=positive_int, default=32, help="sampling steps (students: 1, 2 or 4)")
     p.add_argument("--guidance", type=finite_float, default=None, help="CFG scale for teachers (default: the teacher's)")
-    p.add_argument("--sampler", choices=["dpmpp_2m", "ddim", "euler"], default=None, help="teacher solver (default dpmpp_2m)")
+    p.add_argument("--sampler", choices=["dpmpp_2m", "ddim", "euler", "unipc"], default=None, help="teacher solver (default dpmpp_2m)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image")
     p.add_argument("--num-images", type=positive_int, default=16, help="number of images")
     p.add_argument("--out", required=True, help="PNG grid to write (upscaled 8x for viewing)")
@@ -217,10 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="teacher folder or distillation run folder")
     p.add_argument("--steps", type=positive_int, nargs="+", default=[32], help="step counts to evaluate")
     p.add_argument("--guidance", type=finite_float, default=None, help="CFG scale for teachers")
-    p.add_argument("--sampler", choices=["dpmpp_2m", "ddim", "euler"], default=None, help="teacher solver")
+    p.add_argument("--sampler", choices=["dpmpp_2m", "ddim", "euler", "unipc"], default=None, help="teacher solver")
     p.add_argument("--num-samples", type=positive_int, default=1000, help="generated samples per row")
     p.add_argument("--teacher", default=None, help="teacher folder for teacher_mse (its 32-step output)")
     p.add_argument("--teacher-guidance", type=finite_float, default=None, help="CFG scale of the reference")
+    g = p.add_argument_group("real models (FID with Inception, CLIP score; nothing is downloaded)")
+    g.add_argument("--prompts", default=None, help="COCO captions JSON or a text file with one prompt per line")
+    g.add_argument("--protocol", choices=["coco2017-5k", "coco2014-30k", "coco2014-10k"], default=None,
+                   help="paper protocols: the first caption of the first N images by id (N = 5k / 30k / 10k)")
+    g.add_argument("--reference", default=None, help="folder of reference images for FID (e.g. COCO val images)")
+    g.add_argument("--inception-weights", default=None, help="local FID Inception weights (torch-fidelity's "
+                                                             "pt_inception-2015-12-05; default: torch hub cache)")
+    g.add_argument("--clip-model", default=None, help="local transformers CLIP folder for the CLIP score")
+    g.add_argument("--out", default=None, help="write the rows as JSON here")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("demo", help="the whole story on the built-in digits task, end to end",
                        description="Train the digits teacher (or reuse OUT/teacher), distil it with Flash into "

@@ -1,0 +1,162 @@
+"""FID and CLIP score for real (text-to-image) models, offline.
+
+- **FID** (Heusel et al. 2017): the Fréchet distance between Inception-v3 pool features (2048-d) of
+  generated images and of a reference image folder. The extractor is torchmetrics' FID Inception
+  (the torch-fidelity port of the TF weights ``pt_inception-2015-12-05``), loaded from a local
+  weights file: ``pip install 'flashdistill[metrics]'`` and pass ``--inception-weights FILE``
+  (default: torch hub's cache, where torch-fidelity would have saved it).
+- **CLIP score** (Hessel et al. 2021, as torchmetrics: ``max(100 * cos(image, text), 0)``, mean):
+  a transformers ``CLIPModel`` + ``CLIPProcessor`` saved in a local folder (``--clip-model DIR``).
+
+Nothing is downloaded: missing packages or weights raise :class:`MetricUnavailable` naming what is
+missing and where it was looked for. Both metrics take any feature extractor / scorer with the
+same call signature, which is how the tests exercise the code path without the real weights.
+
+Protocols (the paper's Fig. 4a/4b and Table 1): prompts come from a COCO captions annotation file
+(``captions_val2017.json`` / ``captions_val2014.json``) or a text file with one prompt per line;
+the first caption of each image, images in increasing id order, the first N of them:
+
+| protocol | prompts | N | reference images |
+| --- | --- | --- | --- |
+| ``coco2017-5k`` | COCO-2017 val captions | 5,000 | COCO-2017 val images |
+| ``coco2014-30k`` | COCO-2014 val captions | 30,000 | COCO-2014 val images |
+| ``coco2014-10k`` | COCO-2014 val captions | 10,000 | COCO-2014 val images |
+
+The papers' exact prompt subsets are not published with them; ours are deterministic, so numbers
+are comparable between runs of this tool, and close to, not identical with, published ones.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+PROTOCOLS = {"coco2017-5k": 5000, "coco2014-30k": 30000, "coco2014-10k": 10000}
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+class MetricUnavailable(RuntimeError):
+    pass
+
+
+def read_prompts(path: str | Path, n: int | None = None) -> list[str]:
+    """Prompts from a COCO captions JSON (first caption per image, images by id) or a text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if "annotations" not in data:
+            raise ValueError(f"{path}: expected a COCO captions file with an 'annotations' list")
+        first: dict[int, str] = {}
+        for a in sorted(data["annotations"], key=lambda a: (a["image_id"], a.get("id", 0))):
+            first.setdefault(a["image_id"], a["caption"].strip())
+        prompts = [first[k] for k in sorted(first)]
+    else:
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts found")
+    if n is not None:
+        if len(prompts) < n:
+            raise ValueError(f"{path}: {len(prompts)} prompts, the protocol needs {n}")
+        prompts = prompts[:n]
+    return prompts
+
+
+def read_reference_images(folder: str | Path, size: int, limit: int | None = None) -> torch.Tensor:
+    """Images of a folder (sorted names; jpg/jpeg/png/webp), resized and centre-cropped to ``size``."""
+    from PIL import Image
+
+    from .data.images import IMAGE_EXTS, to_tensor
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"reference image folder {str(folder)!r} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTS)[:limit]
+    if len(files) < 2:
+        raise ValueError(f"{folder}: need at least 2 reference images, found {len(files)}")
+    return torch.stack([to_tensor(Image.open(f), size) for f in files])
+
+
+def inception_extractor(weights: str | Path | None = None) -> Callable[[torch.Tensor], np.ndarray]:
+    """torchmetrics' FID Inception from a local weights file: images in [-1, 1] -> (N, 2048) features."""
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+    except ImportError:
+        raise MetricUnavailable("FID needs torchmetrics and torch-fidelity: pip install 'flashdistill[metrics]'") from None
+    path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if not path.is_file():
+        raise MetricUnavailable(f"FID needs the Inception weights {INCEPTION_FILE} (torch-fidelity's "
+                                f"pt_inception-2015-12-05), not found at {path}; copy them there or pass "
+                                "--inception-weights FILE (nothing is downloaded)")
+    net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                             feature_extractor_weights_path=str(path)).eval()
+
+    @torch.no_grad()
+    def extract(images: torch.Tensor) -> np.ndarray:
+        x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return torch.cat([net(x[i: i + 64]).reshape(-1, 2048) for i in range(0, len(x), 64)]).double().numpy()
+
+    return extract
+
+
+def clip_scorer(model_dir: str | Path | None) -> Callable[[torch.Tensor, list[str]], np.ndarray]:
+    """A local transformers CLIP: (images in [-1, 1], prompts) -> per-image max(100 cos, 0)."""
+    if not model_dir:
+        raise MetricUnavailable("CLIP score needs a local CLIP model folder: pass --clip-model DIR (a transformers "
+                                "CLIPModel + CLIPProcessor saved with save_pretrained, e.g. openai/clip-vit-large-patch14)")
+    if not Path(model_dir).is_dir():
+        raise MetricUnavailable(f"CLIP model folder {str(model_dir)!r} does not exist (nothing is downloaded)")
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(str(model_dir), local_files_only=True).eval()
+    processor = CLIPProcessor.from_pretrained(str(model_dir), local_files_only=True)
+
+    @torch.no_grad()
+    def score(images: torch.Tensor, prompts: list[str]) -> np.ndarray:
+        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        inputs = processor(text=prompts, images=list(pixels), return_tensors="pt", padding=True, truncation=True)
+        img = _embeds(model.get_image_features(pixel_values=inputs["pixel_values"]))
+        txt = _embeds(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
+        cos = torch.nn.functional.cosine_similarity(img, txt)
+        return (100 * cos).clamp(min=0).double().numpy()
+
+    return score
+
+
+def _embeds(out) -> torch.Tensor:
+    """Projected CLIP embeddings: a tensor (transformers 4) or the output's pooler_output (5)."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def fid(generated: torch.Tensor, reference: torch.Tensor, extractor: Callable[[torch.Tensor], np.ndarray]) -> float:
+    from .evaluate import frechet_distance
+
+    return frechet_distance(np.asarray(extractor(generated), dtype=np.float64),
+                            np.asarray(extractor(reference), dtype=np.float64))
+
+
+def evaluate_real(model, prompts: list[str], steps: list[int], guidance: float | None = None,
+                  reference: torch.Tensor | None = None, extractor=None, scorer=None, seed: int = 0,
+                  batch_size: int = 8, progress: bool = True) -> list[dict]:
+    """FID against ``reference`` (if given) and CLIP score (if ``scorer``) per step count; sample i
+    uses seed ``seed + i``."""
+    from tqdm.auto import tqdm
+
+    from .sample import sample
+
+    seeds = [seed + i for i in range(len(prompts))]
+    rows = []
+    for n in steps:
+        images = torch.cat([sample(model, prompts[i: i + batch_size], seeds[i: i + batch_size], n, guidance=guidance)
+                            for i in tqdm(range(0, len(prompts), batch_size), desc=f"{n} steps", disable=not progress)])
+        row = {"steps": n, "num_samples": len(prompts), "fid": None, "clip_score": None}
+        if reference is not None and extractor is not None:
+            row["fid"] = fid(images, reference, extractor)
+        if scorer is not None:
+            row["clip_score"] = float(np.mean(scorer(images, prompts)))
+        rows.append(row)
+    return rows

@@ -1,0 +1,95 @@
+"""Real-model metrics: prompt files and protocols, FID with a stand-in feature extractor, CLIP
+score with a tiny local CLIP, and clear errors when weights are missing."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tiny_pipelines as tp
+from flashdistill.metrics import (MetricUnavailable, clip_scorer, evaluate_real, fid, inception_extractor,
+                                  read_prompts, read_reference_images)
+
+
+def stand_in_extractor(images: torch.Tensor) -> np.ndarray:
+    """Per-channel means and stds on a 4x4 pooling grid: a cheap deterministic feature map."""
+    x = torch.nn.functional.adaptive_avg_pool2d(images.float(), 4).flatten(1)
+    return torch.cat([x, images.float().flatten(2).std(2)], 1).double().numpy()
+
+
+def test_read_prompts_coco_and_text(tmp_path):
+    coco = {"annotations": [{"image_id": 5, "id": 2, "caption": " a dog "}, {"image_id": 1, "id": 9, "caption": "x"},
+                            {"image_id": 1, "id": 3, "caption": "a cat"}, {"image_id": 5, "id": 1, "caption": "a pup"}]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    assert read_prompts(tmp_path / "c.json") == ["a cat", "a pup"]  # first caption per image, images by id
+    (tmp_path / "p.txt").write_text("one\n\ntwo\nthree\n")
+    assert read_prompts(tmp_path / "p.txt", 2) == ["one", "two"]
+    with pytest.raises(ValueError, match="3 prompts, the protocol needs 5000"):
+        read_prompts(tmp_path / "p.txt", 5000)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_prompts(tmp_path / "nope.txt")
+
+
+def test_fid_with_a_stand_in_extractor(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(64, 3, 16, 16, generator=g) * 2 - 1
+    b = torch.rand(64, 3, 16, 16, generator=g) * 2 - 1
+    assert fid(a, a, stand_in_extractor) == pytest.approx(0.0, abs=1e-6)
+    assert fid(a, b * 0.2, stand_in_extractor) > fid(a, b, stand_in_extractor) > 0
+    for i in range(3):
+        Image.fromarray((np.full((20, 30, 3), 40 * i)).astype(np.uint8)).save(tmp_path / f"{i}.png")
+    ref = read_reference_images(tmp_path, 8)
+    assert ref.shape == (3, 3, 8, 8) and ref[2].max() < 0
+
+
+def test_missing_weights_fail_with_clear_messages(tmp_path):
+    with pytest.raises(MetricUnavailable, match=r"torchmetrics|Inception weights"):
+        inception_extractor(tmp_path / "missing.pth")
+    with pytest.raises(MetricUnavailable, match="--clip-model DIR"):
+        clip_scorer(None)
+    with pytest.raises(MetricUnavailable, match="does not exist"):
+        clip_scorer(tmp_path / "no-clip")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    out = tmp_path_factory.mktemp("clip")
+    text = tp.clip_text().config.to_dict()
+    cfg = CLIPConfig(text_config=text, vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                                          num_hidden_layers=2, image_size=16, patch_size=4),
+                     projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).eval().save_pretrained(out)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+                  tokenizer=tp.clip_tokenizer()).save_pretrained(out)
+    return out
+
+
+def test_clip_score_and_evaluate_real_on_a_tiny_pipeline(tmp_path, tiny_clip):
+    from flashdistill.models.loading import load_model
+
+    scorer = clip_scorer(tiny_clip)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    s = scorer(images, ["a cat", "a dog"])
+    assert s.shape == (2,) and (s >= 0).all() and (s <= 100).all()
+
+    teacher = load_model(tp.build("sd", tmp_path / "sd"))
+    reference = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    rows = evaluate_real(teacher, ["a cat", "a dog", "a red car", "a lake"], [1, 2], guidance=2.0, reference=reference,
+                         extractor=stand_in_extractor, scorer=scorer, batch_size=3, progress=False)
+    assert [r["steps"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["fid"]) and np.isfinite(r["clip_score"]) and r["num_samples"] == 4 for r in rows)
+
+
+def test_cli_evaluate_real_model_needs_prompts(tmp_path, capsys):
+    from flashdistill.cli import main
+
+    teacher = tp.build("sd", tmp_path / "sd")
+    assert main(["evaluate", "--model", str(teacher), "--steps", "2"]) == 2
+    assert "pass --prompts FILE" in capsys.readouterr().err
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    assert main(["evaluate", "--model", str(teacher), "--prompts", str(tmp_path / "p.txt"), "--steps", "2"]) == 2
+    assert "--clip-model DIR" in capsys.readouterr().err
