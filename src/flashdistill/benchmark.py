@@ -47,15 +47,14 @@ class Preset:
     ablations: bool = False
     ablation_flash: dict = field(default_factory=dict)  # budget of each ablation run (over the digits preset)
     speed_batch: int = 64
-    speed_repeats: int = 2
+    speed_repeats: int = 3
     teacher: dict = field(default_factory=dict)  # overrides of TeacherConfig
     flash: dict = field(default_factory=dict)  # overrides of the Flash "digits" preset
 
 
 PRESETS = {
     "quick": Preset(),
-    "full": Preset(num_samples=2000, teacher_steps=(32, 50), guidance_sweep=(1.0, 1.5, 2.0, 3.0, 4.0, 6.0),
-                   speed_repeats=3),
+    "full": Preset(num_samples=2000, teacher_steps=(32, 50), guidance_sweep=(1.0, 1.5, 2.0, 3.0, 4.0, 6.0)),
     # Half the digits preset's budget per run (170 steps, phases halved): 13 runs in about 30 min.
     "ablations": Preset(solvers=(), student_steps=(2,), ablations=True,
                         ablation_flash={"phase_steps": [25, 50, 50], "train": {"steps": 170}}),
@@ -338,7 +337,7 @@ def write_grid(bench: Bench, rows: list[dict], result: dict, teacher_dir: Path, 
         labels.append(" = ".join(r["variants"]) if r.get("variants") else f"{r['method']}, {r['steps']} steps ({r['nfe']} NFE)"
                       + ("" if r["guidance"] is None else f", w={r['guidance']:g}"))
     scale, size = 4, 8 * 4
-    label_w = 8 + 7 * max(len(s) for s in labels)
+    label_w = 8 + 6 * max(len(s) for s in labels)  # PIL's default bitmap font: about 6 px per character
     img = Image.new("L", (label_w + 10 * (size + 2), len(strips) * (size + 2)), 255)
     draw = ImageDraw.Draw(img)
     for i, (x, label) in enumerate(zip(strips, labels)):

@@ -97,6 +97,8 @@ class Model:
         self.denoiser.to(device)
         if self.vae is not None:
             self.vae.to(device)
+        if hasattr(self.conditioner, "to") and not isinstance(self.conditioner, torch.nn.Module):
+            self.conditioner.to(device)  # pipeline text encoders (the built-in MiniLM stays on the CPU)
         return self
 
 

@@ -95,6 +95,7 @@ class PipelineConditioner:
         self.pipe, self.family = pipe, family
         self.max_sequence_length = max_sequence_length
         self.height, self.width = height, width
+        self.device = torch.device("cpu")
         self._cache: dict[str, dict] = {}
         self.time_ids = None
         if family == "sdxl":
@@ -102,9 +103,17 @@ class PipelineConditioner:
             self.time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), torch.float32,
                                                    text_encoder_projection_dim=proj)[0]
 
+    def to(self, device) -> "PipelineConditioner":
+        """Run the text encoders on ``device`` (the cache stays on the CPU)."""
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(self.pipe, name, None) is not None:
+                getattr(self.pipe, name).to(device)
+        self.device = torch.device(device)
+        return self
+
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> list[dict]:
-        p, f, dev = self.pipe, self.family, torch.device("cpu")
+        p, f, dev = self.pipe, self.family, self.device
         if f == "sd":
             emb, _ = p.encode_prompt(prompts, dev, 1, False)
             return [{"encoder_hidden_states": e} for e in emb]
@@ -137,7 +146,8 @@ class PipelineConditioner:
     def cond(self, prompts: list[str]) -> dict:
         missing = sorted({q for q in prompts if q not in self._cache})
         if missing:
-            self._cache.update(zip(missing, self._encode(missing)))
+            encoded = [{k: v.cpu() for k, v in e.items()} for e in self._encode(missing)]
+            self._cache.update(zip(missing, encoded))
         return self._stack([self._cache[q] for q in prompts])
 
     def uncond(self, n: int) -> dict:
