@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("benchmark", help="quality vs NFE, speed and cost; the paper's ablations at toy scale",
-                       description="Benchmark on the built-in digits task. 'quick' (about 13 min on 2 CPU cores "
+                       description="Benchmark on the built-in digits task. 'quick' (about 12 min on 2 CPU cores "
                                    "from scratch): the teacher at 32 steps, DDIM / Euler / DPM-Solver++ / UniPC on "
                                    "the teacher at 1, 2, 4, 8 steps, the Flash student at 1, 2, 4 steps. 'full': 2000 "
                                    "samples per row, the teacher at 50 steps and a guidance sweep. 'ablations': 13 "
