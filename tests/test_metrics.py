@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 import tiny_pipelines as tp
-from flashdistill.metrics import (MetricUnavailable, clip_scorer, evaluate_real, fid, inception_extractor,
-                                  read_prompts, read_reference_images)
+from flashdistill.evaluate import frechet_distance
+from flashdistill.metrics import (MetricUnavailable, clip_scorer, evaluate_real, inception_extractor, read_prompts,
+                                  reference_features)
 
 
 def stand_in_extractor(images: torch.Tensor) -> np.ndarray:
@@ -31,16 +32,22 @@ def test_read_prompts_coco_and_text(tmp_path):
         read_prompts(tmp_path / "nope.txt")
 
 
-def test_fid_with_a_stand_in_extractor(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    a = torch.rand(64, 3, 16, 16, generator=g) * 2 - 1
-    b = torch.rand(64, 3, 16, 16, generator=g) * 2 - 1
-    assert fid(a, a, stand_in_extractor) == pytest.approx(0.0, abs=1e-6)
-    assert fid(a, b * 0.2, stand_in_extractor) > fid(a, b, stand_in_extractor) > 0
-    for i in range(3):
+def test_reference_features_stream_a_folder(tmp_path):
+    for i in range(5):
         Image.fromarray((np.full((20, 30, 3), 40 * i)).astype(np.uint8)).save(tmp_path / f"{i}.png")
-    ref = read_reference_images(tmp_path, 8)
-    assert ref.shape == (3, 3, 8, 8) and ref[2].max() < 0
+    (tmp_path / "notes.txt").write_text("not an image")
+    seen = []
+
+    def extractor(images):
+        seen.append(images.shape)
+        return stand_in_extractor(images)
+
+    feats = reference_features(tmp_path, extractor, size=8, batch_size=2)
+    assert seen == [(2, 3, 8, 8), (2, 3, 8, 8), (1, 3, 8, 8)] and feats.shape[0] == 5
+    # image i is flat gray 40*i: its pooled features equal 40*i/127.5 - 1 everywhere
+    np.testing.assert_allclose(feats[3, :48], 120 / 127.5 - 1, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2 reference images"):
+        reference_features(tmp_path, extractor, limit=1)
 
 
 def test_missing_weights_fail_with_clear_messages(tmp_path):
@@ -76,12 +83,19 @@ def test_clip_score_and_evaluate_real_on_a_tiny_pipeline(tmp_path, tiny_clip):
     s = scorer(images, ["a cat", "a dog"])
     assert s.shape == (2,) and (s >= 0).all() and (s <= 100).all()
 
+    from flashdistill.sample import sample
+
     teacher = load_model(tp.build("sd", tmp_path / "sd"))
-    reference = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    rows = evaluate_real(teacher, ["a cat", "a dog", "a red car", "a lake"], [1, 2], guidance=2.0, reference=reference,
+    prompts = ["a cat", "a dog", "a red car", "a lake"]
+    reference = stand_in_extractor(torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+    rows = evaluate_real(teacher, prompts, [1, 2], guidance=2.0, reference=reference,
                          extractor=stand_in_extractor, scorer=scorer, batch_size=3, progress=False)
-    assert [r["steps"] for r in rows] == [1, 2]
-    assert all(np.isfinite(r["fid"]) and np.isfinite(r["clip_score"]) and r["num_samples"] == 4 for r in rows)
+    assert [r["steps"] for r in rows] == [1, 2] and all(r["num_samples"] == 4 for r in rows)
+    # batching (3 + 1) gives the values of one pass over all images with the same seeds
+    for r in rows:
+        images = sample(teacher, prompts, [0, 1, 2, 3], r["steps"], guidance=2.0)
+        assert r["fid"] == pytest.approx(frechet_distance(stand_in_extractor(images), reference), rel=1e-6)
+        assert r["clip_score"] == pytest.approx(float(scorer(images, prompts).mean()), rel=1e-5)
 
 
 def test_cli_evaluate_real_model_needs_prompts(tmp_path, capsys):

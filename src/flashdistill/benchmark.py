@@ -97,39 +97,40 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def ensure_teacher(path: Path, overrides: dict | None = None, progress: bool = True) -> float | None:
-    """Train the built-in teacher into ``path`` unless a finished one is there (an unfinished one
-    resumes); returns its training seconds as recorded when it finished (None if unrecorded)."""
-    from .config import from_dict
-    from .methods.dsm import TeacherConfig, TeacherTraining
+def _ensure_trained(path: Path, what: str, build, dataset, progress: bool) -> float | None:
+    """Train ``build()`` into ``path`` unless a finished model is there (an unfinished run resumes);
+    returns the training seconds recorded when it finished (None if unrecorded)."""
     from .train import train
 
     path = Path(path)
-    if not (path / "flashdistill.json").is_file():
-        cfg = from_dict(TeacherConfig, overrides or {})
-        summary = train(TeacherTraining(cfg), get_dataset(cfg.dataset), path, resume=True, progress=progress)
-        (path / TIMING_FILE).write_text(json.dumps({"train_seconds": summary["seconds"]}))
+    if (path / "flashdistill.json").is_file():
+        print(f"reusing the {what} in {path}")
     else:
-        print(f"reusing the teacher in {path}")
+        summary = train(build(), dataset, path, resume=True, progress=progress)
+        (path / TIMING_FILE).write_text(json.dumps({"train_seconds": summary["seconds"]}))
     return _recorded_seconds(path)
+
+
+def ensure_teacher(path: Path, overrides: dict | None = None, progress: bool = True) -> float | None:
+    """The built-in teacher (TeacherConfig + ``overrides``) in ``path``, trained if needed."""
+    from .config import from_dict
+    from .methods.dsm import TeacherConfig, TeacherTraining
+
+    cfg = from_dict(TeacherConfig, overrides or {})
+    return _ensure_trained(path, "teacher", lambda: TeacherTraining(cfg), get_dataset(cfg.dataset), progress)
 
 
 def ensure_flash(teacher: Path, path: Path, overrides: dict | None = None, progress: bool = True) -> float | None:
-    """Flash-distil ``teacher`` into ``path`` (digits preset + ``overrides``) unless finished there."""
+    """A Flash student of ``teacher`` (digits preset + ``overrides``) in ``path``, trained if needed."""
     from .methods.flash import FlashDistillation, build_config
-    from .train import train
 
-    path = Path(path)
-    if not (path / "flashdistill.json").is_file():
-        cfg, _ = build_config(teacher, "digits", overrides)
-        method = FlashDistillation(cfg)
+    def build():
+        method = FlashDistillation(build_config(teacher, "digits", overrides)[0])
         print(f"Flash student: {method.trainable:,} trainable parameters, "
               f"{100 * method.trainable / method.total:.2f}% of the teacher's {method.total:,}")
-        summary = train(method, get_dataset("digits"), path, resume=True, progress=progress)
-        (path / TIMING_FILE).write_text(json.dumps({"train_seconds": summary["seconds"]}))
-    else:
-        print(f"reusing the Flash run in {path}")
-    return _recorded_seconds(path)
+        return method
+
+    return _ensure_trained(path, "Flash run", build, get_dataset("digits"), progress)
 
 
 def _recorded_seconds(path: Path) -> float | None:
@@ -161,17 +162,17 @@ class Bench:
         self.guidance = teacher.default_guidance
         self.reference = sample(teacher, self.prompts, self.seeds, 32, guidance=self.guidance)
 
-        self.generators: list = []  # one per row, for the speed rounds at the end
+        self.samplers: list = []  # per row, ``(prompts, seeds) -> images``: speed rounds and the grid
 
     def row(self, model, method: str, steps: int, guidance: float | None, sampler: str | None = None,
             extra: dict | None = None) -> dict:
-        def generate(n):
-            return sample(model, self.prompts[:n], self.seeds[:n], steps, guidance=guidance, sampler=sampler)
+        def run(prompts, seeds):
+            return sample(model, prompts, seeds, steps, guidance=guidance, sampler=sampler)
 
         student = guidance is None
         is_reference = model is self.teacher and steps == 32 and guidance == self.guidance and sampler == "dpmpp_2m"
-        images = self.reference if is_reference else generate(len(self.prompts))
-        self.generators.append(generate)
+        images = self.reference if is_reference else run(self.prompts, self.seeds)
+        self.samplers.append(run)
         return {
             "method": method, "steps": steps, "nfe": steps if student else (steps if guidance == 1.0 else 2 * steps),
             "guidance": guidance, **score(images, self.labels, self.reference), "images_per_second": None,
@@ -180,7 +181,8 @@ class Bench:
 
     def measure_speeds(self, rows: list[dict]) -> None:
         """Fill ``images_per_second`` of ``rows`` (made by :meth:`row`, in order), all in one phase."""
-        speeds = images_per_second(self.generators, self.preset.speed_batch, self.preset.speed_repeats, self.progress)
+        generators = [lambda n, run=run: run(self.prompts[:n], self.seeds[:n]) for run in self.samplers]
+        speeds = images_per_second(generators, self.preset.speed_batch, self.preset.speed_repeats, self.progress)
         for r, v in zip(rows, speeds):
             r["images_per_second"] = v
 
@@ -255,7 +257,7 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
     result["versions"], result["machine"] = _versions(), _machine()
     result["wall_seconds"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    write_grid(bench, rows, result, teacher_dir, cache, preset, out / "grid.png")
+    write_grid(bench, rows, out / "grid.png")
     if not preset.ablations:
         plot_quality_vs_nfe(result, out / "quality_vs_nfe.png")
     else:
@@ -316,27 +318,17 @@ def _ranking_agrees(entries: list[dict]) -> bool | None:
     return ours == paper
 
 
-def write_grid(bench: Bench, rows: list[dict], result: dict, teacher_dir: Path, cache: Path, preset: Preset,
-               path: Path) -> None:
-    """Same 10 prompts (digits 0-9) and seeds in every row; one row per table row, labelled."""
+def write_grid(bench: Bench, rows: list[dict], path: Path) -> None:
+    """Same 10 prompts (digits 0-9) and seeds in every row; one labelled row per table row, each
+    made by that row's own sampler."""
     from PIL import Image, ImageDraw
 
     prompts, seeds = [prompt_for(d) for d in range(10)], list(range(10))
-    teacher = bench.teacher
-    students: dict[str, object] = {}
-    strips, labels = [], []
-    for r in rows:
-        if r["guidance"] is None:
-            run = r.get("run") or str(cache / f"flash-{_key(preset.teacher, preset.flash)}")
-            model = students.setdefault(run, load_model(run))
-            images = sample(model, prompts, seeds, r["steps"])
-        else:
-            sampler = "dpmpp_2m" if r["method"].startswith("teacher") else r["method"].split()[0]
-            images = sample(teacher, prompts, seeds, r["steps"], guidance=r["guidance"], sampler=sampler)
-        strips.append(images)
-        labels.append(" = ".join(r["variants"]) if r.get("variants") else f"{r['method']}, {r['steps']} steps ({r['nfe']} NFE)"
-                      + ("" if r["guidance"] is None else f", w={r['guidance']:g}"))
-    scale, size = 4, 8 * 4
+    strips = [run(prompts, seeds) for run in bench.samplers]
+    labels = [" = ".join(r["variants"]) if r.get("variants") else
+              f"{r['method']}, {r['steps']} steps ({r['nfe']} NFE)" + ("" if r["guidance"] is None else f", w={r['guidance']:g}")
+              for r in rows]
+    size = 8 * 4
     label_w = 8 + 6 * max(len(s) for s in labels)  # PIL's default bitmap font: about 6 px per character
     img = Image.new("L", (label_w + 10 * (size + 2), len(strips) * (size + 2)), 255)
     draw = ImageDraw.Draw(img)

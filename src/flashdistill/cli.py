@@ -104,7 +104,7 @@ def evaluate_model(model, num_samples: int, steps_list: list[int], guidance: flo
 
 def cmd_evaluate_real(args, model) -> None:
     from .metrics import (PROTOCOLS, MetricUnavailable, clip_scorer, evaluate_real, inception_extractor,
-                          read_prompts, read_reference_images)
+                          read_prompts, reference_features)
 
     if not args.prompts:
         raise ValueError("this model is not a digits model: pass --prompts FILE (COCO captions JSON or one prompt "
@@ -116,7 +116,7 @@ def cmd_evaluate_real(args, model) -> None:
         scorer = clip_scorer(args.clip_model) if args.clip_model or not args.reference else None
     except MetricUnavailable as e:
         raise ValueError(str(e)) from None
-    reference = read_reference_images(args.reference, 299, None) if args.reference else None
+    reference = reference_features(args.reference, extractor) if args.reference else None
     rows = evaluate_real(model, prompts, args.steps, args.guidance, reference, extractor, scorer)
     for r in rows:
         fid = "-" if r["fid"] is None else f"{r['fid']:.2f}"

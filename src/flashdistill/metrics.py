@@ -66,8 +66,10 @@ def read_prompts(path: str | Path, n: int | None = None) -> list[str]:
     return prompts
 
 
-def read_reference_images(folder: str | Path, size: int, limit: int | None = None) -> torch.Tensor:
-    """Images of a folder (sorted names; jpg/jpeg/png/webp), resized and centre-cropped to ``size``."""
+def reference_features(folder: str | Path, extractor: Callable[[torch.Tensor], np.ndarray], size: int = 299,
+                       batch_size: int = 64, limit: int | None = None) -> np.ndarray:
+    """Features of a folder's images (sorted names; jpg/jpeg/png/webp), resized and centre-cropped
+    to ``size``, read and embedded ``batch_size`` at a time (a 30k-image folder never sits in memory)."""
     from PIL import Image
 
     from .data.images import IMAGE_EXTS, to_tensor
@@ -78,7 +80,9 @@ def read_reference_images(folder: str | Path, size: int, limit: int | None = Non
     files = sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTS)[:limit]
     if len(files) < 2:
         raise ValueError(f"{folder}: need at least 2 reference images, found {len(files)}")
-    return torch.stack([to_tensor(Image.open(f), size) for f in files])
+    chunks = [extractor(torch.stack([to_tensor(Image.open(f), size) for f in files[i: i + batch_size]]))
+              for i in range(0, len(files), batch_size)]
+    return np.concatenate([np.asarray(c, dtype=np.float64) for c in chunks])
 
 
 def inception_extractor(weights: str | Path | None = None) -> Callable[[torch.Tensor], np.ndarray]:
@@ -132,31 +136,30 @@ def _embeds(out) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.pooler_output
 
 
-def fid(generated: torch.Tensor, reference: torch.Tensor, extractor: Callable[[torch.Tensor], np.ndarray]) -> float:
-    from .evaluate import frechet_distance
-
-    return frechet_distance(np.asarray(extractor(generated), dtype=np.float64),
-                            np.asarray(extractor(reference), dtype=np.float64))
-
-
 def evaluate_real(model, prompts: list[str], steps: list[int], guidance: float | None = None,
-                  reference: torch.Tensor | None = None, extractor=None, scorer=None, seed: int = 0,
+                  reference: np.ndarray | None = None, extractor=None, scorer=None, seed: int = 0,
                   batch_size: int = 8, progress: bool = True) -> list[dict]:
-    """FID against ``reference`` (if given) and CLIP score (if ``scorer``) per step count; sample i
-    uses seed ``seed + i``."""
+    """Per step count: FID of the generated images against ``reference`` features (when given with
+    ``extractor``) and CLIP score (when ``scorer``); sample i uses seed ``seed + i``. Images are
+    embedded batch by batch and not kept."""
     from tqdm.auto import tqdm
 
+    from .evaluate import frechet_distance
     from .sample import sample
 
     seeds = [seed + i for i in range(len(prompts))]
+    use_fid = reference is not None and extractor is not None
     rows = []
     for n in steps:
-        images = torch.cat([sample(model, prompts[i: i + batch_size], seeds[i: i + batch_size], n, guidance=guidance)
-                            for i in tqdm(range(0, len(prompts), batch_size), desc=f"{n} steps", disable=not progress)])
-        row = {"steps": n, "num_samples": len(prompts), "fid": None, "clip_score": None}
-        if reference is not None and extractor is not None:
-            row["fid"] = fid(images, reference, extractor)
-        if scorer is not None:
-            row["clip_score"] = float(np.mean(scorer(images, prompts)))
-        rows.append(row)
+        feats, clips = [], []
+        for i in tqdm(range(0, len(prompts), batch_size), desc=f"{n} steps", disable=not progress):
+            p = prompts[i: i + batch_size]
+            images = sample(model, p, seeds[i: i + batch_size], n, guidance=guidance)
+            if use_fid:
+                feats.append(np.asarray(extractor(images), dtype=np.float64))
+            if scorer is not None:
+                clips.append(np.asarray(scorer(images, p), dtype=np.float64))
+        rows.append({"steps": n, "num_samples": len(prompts),
+                     "fid": frechet_distance(np.concatenate(feats), reference) if use_fid else None,
+                     "clip_score": float(np.concatenate(clips).mean()) if scorer is not None else None})
     return rows

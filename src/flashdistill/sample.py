@@ -54,4 +54,4 @@ def sample(model, prompts: list[str], seeds: list[int], steps: int, guidance: fl
     else:
         x = sample_teacher(model, prompts, seeds, steps, model.default_guidance if guidance is None else guidance,
                            sampler or "dpmpp_2m", batch_size=batch_size, progress=progress)
-    return model.decode(x.to(model.device)).cpu() if decode and model.vae is not None else x
+    return model.decode(x.to(model.device)).cpu() if decode else x

@@ -26,7 +26,7 @@ from ..core.solvers import cat_cond, cfg_model, dpmpp_2m
 from ..core.timesteps import PI_KINDS, grid_probabilities, mode_indices, phase_at, sample_grid_index
 from ..losses import discriminator_loss, distillation_loss, dmd_loss, generator_adv_loss
 from ..models.discriminator import DiscriminatorHead
-from ..models.loading import load_teacher, read_meta
+from ..models.loading import load_teacher
 from ..models.pipelines import LORA_TARGETS, teacher_family
 from ..models.student import StudentDenoiser, count_params, lcm_multistep, make_student_backbone, save_student
 from ..sample import seeded_noise, teacher_timesteps

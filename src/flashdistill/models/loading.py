@@ -37,6 +37,12 @@ def schedule_from_config(config: dict):
     return VPSchedule.from_diffusers_config(config)
 
 
+def is_pipeline_folder(path) -> bool:
+    """A diffusers pipeline folder (``model_index.json``), not one of ours (``flashdistill.json``)."""
+    path = Path(path)
+    return (path / "model_index.json").is_file() and not (path / META_FILE).is_file()
+
+
 def _to(x, device):
     if torch.is_tensor(x):
         return x.to(device)
@@ -128,7 +134,7 @@ def load_teacher(path: str | Path, device="cpu") -> Model:
     from diffusers import UNet2DConditionModel
 
     path = Path(path)
-    if (path / "model_index.json").is_file() and not (path / META_FILE).is_file():
+    if is_pipeline_folder(path):
         from .pipelines import load_pipeline_teacher
 
         return load_pipeline_teacher(path, device)
@@ -144,7 +150,7 @@ def load_teacher(path: str | Path, device="cpu") -> Model:
 
 def load_model(path: str | Path, device="cpu") -> Model:
     """A teacher folder (built-in or diffusers pipeline) or a distillation run folder."""
-    if (Path(path) / "model_index.json").is_file() and not (Path(path) / META_FILE).is_file():
+    if is_pipeline_folder(path):
         return load_teacher(path, device)
     meta = read_meta(Path(path))
     kind = meta.get("kind")

@@ -45,10 +45,11 @@ LORA_TARGETS = {
 
 def teacher_family(path: str | Path) -> str:
     """``digits`` for the built-in teacher, else the diffusers pipeline folder's family."""
+    from .loading import is_pipeline_folder, read_meta
+
     path = Path(path)
-    if (path / "model_index.json").is_file() and not (path / "flashdistill.json").is_file():
+    if is_pipeline_folder(path):
         return pipeline_family(path)
-    from .loading import read_meta
 
     meta = read_meta(path)
     if meta.get("kind") != "teacher":
@@ -74,8 +75,7 @@ class PipelineVAE:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+        z = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.sample(generator)
         return ((z - self.shift) * self.scale).float()
 
     @torch.no_grad()
