@@ -66,6 +66,29 @@ def test_quick_schema_files_and_cache(tmp_path, capsys):
     assert "reusing the teacher" in printed and "reusing the Flash run" in printed
     assert again["teacher_train_seconds"] == saved["teacher_train_seconds"]
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["flash", "teacher"]
+    assert "warning" not in printed
+
+    # a reused run whose saved config differs from the current one is named with the keys that differ
+    teacher_dir = next(cache.glob("teacher-*"))
+    saved_cfg = json.loads((teacher_dir / "config.json").read_text())
+    saved_cfg["lr"], saved_cfg["train"]["seed"] = 0.5, 7
+    (teacher_dir / "config.json").write_text(json.dumps(saved_cfg))
+    benchmark.ensure_teacher(teacher_dir, TINY_TEACHER, progress=False)
+    assert (f"warning: the teacher in {teacher_dir} was trained with a different config (lr, train.seed); "
+            f"delete {teacher_dir} to train it again") in capsys.readouterr().out
+
+
+def test_cache_keys_follow_resolved_configs():
+    """Keys hash the resolved config: a changed preset default or override is a new entry, an
+    override equal to the default is the same entry, and a Flash key follows its teacher's."""
+    from flashdistill.methods.flash import PRESETS as FLASH_PRESETS
+
+    ema = FLASH_PRESETS["digits"]["train"]["ema_decay"]
+    assert benchmark.flash_key(None, {"train": {"ema_decay": ema}}) == benchmark.flash_key(None, None)
+    assert benchmark.flash_key(None, {"train": {"ema_decay": ema / 2}}) != benchmark.flash_key(None, None)
+    assert benchmark.flash_key(TINY_TEACHER, TINY_FLASH) != benchmark.flash_key(None, TINY_FLASH)
+    assert benchmark.teacher_key({"lr": 2e-3}) == benchmark.teacher_key(None)
+    assert benchmark.teacher_key({"lr": 1e-3}) != benchmark.teacher_key(None)
 
 
 def test_ablations_schema(tmp_path, monkeypatch):

@@ -219,7 +219,7 @@ def test_evaluate_against_itself(tiny_teacher, capsys):
     rc, out, err = _run(["evaluate", "--model", str(tiny_teacher), "--teacher", str(tiny_teacher),
                          "--steps", "2", "32", "--num-samples", "12"], capsys)
     assert rc == 0, err
-    assert re.search(r"FD floor \(train vs test digits\): \d+\.\d{3}", out)
+    assert re.search(r"FD floor \(real train digits vs test digits\): \d+\.\d{3} at 12 samples", out)
     rows = re.findall(r"steps +(\d+) +FD (\S+) +adherence (\S+) +teacher_mse (\S+)", out)
     assert [r[0] for r in rows] == ["2", "32"]
     for _, fd, adh, _ in rows:

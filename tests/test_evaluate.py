@@ -8,6 +8,7 @@ import torch
 from flashdistill.data.digits import NUMBER_WORDS, PROMPT_TEMPLATES, load_digits
 from flashdistill.evaluate import (
     FEATURE_DIM,
+    FLOOR_SUBSETS,
     eval_prompts,
     fd_floor,
     features,
@@ -76,6 +77,20 @@ def test_fd_floor_finite_positive():
     floor = fd_floor()
     assert math.isfinite(floor) and floor > 0
     assert fd_floor() == floor  # cached, deterministic
+
+
+def test_fd_floor_matches_sample_size():
+    """Subset floors are the mean over seeded train subsets of that size, and shrink towards the
+    whole-split floor as the size grows (FD's small-sample bias)."""
+    train = features(load_digits("train").images)
+    rng = np.random.default_rng(0)
+    expected = np.mean([frechet_distance(train[rng.choice(len(train), 300, replace=False)], features(load_digits("test").images))
+                        for _ in range(FLOOR_SUBSETS)])
+    assert fd_floor(300) == pytest.approx(expected, rel=1e-9)
+    assert fd_floor(300) > fd_floor(1000) > fd_floor()
+    assert fd_floor(10_000) == fd_floor()
+    with pytest.raises(ValueError, match="num_samples must be > 1, got 1"):
+        fd_floor(1)
 
 
 def test_eval_prompts_labels_and_seeds():

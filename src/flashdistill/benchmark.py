@@ -97,14 +97,65 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _ensure_trained(path: Path, what: str, build, dataset, progress: bool) -> float | None:
-    """Train ``build()`` into ``path`` unless a finished model is there (an unfinished run resumes);
-    returns the training seconds recorded when it finished (None if unrecorded)."""
+def teacher_config(overrides: dict | None = None):
+    from .config import from_dict
+    from .methods.dsm import TeacherConfig
+
+    return from_dict(TeacherConfig, overrides or {})
+
+
+def flash_config(teacher: Path, overrides: dict | None = None):
+    from .methods.flash import build_config
+
+    return build_config(teacher, "digits", overrides)[0]
+
+
+def teacher_key(overrides: dict | None = None) -> str:
+    """Cache key of a teacher: a hash of its resolved config, so a changed default is a new entry."""
+    from .config import to_dict
+
+    return _key(to_dict(teacher_config(overrides)))
+
+
+def flash_key(teacher_overrides: dict | None, overrides: dict | None = None) -> str:
+    """Cache key of a Flash run: the teacher's key and the run's resolved config (its teacher path,
+    which names the cache folder, left out)."""
+    from .config import to_dict
+
+    cfg = to_dict(flash_config(Path("."), overrides))
+    cfg.pop("teacher")
+    return _key(teacher_key(teacher_overrides), cfg)
+
+
+def _config_changes(path: Path, config) -> list[str]:
+    """Keys whose value in ``path/config.json`` differs from ``config`` (dotted, sorted)."""
+    from .config import to_dict
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    saved = flat(json.loads((path / "config.json").read_text())) if (path / "config.json").is_file() else {}
+    wanted = flat(json.loads(json.dumps(to_dict(config))))
+    return sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k) and k != "teacher")
+
+
+def _ensure_trained(path: Path, what: str, config, build, dataset, progress: bool) -> float | None:
+    """Train ``build()`` (a method on ``config``) into ``path`` unless a finished model is there (an
+    unfinished run resumes); returns the training seconds recorded when it finished (None if
+    unrecorded). A finished model trained with another config is reused with a warning that names
+    the keys that differ."""
     from .train import train
 
     path = Path(path)
     if (path / "flashdistill.json").is_file():
         print(f"reusing the {what} in {path}")
+        changed = _config_changes(path, config)
+        if changed:
+            print(f"warning: the {what} in {path} was trained with a different config ({', '.join(changed)}); "
+                  f"delete {path} to train it again with the current one")
     else:
         summary = train(build(), dataset, path, resume=True, progress=progress)
         (path / TIMING_FILE).write_text(json.dumps({"train_seconds": summary["seconds"]}))
@@ -113,24 +164,25 @@ def _ensure_trained(path: Path, what: str, build, dataset, progress: bool) -> fl
 
 def ensure_teacher(path: Path, overrides: dict | None = None, progress: bool = True) -> float | None:
     """The built-in teacher (TeacherConfig + ``overrides``) in ``path``, trained if needed."""
-    from .config import from_dict
-    from .methods.dsm import TeacherConfig, TeacherTraining
+    from .methods.dsm import TeacherTraining
 
-    cfg = from_dict(TeacherConfig, overrides or {})
-    return _ensure_trained(path, "teacher", lambda: TeacherTraining(cfg), get_dataset(cfg.dataset), progress)
+    cfg = teacher_config(overrides)
+    return _ensure_trained(path, "teacher", cfg, lambda: TeacherTraining(cfg), get_dataset(cfg.dataset), progress)
 
 
 def ensure_flash(teacher: Path, path: Path, overrides: dict | None = None, progress: bool = True) -> float | None:
     """A Flash student of ``teacher`` (digits preset + ``overrides``) in ``path``, trained if needed."""
-    from .methods.flash import FlashDistillation, build_config
+    from .methods.flash import FlashDistillation
+
+    cfg = flash_config(teacher, overrides)
 
     def build():
-        method = FlashDistillation(build_config(teacher, "digits", overrides)[0])
+        method = FlashDistillation(cfg)
         print(f"Flash student: {method.trainable:,} trainable parameters, "
               f"{100 * method.trainable / method.total:.2f}% of the teacher's {method.total:,}")
         return method
 
-    return _ensure_trained(path, "Flash run", build, get_dataset("digits"), progress)
+    return _ensure_trained(path, "Flash run", cfg, build, get_dataset("digits"), progress)
 
 
 def _recorded_seconds(path: Path) -> float | None:
@@ -222,7 +274,7 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
     out, cache = Path(out), Path(cache)
     out.mkdir(parents=True, exist_ok=True)
 
-    teacher_dir = cache / f"teacher-{_key(preset.teacher)}"
+    teacher_dir = cache / f"teacher-{teacher_key(preset.teacher)}"
     teacher_seconds = ensure_teacher(teacher_dir, preset.teacher, progress)
     teacher = load_model(teacher_dir)
     print(f"scoring {preset.num_samples} samples per row against the teacher's 32-step reference")
@@ -233,7 +285,8 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
     jobs += [(f"{solver} (training-free)", s, w, solver) for solver in preset.solvers for s in preset.solver_steps]
     rows = [bench.row(teacher, *job) for job in tqdm(jobs, desc="teacher rows", disable=not progress)]
     result = {"preset": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "num_samples": preset.num_samples, "fd_floor": fd_floor(), "teacher": str(teacher_dir),
+              "num_samples": preset.num_samples, "fd_floor": fd_floor(preset.num_samples),
+              "fd_floor_all_train": fd_floor(), "teacher": str(teacher_dir),
               "teacher_train_seconds": teacher_seconds, "teacher_guidance": w,
               "teacher_params": sum(p.numel() for p in teacher.denoiser.parameters())}
 
@@ -242,7 +295,7 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
         # one row per distinct run (variants with the same config share a run and its row)
         rows += list({id(e["row"]): e["row"] for g in result["ablations"] for e in g["variants"]}.values())
     else:
-        flash_dir = cache / f"flash-{_key(preset.teacher, preset.flash)}"
+        flash_dir = cache / f"flash-{flash_key(preset.teacher, preset.flash)}"
         flash_seconds = ensure_flash(teacher_dir, flash_dir, preset.flash, progress)
         student = load_model(flash_dir)
         extra = {"train_seconds": flash_seconds, "trainable_params": student.meta["trainable_params"]}
@@ -290,7 +343,7 @@ def run_ablations(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, 
         entries = []
         for label, variant, paper in variants:
             overrides = ablation_overrides(preset, variant)
-            key = _key(preset.teacher, overrides)
+            key = flash_key(preset.teacher, overrides)
             if key not in done:
                 run = cache / f"flash-{key}"
                 seconds = ensure_flash(teacher_dir, run, overrides, progress)
@@ -398,7 +451,9 @@ def report(result: dict) -> str:
              f"{result['date']}; {m['processor']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads; "
              f"wall time {result['wall_seconds'] / 60:.1f} min. "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
-             f"FD floor (train vs test digits): **{result['fd_floor']:.2f}**; teacher best FD: "
+             f"FD floor (real train digits vs test digits, {result['num_samples']} samples): "
+             f"**{result['fd_floor']:.2f}** (whole train split: "
+             f"{result['fd_floor_all_train']:.2f}); teacher best FD: "
              f"**{result['teacher_best_fd']:.2f}**; {result['num_samples']} samples per row; teacher trained "
              f"in {_fmt(result['teacher_train_seconds'], '.0f')} s; CFG scale w = {result['teacher_guidance']:g}.", ""]
     speed = result["speedup_2step_student_vs_teacher_32"]

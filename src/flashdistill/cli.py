@@ -141,7 +141,8 @@ def cmd_evaluate(args) -> None:
         prompts, _, seeds = eval_prompts(args.num_samples)
         reference = sample(teacher, prompts, seeds, 32, guidance=args.teacher_guidance)
     rows = evaluate_model(model, args.num_samples, args.steps, args.guidance, args.sampler, reference)
-    print(f"FD floor (train vs test digits): {fd_floor():.3f}")
+    print(f"FD floor (real train digits vs test digits): {fd_floor(args.num_samples):.3f} at {args.num_samples} "
+          f"samples (all train digits: {fd_floor():.3f})")
     for r in rows:
         mse = "" if r["teacher_mse"] is None else f"  teacher_mse {r['teacher_mse']:.4f}"
         print(f"steps {r['steps']:>3}  FD {r['fd']:.3f}  adherence {r['adherence']:.3f}{mse}")

@@ -43,8 +43,9 @@ def demo_grid(teacher, student, guidance: float, path: Path) -> None:
     save_image_grid(torch.cat(rows), path, nrow=10, scale=6)
 
 
-def format_table(rows: list[dict], floor: float) -> str:
-    lines = [f"FD floor (train vs test digits): {floor:.3f}",
+def format_table(rows: list[dict], floor: float, floor_all: float, num_samples: int) -> str:
+    lines = [f"FD floor (real train digits vs test digits): {floor:.3f} at {num_samples} samples "
+             f"(all train digits: {floor_all:.3f})",
              f"{'method':<18}{'steps':>6}{'NFE':>5}{'w':>6}{'FD':>9}{'adherence':>11}{'teacher_mse':>13}"]
     for r in rows:
         w = "-" if r["guidance"] is None else f"{r['guidance']:g}"
@@ -61,12 +62,12 @@ def run_demo(out: str | Path, num_samples: int = 1000) -> dict:
     guidance = teacher.default_guidance
     rows = comparison_rows(teacher, student, num_samples, guidance)
     demo_grid(teacher, student, guidance, out / "grid.png")
-    floor = fd_floor()
-    result = {"fd_floor": floor, "teacher_train_seconds": teacher_seconds, "flash_train_seconds": flash_seconds,
+    floor = fd_floor(num_samples)
+    result = {"fd_floor": floor, "fd_floor_all_train": fd_floor(), "teacher_train_seconds": teacher_seconds, "flash_train_seconds": flash_seconds,
               "trainable_params": student.meta["trainable_params"], "teacher_params": student.meta["teacher_params"],
               "num_samples": num_samples, "rows": rows, "total_seconds": time.time() - t0}
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    print(format_table(rows, floor))
+    print(format_table(rows, floor, result["fd_floor_all_train"], num_samples))
     print(f"grid: {out / 'grid.png'} (rows: teacher 32 steps; DPM-Solver++ 1, 2, 4 steps with CFG; student 1, 2, 4 steps)")
     print(f"results: {out / 'results.json'}; total time {result['total_seconds']:.0f} s")
     return result

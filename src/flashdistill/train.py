@@ -40,7 +40,7 @@ class TrainConfig:
     keep_checkpoints: int = field(2, "how many checkpoints to keep")
     sample_every: int = field(0, "steps between preview grids written to RUN/samples (0: only at the end)")
     log_every: int = field(10, "steps between lines in RUN/log.jsonl")
-    ema_decay: float = field(0.0, "EMA of the trainable weights (0: off); the final model and the last preview use it")
+    ema_decay: float = field(0.0, "EMA of the trainable weights (0: off; step t uses min(decay, (1+t)/(10+t))); the final model and the last preview use it")
 
     def validate(self):
         for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
