@@ -264,7 +264,7 @@ def test_flash_train_resume_sample_and_logs(tiny_teacher, tmp_path):
     assert {"distill", "adv_d", "d_real", "d_fake", "dmd", "phase"} <= set(logs[-1])
     # the run folder samples with its own timesteps and no CFG
     meta = json.loads((full / "flashdistill.json").read_text())
-    assert meta["sampling"]["timesteps"] == {"1": [999], "2": [999, 499], "4": [999, 749, 499, 249]}
+    assert meta["sampling"]["timesteps"] == {"1": [999], "2": [999, 249], "4": [999, 749, 499, 249]}
     model = load_model(full)
     x1 = sample(model, ["7", "3"], [5, 6], 2)
     x2 = sample(model, ["3"], [6], 2)
@@ -326,7 +326,7 @@ def test_export_digits_student_with_metrics_in_the_model_card(tiny_teacher, tmp_
     assert main(["export", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "x"), "--num-samples", "20"]) == 0
     card = (tmp_path / "x" / "README.md").read_text()
     assert "| 2 | 2 |" in card and "20 samples per row" in card
-    assert json.loads((tmp_path / "x" / "flashdistill_sampling.json").read_text())["timesteps"]["2"] == [999, 499]
+    assert json.loads((tmp_path / "x" / "flashdistill_sampling.json").read_text())["timesteps"]["2"] == [999, 249]
     from safetensors.torch import load_file
 
     keys = list(load_file(str(tmp_path / "x" / "pytorch_lora_weights.safetensors")))
