@@ -12,7 +12,7 @@ from flashdistill.config import from_dict
 from flashdistill.core.schedules import VPSchedule
 from flashdistill.core.timesteps import grid_probabilities, mode_indices, phase_at, sample_grid_index
 from flashdistill.losses import discriminator_loss, distillation_loss, dmd_loss, generator_adv_loss
-from flashdistill.methods.flash import FlashConfig, FlashDistillation
+from flashdistill.methods.flash import PRESETS, FlashConfig, FlashDistillation
 
 TINY = {"lora_rank": 2, "lr": 1e-3, "disc_lr": 1e-3, "K": 8, "guidance_min": 1.0, "guidance_max": 3.0,
         "phase_steps": [1, 1, 1], "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1}}
@@ -78,6 +78,17 @@ def test_bad_pi_config_is_rejected(tiny_teacher):
         tiny_flash(tiny_teacher, mode_weights=[[1, 0, 0, 0]])
     with pytest.raises(ValueError, match="nope"):
         tiny_flash(tiny_teacher, pi="nope")
+    with pytest.raises(ValueError, match=r"two_step_modes must be two increasing mode indices in 0..3, got \[2, 1\]"):
+        tiny_flash(tiny_teacher, two_step_modes=[2, 1])
+
+
+def test_two_step_timesteps_follow_the_config(tiny_teacher):
+    """The 2-step sampler starts from the configured modes; digits uses the first and last, the
+    real-model presets the first and middle."""
+    assert tiny_flash(tiny_teacher, two_step_modes=[1, 2]).sampling()["timesteps"]["2"] == [749, 499]
+    assert tiny_flash(tiny_teacher).sampling()["timesteps"]["2"] == [999, 499]
+    assert from_dict(FlashConfig, {**PRESETS["digits"], "teacher": "x"}).two_step_modes == [0, 3]
+    assert from_dict(FlashConfig, {**PRESETS["sd"], "teacher": "x"}).two_step_modes == [0, 2]
 
 
 # --- Teacher target, Eq. (2) -----------------------------------------------------------------
@@ -264,7 +275,7 @@ def test_flash_train_resume_sample_and_logs(tiny_teacher, tmp_path):
     assert {"distill", "adv_d", "d_real", "d_fake", "dmd", "phase"} <= set(logs[-1])
     # the run folder samples with its own timesteps and no CFG
     meta = json.loads((full / "flashdistill.json").read_text())
-    assert meta["sampling"]["timesteps"] == {"1": [999], "2": [999, 249], "4": [999, 749, 499, 249]}
+    assert meta["sampling"]["timesteps"] == {"1": [999], "2": [999, 499], "4": [999, 749, 499, 249]}
     model = load_model(full)
     x1 = sample(model, ["7", "3"], [5, 6], 2)
     x2 = sample(model, ["3"], [6], 2)
@@ -326,7 +337,7 @@ def test_export_digits_student_with_metrics_in_the_model_card(tiny_teacher, tmp_
     assert main(["export", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "x"), "--num-samples", "20"]) == 0
     card = (tmp_path / "x" / "README.md").read_text()
     assert "| 2 | 2 |" in card and "20 samples per row" in card
-    assert json.loads((tmp_path / "x" / "flashdistill_sampling.json").read_text())["timesteps"]["2"] == [999, 249]
+    assert json.loads((tmp_path / "x" / "flashdistill_sampling.json").read_text())["timesteps"]["2"] == [999, 499]
     from safetensors.torch import load_file
 
     keys = list(load_file(str(tmp_path / "x" / "pytorch_lora_weights.safetensors")))
