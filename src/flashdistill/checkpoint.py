@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -49,20 +51,38 @@ def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
 def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     meta = json.loads(Path(f"{path}.json").read_text())
     state: dict = {}
-    for key, v in {**load_file(f"{path}.safetensors"), **meta["scalars"]}.items():
+    for key, v in {**load_file_tensors(Path(f"{path}.safetensors")), **meta["scalars"]}.items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def save_rng(generator: torch.Generator, path: Path) -> None:
-    save_file({"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}, str(path))
+    """Every random stream a step may draw from: the loop's generator, torch's global CPU
+    generator, Python's ``random`` and NumPy's global state (the last two as integer tensors)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    save_file({
+        "generator": generator.get_state(), "torch_cpu": torch.get_rng_state(),
+        "python_mt": torch.tensor(mt, dtype=torch.int64),
+        "python_meta": torch.tensor([version, 0 if gauss is None else 1], dtype=torch.int64),
+        "python_gauss": torch.tensor([0.0 if gauss is None else gauss], dtype=torch.float64),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_meta": torch.tensor([pos, has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
+    }, str(path))
 
 
 def load_rng(generator: torch.Generator, path: Path) -> None:
     t = load_file(str(path))
     generator.set_state(t["generator"])
     torch.set_rng_state(t["torch_cpu"])
+    if "python_mt" in t:  # checkpoints written before these streams were saved lack them
+        version, has_gauss = t["python_meta"].tolist()
+        random.setstate((version, tuple(t["python_mt"].tolist()), float(t["python_gauss"][0]) if has_gauss else None))
+        pos, has_np_gauss = t["numpy_meta"].tolist()
+        np.random.set_state(("MT19937", t["numpy_keys"].numpy().astype(np.uint32), pos, has_np_gauss,
+                             float(t["numpy_gauss"][0])))
 
 
 def _write_json_atomic(path: Path, data) -> None:
@@ -107,4 +127,45 @@ def save_file_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def load_file_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """Tensors of a safetensors file, each copied into its own fresh allocation.
+
+    safetensors hands back tensors at whatever byte offset they sit in the file (often not
+    64-byte aligned), while tensors a live run allocates are aligned by torch's CPU allocator.
+    Values are equal either way, but a restored optimizer or EMA state must not differ from the
+    live one in anything a kernel may dispatch on, so every tensor is cloned."""
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in load_file(str(path)).items()}
+
+
+def describe_tensor(t: torch.Tensor) -> dict:
+    """What a restored tensor must share with its live counterpart, beyond its values."""
+    return {"dtype": str(t.dtype), "shape": tuple(t.shape), "stride": t.stride(), "device": str(t.device),
+            "contiguous": t.is_contiguous(), "aligned64": t.data_ptr() % 64 == 0}
+
+
+def state_differences(live, restored, prefix: str = "") -> list[str]:
+    """Field-by-field comparison of two nested states (dicts, lists, tensors, scalars): values
+    bit for bit, and for tensors dtype, shape, strides, device, contiguity and 64-byte alignment.
+    Returns one line per difference (empty: identical)."""
+    out: list[str] = []
+    if isinstance(live, dict) and isinstance(restored, dict):
+        if set(live) != set(restored):
+            out.append(f"{prefix}: keys {sorted(map(str, set(live) ^ set(restored)))} differ")
+        for k in live:
+            if k in restored:
+                out += state_differences(live[k], restored[k], f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(live, (list, tuple)) and isinstance(restored, (list, tuple)):
+        if len(live) != len(restored):
+            out.append(f"{prefix}: length {len(live)} != {len(restored)}")
+        for i, (a, b) in enumerate(zip(live, restored)):
+            out += state_differences(a, b, f"{prefix}[{i}]")
+    elif torch.is_tensor(live) and torch.is_tensor(restored):
+        da, db = describe_tensor(live), describe_tensor(restored)
+        for k in da:
+            if da[k] != db[k]:
+                out.append(f"{prefix}: {k} {da[k]} != {db[k]}")
+        if da["shape"] == db["shape"] and live.dtype == restored.dtype and not torch.equal(live, restored):
+            worst = float((live.double() - restored.double()).abs().max()) if live.is_floating_point() else "?"
+            out.append(f"{prefix}: values differ (max |diff| {worst})")
+    elif live != restored:
+        out.append(f"{prefix}: {live!r} != {restored!r}")
+    return out

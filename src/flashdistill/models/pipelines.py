@@ -144,10 +144,11 @@ class PipelineConditioner:
         return out
 
     def cond(self, prompts: list[str]) -> dict:
-        missing = sorted({q for q in prompts if q not in self._cache})
-        if missing:
-            encoded = [{k: v.cpu() for k, v in e.items()} for e in self._encode(missing)]
-            self._cache.update(zip(missing, encoded))
+        # One prompt per encoder call, so an embedding is a function of its prompt alone, not of
+        # the prompts that were missing from the cache at the same time (see TextEncoder.encode).
+        for q in dict.fromkeys(prompts):
+            if q not in self._cache:
+                self._cache[q] = {k: v.cpu() for k, v in self._encode([q])[0].items()}
         return self._stack([self._cache[q] for q in prompts])
 
     def uncond(self, n: int) -> dict:

@@ -27,7 +27,11 @@ def minilm_path() -> str:
 class TextEncoder(torch.nn.Module):
     """Frozen transformers encoder: ``encode(prompts) -> (B, max_length, hidden)`` float32.
 
-    Embeddings are cached per prompt string, so a fixed prompt set costs one forward each.
+    Embeddings are cached per prompt string, so a fixed prompt set costs one forward each. Each
+    prompt is encoded on its own (a batch of one): on some CPUs a BLAS kernel's result for a row
+    depends on how many rows it is computed with, so encoding "whatever is missing" together
+    would make a prompt's embedding depend on which prompts happened to come before it, and a
+    resumed run (empty cache) would drift from an unbroken one.
     """
 
     def __init__(self, name: str = MINILM, max_length: int = 16):
@@ -51,13 +55,12 @@ class TextEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
-            tokens = self.tokenizer(
-                missing, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-            )
-            hidden = self.model(**tokens).last_hidden_state.float()
-            self._cache.update(zip(missing, hidden))
+        for p in dict.fromkeys(prompts):
+            if p not in self._cache:
+                tokens = self.tokenizer(
+                    [p], padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+                )
+                self._cache[p] = self.model(**tokens).last_hidden_state.float()[0]
         return torch.stack([self._cache[p] for p in prompts])
 
     def cond(self, prompts: list[str]) -> dict:
