@@ -215,17 +215,22 @@ def test_sample_default_guidance_is_the_teachers(tiny_teacher, tmp_path, capsys)
     np.testing.assert_allclose(default, explicit, atol=1e-6)
 
 
-def test_evaluate_against_itself(tiny_teacher, capsys):
+def test_evaluate_against_itself(tiny_teacher, capsys, tmp_path):
     rc, out, err = _run(["evaluate", "--model", str(tiny_teacher), "--teacher", str(tiny_teacher),
-                         "--steps", "2", "32", "--num-samples", "12"], capsys)
+                         "--steps", "2", "32", "--num-samples", "12", "--out", str(tmp_path / "e.json")], capsys)
     assert rc == 0, err
     assert re.search(r"FD floor \(real train digits vs test digits\): \d+\.\d{3} at 12 samples", out)
-    rows = re.findall(r"steps +(\d+) +FD (\S+) +adherence (\S+) +teacher_mse (\S+)", out)
+    rows = re.findall(r"steps +(\d+) +FD (\S+) +pixel FD (\S+) +hist (\S+) +adherence (\S+) +teacher_mse (\S+)", out)
     assert [r[0] for r in rows] == ["2", "32"]
-    for _, fd, adh, _ in rows:
+    for _, fd, pix, hist, adh, _ in rows:
         assert np.isfinite(float(fd)) and 0.0 <= float(adh) <= 1.0
+        assert float(pix) >= 0.0 and 0.0 <= float(hist) <= 1.0
     # the 32-step row is the reference itself (same seeds, prompts, guidance and solver)
-    assert float(rows[1][3]) == 0.0 and float(rows[0][3]) > 0.0
+    assert float(rows[1][5]) == 0.0 and float(rows[0][5]) > 0.0
+    saved = json.loads((tmp_path / "e.json").read_text())  # --out: the same rows as JSON
+    assert [r["steps"] for r in saved["rows"]] == [2, 32] and saved["num_samples"] == 12
+    assert {"fd", "pixel_fd", "hist", "adherence", "teacher_mse"} <= set(saved["rows"][0])
+    assert saved["rows"][1]["teacher_mse"] == 0.0 and saved["pixel_fd_floor"] > 0
 
 
 def test_train_teacher_end_to_end(tmp_path, capsys):

@@ -91,6 +91,60 @@ def test_two_step_timesteps_follow_the_config(tiny_teacher):
     assert from_dict(FlashConfig, {**PRESETS["sd"], "teacher": "x"}).two_step_modes == [0, 2]
 
 
+def test_presets_sampler_gamma_and_the_long_preset():
+    digits = from_dict(FlashConfig, {**PRESETS["digits"], "teacher": "x"})
+    long = from_dict(FlashConfig, {**PRESETS["digits-long"], "teacher": "x"})
+    assert digits.sampler_gamma == 0.0 and from_dict(FlashConfig, {**PRESETS["sd"], "teacher": "x"}).sampler_gamma == 1.0
+    assert long.train.steps == 4 * digits.train.steps and sum(long.phase_steps) == 4 * sum(digits.phase_steps)
+    assert {k: v for k, v in vars(long).items() if k not in ("train", "phase_steps")} == \
+        {k: v for k, v in vars(digits).items() if k not in ("train", "phase_steps")}
+    with pytest.raises(ValueError, match=r"sampler_gamma must be in \[0, 1\].*got 1.5"):
+        from_dict(FlashConfig, {"teacher": "x", "sampler_gamma": 1.5}).validate()
+
+
+def test_sampler_gamma_is_recorded_used_and_exported(tiny_teacher, tmp_path):
+    """A run records its gamma; sampling reads it; gamma < 1 exports diffusers' TCDScheduler
+    (called with eta = gamma), gamma = 1 LCMScheduler."""
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.models.loading import load_model
+    from flashdistill.models.student import lcm_multistep, student_timesteps
+    from flashdistill.sample import sample
+    from flashdistill.train import train
+
+    run = tmp_path / "run"
+    train(tiny_flash(tiny_teacher, sampler_gamma=0.0, train={**TINY["train"], "steps": 2}), get_dataset("digits"), run,
+          progress=False)
+    meta = json.loads((run / "flashdistill.json").read_text())
+    assert meta["sampling"]["gamma"] == 0.0 and meta["scheduler_config"]["_class_name"] == "TCDScheduler"
+    assert json.loads((run / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "TCDScheduler"
+    model = load_model(run)
+    got = sample(model, ["7", "3"], [5, 6], 2, decode=False)
+    g = [torch.Generator().manual_seed(k) for k in (5, 6)]
+    draws = [torch.stack([torch.randn(model.image_shape, generator=gi) for gi in g]) for _ in range(2)]
+    ts = student_timesteps(model.sampling, 2)
+    with torch.no_grad():
+        deterministic = lcm_multistep(model.denoiser, draws[0], ts, model.cond(["7", "3"]), model.schedule, draws[1:], gamma=0.0)
+        lcm = lcm_multistep(model.denoiser, draws[0], ts, model.cond(["7", "3"]), model.schedule, draws[1:], gamma=1.0)
+    torch.testing.assert_close(got, deterministic)
+    assert not torch.allclose(deterministic, lcm)
+    from flashdistill.export import export
+
+    card = (export(run, tmp_path / "export") / "README.md").read_text()
+    assert "gamma = 0" in card
+
+
+def test_dmd_input_t_min_limits_dmd_to_high_noise_batches(tiny_teacher):
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.train import DeterministicBatches
+
+    batch = DeterministicBatches(get_dataset("digits"), 4, 1, 0, 0, 1).get(0, 0)
+    for t_min, expect in ((0, True), (10_000, False)):
+        m = tiny_flash(tiny_teacher, phase_steps=[0, 0, 0], dmd_input_t_min=t_min)
+        m.setup("cpu")
+        _, logs = m.step(batch, 10, m.models(), torch.Generator().manual_seed(0))
+        assert ("dmd" in logs) is expect
+
+
 # --- Teacher target, Eq. (2) -----------------------------------------------------------------
 
 def test_teacher_target_equals_independent_diffusers_dpm_solver(tiny_teacher):
@@ -238,6 +292,41 @@ def test_lora_student_starts_as_teacher_and_only_lora_trains(tiny_teacher):
     with torch.no_grad():
         torch.testing.assert_close(StudentDenoiser(m.student, m.schedule)(x, t, cond),
                                    StudentDenoiser(m.teacher.denoiser.backbone, m.schedule)(x, t, cond))
+
+
+def test_trained_fake_score_is_a_lora_that_learns_the_student_samples(tiny_teacher, monkeypatch):
+    """dmd_fake_score=trained (DMD2): a third model, a LoRA of the teacher, trained each step by
+    denoising the student's samples; the DMD term reads its x0, not the student's."""
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.models.denoiser import Denoiser
+    from flashdistill.train import DeterministicBatches
+
+    assert "fake" not in tiny_flash(tiny_teacher).models()
+    assert "fake" not in tiny_flash(tiny_teacher, dmd_fake_score="trained", use_dmd=False).models()
+    m = tiny_flash(tiny_teacher, phase_steps=[0, 0, 0], dmd_fake_score="trained", fake_lr=3e-3)
+    assert m.optimizer_settings("fake")["lr"] == 3e-3
+    names = [n for n, p in m.fake.named_parameters() if p.requires_grad]
+    assert names and all("lora" in n for n in names)
+    m.setup("cpu")
+    seen = []
+    original = Denoiser.forward
+
+    def spy(self, x_t, t, cond):
+        out = original(self, x_t, t, cond)
+        seen.append(self.backbone)
+        return out
+
+    monkeypatch.setattr(Denoiser, "forward", spy)
+    batch = DeterministicBatches(get_dataset("digits"), 4, 1, 0, 0, 1).get(0, 0)
+    losses, logs = m.step(batch, 10, m.models(), torch.Generator().manual_seed(0))
+    assert [n for n, _ in losses] == ["student", "disc", "fake"] and "fake_dsm" in logs
+    assert any(b is m.fake for b in seen)  # DMD's fake x0 came from the fake-score model
+    fake_loss = dict(losses)["fake"]
+    # the fake-score loss does not reach the student
+    student_params = [p for p in m.student.parameters() if p.requires_grad]
+    assert all(g is None for g in torch.autograd.grad(fake_loss, student_params, allow_unused=True, retain_graph=True))
+    grads = torch.autograd.grad(fake_loss, [p for p in m.fake.parameters() if p.requires_grad], allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def test_full_student_trains_every_weight(tiny_teacher):

@@ -203,3 +203,87 @@ def test_get_sampler():
         get_sampler("heun")
     with pytest.raises(ValueError, match="flow"):
         flow_euler(lambda x, t: x, _rand(1, 2), torch.tensor([999]), VPSchedule())
+
+
+# --- the student's multistep sampler: gamma between DDIM (0) and LCM (1), as diffusers' TCD ---
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.7])
+@pytest.mark.parametrize("timesteps", [[999, 249], [999, 749, 499, 249], [999, 499, 249, 124]])
+def test_student_sampler_matches_diffusers_tcd(gamma, timesteps):
+    """lcm_multistep(gamma) walks the same path as diffusers' TCDScheduler(eta=gamma) fed the same
+    model outputs and fresh noise: the model sees the same input at every step. (TCD's last
+    prev_sample is x0 re-noised to t = 0, alpha(0) x0 + sigma(0) eps; ours returns x0 itself.)
+    gamma = 1 is LCM exactly (LCMScheduler, checked in test_pipelines); TCD's eta = 1 differs from it
+    by design: its move goes through t = 0 (alphas_cumprod[0] = 0.99915), not through a clean x0."""
+    from diffusers import TCDScheduler
+
+    from flashdistill.models.student import lcm_multistep
+
+    sch = VPSchedule(**SD)
+    ref = TCDScheduler(**SD, timestep_spacing="trailing")
+    ref.set_timesteps(timesteps=timesteps)
+    x = _rand(2, 4, 8, 8)
+    g = torch.Generator().manual_seed(3)
+    sample, ref_inputs = x, []
+    for t in ref.timesteps:
+        ref_inputs.append(sample)
+        sample = ref.step(dummy(sample, t.expand(2)), t, sample, eta=gamma, generator=g).prev_sample
+    g = torch.Generator().manual_seed(3)  # TCD draws one noise per move when eta > 0
+    noises = [torch.randn(x.shape, generator=g) if gamma > 0 else torch.zeros_like(x) for _ in timesteps[1:]]
+    inputs = []
+
+    def model(x, t, cond):
+        inputs.append(x)
+        return sch.to_x0(dummy(x, t), x, t)
+
+    ours = lcm_multistep(model, x, torch.tensor(timesteps, dtype=torch.float64), {}, sch, noises, gamma=gamma)
+    assert len(inputs) == len(ref_inputs) == len(timesteps)
+    for a, b in zip(inputs, ref_inputs):
+        assert_rel_close(a, b)
+    last = torch.tensor(float(timesteps[-1])).expand(2)
+    expected_last = sch.add_noise(ours.double(), sch.to_eps(dummy(inputs[-1], last), inputs[-1], last).double(),
+                                  torch.zeros(2)).float()
+    assert_rel_close(expected_last, sample)
+
+
+def test_student_sampler_ddim_move_keeps_the_trajectory():
+    """A denoiser that always answers the same x0 (a point mass) is a perfect consistency model:
+    with gamma = 0 every step's input is alpha_t x0 + sigma_t z0 with the *initial* noise z0; with
+    gamma = 1 it is re-noised with the fresh noise; in between its noise is a mix of unit variance."""
+    from flashdistill.models.student import lcm_multistep
+
+    sch = VPSchedule(**SD)
+    c = torch.full((3, 1, 4, 4), 0.25, dtype=torch.float64)
+    z0 = _rand(3, 1, 4, 4).double()
+    ts = torch.tensor([999, 499, 249], dtype=torch.float64)
+    fresh = [_rand(3, 1, 4, 4, seed=s).double() for s in (1, 2)]
+    for gamma in (0.0, 0.5, 1.0):
+        seen = []
+
+        def denoiser(x, t, cond):
+            seen.append(x.clone())
+            return c
+
+        x_start = sch.add_noise(c, z0, ts[:1].expand(3))
+        out = lcm_multistep(denoiser, x_start, ts, {}, sch, fresh, gamma=gamma)
+        assert torch.equal(out, c)
+        for i, t in enumerate(ts[1:]):
+            a, s = sch.alpha(t).item(), sch.sigma(t).item()
+            z = (seen[i + 1] - a * c) / s  # the noise the sampler put into step i+1's input
+            if gamma == 0.0:
+                torch.testing.assert_close(z, z0)
+            elif gamma == 1.0:
+                torch.testing.assert_close(z, fresh[i])
+            else:
+                zi = (seen[i] - sch.alpha(ts[i]).item() * c) / sch.sigma(ts[i]).item()
+                # z = p * (previous noise) + q * fresh with p^2 + q^2 = 1, 0 < p < 1
+                coef = torch.linalg.lstsq(torch.stack([zi.flatten(), fresh[i].flatten()], 1), z.flatten()[:, None]).solution
+                p, q = coef.flatten().tolist()
+                assert 0 < p < 1 and 0 < q < 1 and p**2 + q**2 == pytest.approx(1.0, abs=1e-9)
+
+
+def test_student_sampler_rejects_bad_gamma():
+    from flashdistill.models.student import lcm_multistep
+
+    with pytest.raises(ValueError, match="gamma must be in"):
+        lcm_multistep(lambda x, t, c: x, torch.zeros(1, 1, 2, 2), torch.tensor([999.0, 499.0]), {}, VPSchedule(), gamma=1.5)

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.digits import get_dataset, prompt_for
-from .evaluate import eval_prompts, fd_floor, score
+from .evaluate import eval_prompts, fd_floor, pixel_fd_floor, score
 from .models.loading import load_model
 from .sample import sample
 
@@ -285,7 +285,7 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
     jobs += [(f"{solver} (training-free)", s, w, solver) for solver in preset.solvers for s in preset.solver_steps]
     rows = [bench.row(teacher, *job) for job in tqdm(jobs, desc="teacher rows", disable=not progress)]
     result = {"preset": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "num_samples": preset.num_samples, "fd_floor": fd_floor(preset.num_samples),
+              "num_samples": preset.num_samples, "fd_floor": fd_floor(preset.num_samples), "pixel_fd_floor": pixel_fd_floor(preset.num_samples),
               "fd_floor_all_train": fd_floor(), "teacher": str(teacher_dir),
               "teacher_train_seconds": teacher_seconds, "teacher_guidance": w,
               "teacher_params": sum(p.numel() for p in teacher.denoiser.parameters())}
@@ -453,20 +453,20 @@ def report(result: dict) -> str:
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
              f"FD floor (real train digits vs test digits, {result['num_samples']} samples): "
              f"**{result['fd_floor']:.2f}** (whole train split: "
-             f"{result['fd_floor_all_train']:.2f}); teacher best FD: "
+             f"{result['fd_floor_all_train']:.2f}); pixel FD floor {_fmt(result.get('pixel_fd_floor'), '.3f')}; teacher best FD: "
              f"**{result['teacher_best_fd']:.2f}**; {result['num_samples']} samples per row; teacher trained "
              f"in {_fmt(result['teacher_train_seconds'], '.0f')} s; CFG scale w = {result['teacher_guidance']:g}.", ""]
     speed = result["speedup_2step_student_vs_teacher_32"]
     if speed is not None:
         lines += [f"Speed: the 2-step student makes **{speed:.1f}×** the images per second of the 32-step CFG "
                   f"teacher, same run (target ≥ 25×, ideal 32×).", ""]
-    lines += ["| method | steps | NFE | w | FD ↓ | adherence ↑ | teacher MSE ↓ | images/s | train s | trainable params |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| method | steps | NFE | w | FD ↓ | pixel FD ↓ | hist ↓ | adherence ↑ | teacher MSE ↓ | images/s | train s | trainable params |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if r.get("variants"):
             continue
         lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {_fmt(r['guidance'], 'g')} | {r['fd']:.2f} | "
-                     f"{r['adherence']:.3f} | {r['teacher_mse']:.4f} | {r['images_per_second']:.0f} | "
+                     f"{_fmt(r.get('pixel_fd'), '.3f')} | {_fmt(r.get('hist'), '.4f')} | {r['adherence']:.3f} | {r['teacher_mse']:.4f} | {r['images_per_second']:.0f} | "
                      f"{_fmt(r['train_seconds'], '.0f')} | {_fmt(r['trainable_params'], ',')} |")
     for g in result.get("ablations", []):
         agrees = {True: "same order as the paper", False: "**order differs from the paper**", None: "no paper order"}

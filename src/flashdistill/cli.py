@@ -128,7 +128,7 @@ def cmd_evaluate_real(args, model) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluate import eval_prompts, fd_floor
+    from .evaluate import eval_prompts, fd_floor, pixel_fd_floor
     from .models.loading import load_model
     from .sample import sample
 
@@ -142,10 +142,16 @@ def cmd_evaluate(args) -> None:
         reference = sample(teacher, prompts, seeds, 32, guidance=args.teacher_guidance)
     rows = evaluate_model(model, args.num_samples, args.steps, args.guidance, args.sampler, reference)
     print(f"FD floor (real train digits vs test digits): {fd_floor(args.num_samples):.3f} at {args.num_samples} "
-          f"samples (all train digits: {fd_floor():.3f})")
+          f"samples (all train digits: {fd_floor():.3f}); pixel FD floor {pixel_fd_floor(args.num_samples):.4f}")
     for r in rows:
         mse = "" if r["teacher_mse"] is None else f"  teacher_mse {r['teacher_mse']:.4f}"
-        print(f"steps {r['steps']:>3}  FD {r['fd']:.3f}  adherence {r['adherence']:.3f}{mse}")
+        print(f"steps {r['steps']:>3}  FD {r['fd']:.3f}  pixel FD {r['pixel_fd']:.4f}  hist {r['hist']:.4f}  "
+              f"adherence {r['adherence']:.3f}{mse}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": str(args.model), "num_samples": args.num_samples,
+                                              "fd_floor": fd_floor(args.num_samples),
+                                              "pixel_fd_floor": pixel_fd_floor(args.num_samples), "rows": rows}, indent=2))
+        print(f"wrote {args.out}")
 
 
 def _is_main_process() -> bool:
@@ -224,7 +230,7 @@ def cmd_benchmark(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .methods.dsm import TeacherConfig
-    from .methods.flash import FlashConfig
+    from .methods.flash import PRESETS, FlashConfig
 
     ap = argparse.ArgumentParser(
         prog="flashdistill",
@@ -252,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="teacher folder (e.g. from train-teacher)")
     p.add_argument("--method", choices=["flash"], default="flash", help="distillation method")
     p.add_argument("--out", required=True, help="run folder (student, checkpoints, log, previews, config)")
-    p.add_argument("--preset", choices=["auto", "digits", "sd", "sdxl", "pixart", "sd3"], default="auto",
+    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
                    help="per-teacher defaults (auto: 'digits' for the built-in teacher, else the pipeline's family; "
-                        "'sd' is the paper's SD1.5 setting)")
+                        "'sd' is the paper's SD1.5 setting; 'digits-long': the digits preset at 4x the steps, about 10 min)")
     p.add_argument("--full", action="store_true", help="train the whole student instead of a LoRA")
     p.add_argument("--data", default=None, help="captioned images for real teachers: an image folder with metadata.jsonl "
                                                 "(file_name, text), a Hugging Face datasets folder (save_to_disk), or "

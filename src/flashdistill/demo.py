@@ -12,7 +12,7 @@ import torch
 
 from .benchmark import ensure_flash, ensure_teacher
 from .data.digits import prompt_for
-from .evaluate import eval_prompts, fd_floor, score
+from .evaluate import eval_prompts, fd_floor, pixel_fd_floor, score
 from .models.loading import load_model
 from .sample import sample
 from .train import save_image_grid
@@ -45,11 +45,11 @@ def demo_grid(teacher, student, guidance: float, path: Path) -> None:
 
 def format_table(rows: list[dict], floor: float, floor_all: float, num_samples: int) -> str:
     lines = [f"FD floor (real train digits vs test digits): {floor:.3f} at {num_samples} samples "
-             f"(all train digits: {floor_all:.3f})",
-             f"{'method':<18}{'steps':>6}{'NFE':>5}{'w':>6}{'FD':>9}{'adherence':>11}{'teacher_mse':>13}"]
+             f"(all train digits: {floor_all:.3f}); pixel FD floor {pixel_fd_floor(num_samples):.3f}",
+             f"{'method':<18}{'steps':>6}{'NFE':>5}{'w':>6}{'FD':>9}{'pixel FD':>10}{'hist':>8}{'adherence':>11}{'teacher_mse':>13}"]
     for r in rows:
         w = "-" if r["guidance"] is None else f"{r['guidance']:g}"
-        lines.append(f"{r['method']:<18}{r['steps']:>6}{r['nfe']:>5}{w:>6}{r['fd']:>9.3f}{r['adherence']:>11.3f}{r['teacher_mse']:>13.4f}")
+        lines.append(f"{r['method']:<18}{r['steps']:>6}{r['nfe']:>5}{w:>6}{r['fd']:>9.3f}{r['pixel_fd']:>10.3f}{r['hist']:>8.4f}{r['adherence']:>11.3f}{r['teacher_mse']:>13.4f}")
     return "\n".join(lines)
 
 

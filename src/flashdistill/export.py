@@ -114,13 +114,15 @@ def model_card(meta: dict, family: str, weights: str, metrics: dict | None) -> s
                 f" (lambda {cfg.get('lambda_adv')}), DMD {'on' if cfg.get('use_dmd') else 'off'} (lambda {cfg.get('lambda_dmd')})",
                 f"- training: {cfg.get('train', {}).get('steps')} steps, batch {cfg.get('train', {}).get('batch_size')}, "
                 f"lr {cfg.get('lr')}"]
+    gamma = meta["sampling"].get("gamma", 1.0)
+    eta_arg = f", eta={gamma:g}" if sched_cls == "TCDScheduler" else ""
     usage = "flashdistill sample --model RUN --prompt \"a handwritten digit seven\" --steps 2 --out grid.png" if family == "digits" else f"""import torch
 from diffusers import {pipe_cls}, {sched_cls}
 
 pipe = {pipe_cls}.from_pretrained("TEACHER_DIR")
 {load}
 pipe.scheduler = {sched_cls}.from_pretrained("EXPORT_DIR", subfolder="scheduler")
-image = pipe("a photo of a cat", num_inference_steps=2, {steps_arg}={values.get('2')}, guidance_scale=1.0).images[0]"""
+image = pipe("a photo of a cat", num_inference_steps=2, {steps_arg}={values.get('2')}, guidance_scale=1.0{eta_arg}).images[0]"""
     lang = "bash" if family == "digits" else "python"
     return f"""---
 library_name: diffusers
@@ -138,7 +140,9 @@ evaluation per step).
 - `flashdistill_sampling.json`: the student's timesteps per step count
 
 ## Sampling
-Pass the student's own {steps_arg} for the step count you want (guidance off):
+Pass the student's own {steps_arg} for the step count you want (guidance off). Between steps the
+sampler moves with stochasticity gamma = {gamma:g} (1: LCM re-noising; 0: deterministic DDIM move;
+`{sched_cls}`{f", called with eta={gamma:g}" if sched_cls == "TCDScheduler" else ""}):
 
 | steps | {steps_arg} |
 |---:|---|

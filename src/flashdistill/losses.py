@@ -23,6 +23,13 @@ def distillation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse
     return loss, {"distill": loss.detach()}
 
 
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor):
+    """The teacher's own objective (MSE on the native output: eps, v or flow velocity); here it
+    trains DMD2's fake score on the student's samples."""
+    loss = F.mse_loss(pred.float(), target.detach().float())
+    return loss, {"fake_dsm": loss.detach()}
+
+
 def generator_adv_loss(fake_logits: torch.Tensor, kind: str = "lsgan"):
     """Eq. (4), student side. LSGAN: 1/2 E[(D(fake) - 1)^2]; hinge and WGAN: -E[D(fake)]."""
     if kind == "lsgan":

@@ -11,7 +11,11 @@ Departures from the public reference code (see shared/METHOD_NOTES.md), on purpo
 - the teacher's multi-step target is solved once per batch and shared by both optimizer steps,
   and the teacher's features of the student sample are computed once (the discriminator step
   reuses them detached);
-- cond and uncond branches of every CFG call run as one batched forward.
+- cond and uncond branches of every CFG call run as one batched forward;
+- the discriminator head's GroupNorm keeps >= 16 values per group (see models/discriminator.py);
+- options the reference lacks, off by default: a DMD2-style trained fake score
+  (``dmd_fake_score``), DMD restricted to high-noise batches (``dmd_input_t_min``), and the
+  student sampler's stochasticity ``sampler_gamma`` (TCD; 1 = the reference's LCM sampling).
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ import torch
 from ..config import field
 from ..core.solvers import cat_cond, cfg_model, dpmpp_2m
 from ..core.timesteps import PI_KINDS, grid_probabilities, mode_indices, phase_at, sample_grid_index
-from ..losses import discriminator_loss, distillation_loss, dmd_loss, generator_adv_loss
+from ..losses import denoising_loss, discriminator_loss, distillation_loss, dmd_loss, generator_adv_loss
+from ..models.denoiser import Denoiser
 from ..models.discriminator import DiscriminatorHead
 from ..models.loading import load_teacher
 from ..models.pipelines import LORA_TARGETS, teacher_family
@@ -58,6 +63,12 @@ class FlashConfig:
     lambda_dmd: list[float] = field([0.0, 0.3, 0.5, 0.7], "DMD weight per phase")
     dmd_t_min: int = field(0, "DMD re-noising t'' ~ U{min..max}")
     dmd_t_max: int = field(999, "upper end of t''")
+    dmd_input_t_min: int = field(0, "DMD acts only on batches whose student input timestep t is >= this "
+                                     "(999: only the pure-noise, one-step regime; 0: every batch)")
+    dmd_fake_score: Literal["student", "trained"] = field(
+        "student", "DMD fake score: the student itself, no grad (reference code), or a LoRA of the teacher "
+        "trained by denoising the student's samples (DMD2's two-time-scale rule)")
+    fake_lr: float = field(0.0, "AdamW learning rate of the trained fake score (0: the student's lr)")
     full: bool = field(False, "train the whole student instead of a LoRA")
     lora_rank: int = field(64, "LoRA rank")
     lora_alpha: float = field(0.0, "LoRA alpha (0: equal to the rank)")
@@ -67,6 +78,8 @@ class FlashConfig:
     disc_lr: float = field(1e-5, "AdamW learning rate of the discriminator head")
     adam_betas: list[float] = field([0.9, 0.999], "AdamW betas (student and discriminator)")
     two_step_modes: list[int] = field([0, 2], "the two modes (0-3, as in mode_weights) the 2-step sampler starts from")
+    sampler_gamma: float = field(1.0, "stochasticity of the student's multistep sampler (TCD's gamma, diffusers' "
+                                      "TCDScheduler eta): 1 = LCM re-noising, 0 = deterministic DDIM move")
     preview_prompts: list[str] = field([], "prompts of the preview grids (default: the dataset's)")
     train: TrainConfig = dc_field(default_factory=_flash_train_defaults, metadata={"help": "training loop"})
 
@@ -88,6 +101,8 @@ class FlashConfig:
         m = self.two_step_modes
         if len(m) != 2 or not 0 <= m[0] < m[1] <= 3:
             raise ValueError(f"two_step_modes must be two increasing mode indices in 0..3, got {m}")
+        if not 0.0 <= self.sampler_gamma <= 1.0:
+            raise ValueError(f"sampler_gamma must be in [0, 1] (0: deterministic DDIM move, 1: LCM re-noising), got {self.sampler_gamma}")
         if self.lora_rank <= 0 or self.lr <= 0 or self.disc_lr <= 0:
             raise ValueError(f"lora_rank, lr and disc_lr must be > 0, got {self.lora_rank}, {self.lr}, {self.disc_lr}")
 
@@ -101,20 +116,26 @@ PRESETS = {
     "pixart": {"K": 16, "guidance_min": 2.0, "guidance_max": 9.0, "phase_steps": [5000, 5000, 5000],
                "lambda_adv": [0.0, 0.05, 0.1, 0.2]},
     "sd3": {"guidance_min": 7.0, "guidance_max": 13.0, "lambda_adv": [0.0, 0.1, 0.3, 0.5]},
-    # Tuned on the built-in teacher for a <= 5 minute CPU run (see the README's figures): K = 16
+    # Tuned on the built-in teacher for a <= 5 minute CPU run (docs/quality.md has every figure): K = 16
     # halves the teacher solve (the reference uses 16 for PixArt); rank 5 keeps LoRA <= 5%. The
     # reference keeps no EMA; here an EMA of the student's LoRA (in 340 steps its warm-up
     # (1 + t) / (10 + t) sets the decay, about 0.97 at the end) cut the 1- and 2-step FD by 3.7 and
-    # 1.2 against the raw final weights of the same run. Sampling 2 steps from the first and last
-    # modes (t = 999, 249) scored FD 15.3 where the first and middle (999, 499) scored 18.1 and the
-    # reference's first two (999, 749) 25.5 (same student, 1,000 samples; a second student agreed).
+    # 1.2 against the raw final weights of the same run. The sampler moves deterministically between
+    # steps (sampler_gamma = 0, TCD's DDIM move) instead of LCM's re-noising: on the same students
+    # 2-step FD 14.5 -> 9.3 and pixel FD 0.357 -> 0.229, 4-step FD 14.7 -> 7.9, at ~4 points of
+    # adherence. The adversarial term is off: with DMD on, two seeds with and without it score within
+    # seed noise (2-step FD 9.7 vs 9.8, adherence 0.949 vs 0.958) and it costs a teacher encoder pass;
+    # if turned on, t' in {10, 250} is where the teacher's 8x8 features separate real from fake.
     "digits": {
         "K": 16, "lora_rank": 5, "lr": 2e-3, "disc_lr": 2e-3, "guidance_min": 1.0, "guidance_max": 2.0,
-        "two_step_modes": [0, 3],
+        "two_step_modes": [0, 3], "sampler_gamma": 0.0, "use_adv": False, "adv_timesteps": [10, 250],
         "phase_steps": [50, 100, 100],
         "train": {"steps": 340, "batch_size": 16, "checkpoint_every": 100, "sample_every": 100, "ema_decay": 0.99},
     },
 }
+# The digits preset at 4x the steps (about 10 min on 2 CPU cores; docs/quality.md's convergence curve).
+PRESETS["digits-long"] = {**PRESETS["digits"], "phase_steps": [200, 400, 400],
+                          "train": {**PRESETS["digits"]["train"], "steps": 1360, "checkpoint_every": 400, "sample_every": 400}}
 
 
 def build_config(teacher, preset: str = "auto", *layers: dict) -> tuple[FlashConfig, str]:
@@ -145,6 +166,9 @@ class FlashDistillation:
         self.teacher = load_teacher(config.teacher)
         self.schedule = self.teacher.schedule
         self.family = self.teacher.meta.get("family", "digits")
+        if self.schedule.kind == "flow" and config.sampler_gamma != 1.0:
+            raise ValueError(f"sampler_gamma {config.sampler_gamma} needs a VP teacher: diffusers has no TCD-style "
+                             "scheduler for flow matching, so an export could not sample like the run; use 1.0")
         # the K-grid: trailing spacing on VP schedules, the shifted flow-matching grid on SD3
         self.grid = teacher_timesteps(self.schedule, config.K)
         self.mode_timesteps = self.grid[mode_indices(config.K)]
@@ -158,15 +182,26 @@ class FlashDistillation:
             torch.manual_seed(c.train.seed)
             self.student = make_student_backbone(self.teacher.denoiser.backbone, c.full, c.lora_rank, c.lora_alpha or None, self.lora_targets)
             self.disc = DiscriminatorHead(feats.shape[1], feats.shape[-1])
+            # DMD2's fake score: the teacher plus a LoRA that learns to denoise the student's samples
+            self.fake = (make_student_backbone(self.teacher.denoiser.backbone, False, c.lora_rank, c.lora_alpha or None,
+                                               self.lora_targets) if self.trains_fake_score else None)
         self.trainable = count_params(self.student)[0]
         self.total = count_params(self.teacher.denoiser.backbone)[1]  # the teacher's parameter count
 
     # --- loop protocol -------------------------------------------------------------------
+    @property
+    def trains_fake_score(self) -> bool:
+        return self.config.use_dmd and self.config.dmd_fake_score == "trained"
+
     def models(self) -> dict:
-        return {"student": self.student, "disc": self.disc}
+        models = {"student": self.student, "disc": self.disc}
+        if self.fake is not None:
+            models["fake"] = self.fake
+        return models
 
     def optimizer_settings(self, name: str) -> dict:
-        lr = self.config.lr if name == "student" else self.config.disc_lr
+        c = self.config
+        lr = {"student": c.lr, "disc": c.disc_lr, "fake": c.fake_lr or c.lr}[name]
         return {"lr": lr, "betas": tuple(self.config.adam_betas), "weight_decay": 0.0}
 
     def setup(self, device) -> None:
@@ -229,21 +264,34 @@ class FlashDistillation:
                 loss = loss + lam_adv * g_adv
             d_loss, d_logs = discriminator_loss(models["disc"](feat_real.detach()), models["disc"](feat_fake.detach()), c.gan_loss)
             logs.update(d_logs)
-        if c.use_dmd and lam_dmd > 0:
-            # Eq. (5): re-noise the student sample at t'' ~ U; teacher (CFG, fresh w) = real score,
-            # the student itself (no grad) = fake score.
+        if c.use_dmd and lam_dmd > 0 and float(t[0]) >= c.dmd_input_t_min:
+            # Eq. (5): re-noise the student sample at t'' ~ U; teacher (CFG, fresh w) = real score;
+            # fake score: the student itself (no grad), or the trained fake-score LoRA.
             t_dmd = torch.randint(c.dmd_t_min, c.dmd_t_max + 1, (b,), generator=generator).float().to(dev)
             n_dmd = torch.randn(x0.shape, generator=generator).to(dev)
             noisy = sch.add_noise(x0_student.detach(), n_dmd, t_dmd)
             with torch.no_grad():
                 x0_real = cfg_model(self.teacher.denoiser, cond, uncond, self._guidance(b, generator))(noisy, t_dmd)
-                x0_fake = StudentDenoiser(_unwrap(models["student"]), sch)(noisy, t_dmd, cond)
+                if self.trains_fake_score:
+                    x0_fake = Denoiser(_unwrap(models["fake"]), sch)(noisy, t_dmd, cond)
+                else:
+                    x0_fake = StudentDenoiser(_unwrap(models["student"]), sch)(noisy, t_dmd, cond)
             l_dmd, dmd_logs = dmd_loss(x0_student, x0_real, x0_fake)
             logs.update(dmd_logs)
             loss = loss + lam_dmd * l_dmd
         losses.append(("student", loss))
         if c.use_adv:
             losses.append(("disc", d_loss))
+        if self.trains_fake_score:
+            # DMD2: the fake score follows the student's current output distribution by denoising
+            # it (the teacher's own objective, at t_f ~ U over the whole schedule), every step.
+            t_f = torch.randint(0, sch.num_train_timesteps, (b,), generator=generator).float().to(dev)
+            n_f = torch.randn(x0.shape, generator=generator).to(dev)
+            x_f = sch.add_noise(x0_student.detach(), n_f, t_f)
+            f_loss, f_logs = denoising_loss(Denoiser(models["fake"], sch).predict(x_f, t_f, cond),
+                                            sch.from_x0(x0_student.detach(), x_f, t_f))
+            logs.update(f_logs)
+            losses.append(("fake", f_loss))
         logs["loss"] = loss.detach()
         return losses, logs
 
@@ -253,7 +301,7 @@ class FlashDistillation:
         m = [cast(v) for v in self.mode_timesteps]
         two = [m[i] for i in self.config.two_step_modes]
         return {"timesteps": {"1": m[:1], "2": two, "4": m}, "sampler": "lcm_multistep",
-                "guidance": None, "boundary": {"sigma_data": 0.5, "timestep_scaling": 10.0}}
+                "gamma": self.config.sampler_gamma, "guidance": None, "boundary": {"sigma_data": 0.5, "timestep_scaling": 10.0}}
 
     def preview_prompts(self) -> list[str]:
         if self.config.preview_prompts:
@@ -276,7 +324,8 @@ class FlashDistillation:
         for n, ts in self.sampling()["timesteps"].items():
             noises = [seeded_noise(self.teacher.image_shape, [1000 * k + i for i in range(len(prompts))]).to(self.device)
                       for k in range(int(n))]
-            x0 = lcm_multistep(student, noises[0], torch.tensor(ts, dtype=torch.float64), cond, self.schedule, noises[1:])
+            x0 = lcm_multistep(student, noises[0], torch.tensor(ts, dtype=torch.float64), cond, self.schedule, noises[1:],
+                               gamma=self.config.sampler_gamma)
             rows.append(self.teacher.decode(x0).cpu())
         models["student"].train(was)
         return torch.cat(rows), len(prompts)
@@ -286,8 +335,9 @@ class FlashDistillation:
 
         c = self.config
         if self.schedule.kind == "vp":
-            sched = {"_class_name": "LCMScheduler", **self.schedule.to_diffusers_config(), "timestep_spacing": "trailing",
-                     "original_inference_steps": c.K}
+            # gamma < 1: diffusers' TCDScheduler (called with eta = gamma) takes the same path
+            sched = {"_class_name": "LCMScheduler" if c.sampler_gamma == 1.0 else "TCDScheduler",
+                     **self.schedule.to_diffusers_config(), "timestep_spacing": "trailing", "original_inference_steps": c.K}
         else:  # flow: student timesteps are already shifted, so the exported scheduler must not shift again
             sched = {"_class_name": "FlowMatchLCMScheduler", "num_train_timesteps": self.schedule.num_train_timesteps,
                      "shift": 1.0}

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.schedules import append_dims, lcm_boundary_scalings
+from ..core.schedules import append_dims, lcm_boundary_scalings, x0_to_eps
 from .denoiser import Denoiser
 
 LORA_FILE = "student_lora.safetensors"
@@ -130,16 +130,41 @@ def load_student(path, device="cpu", fuse: bool = True):
 
 @torch.no_grad()
 def lcm_multistep(denoiser, x: torch.Tensor, timesteps: torch.Tensor, cond: dict, schedule,
-                  noises: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """LCM multistep sampling (Luo et al. 2023, Alg. 1): x0 = f(x, t_i), then x = add_noise(x0, z, t_{i+1}).
+                  noises: list[torch.Tensor] | None = None, gamma: float = 1.0) -> torch.Tensor:
+    """Few-step student sampling: x0 = f(x, t_i), then a move to t_{i+1} whose stochasticity is
+    ``gamma`` (TCD, Zheng et al. 2024, the ``eta`` of diffusers' TCDScheduler):
 
-    ``noises[i]`` is the re-noising noise for step i+1 (per-sample seeded by the caller)."""
+    - ``gamma = 1``: LCM (Luo et al. 2023, Alg. 1), x = add_noise(x0, z, t_{i+1}) with fresh z;
+    - ``gamma = 0``: the deterministic DDIM move, x = alpha_{i+1} x0 + sigma_{i+1} eps_hat, with
+      eps_hat = (x - alpha_i x0) / sigma_i the noise the student's x0 implies;
+    - in between: the DDIM move to s = floor((1 - gamma) t_{i+1}), then forward noise from s to
+      t_{i+1} with fresh z.
+
+    ``noises[i]`` is the fresh noise for step i+1 (per-sample seeded by the caller)."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1] (0: deterministic DDIM move, 1: LCM re-noising), got {gamma}")
     x0 = x
     for i, t in enumerate(timesteps):
-        x0 = denoiser(x, t.float().expand(x.shape[0]).to(x.device), cond)
-        if i + 1 < len(timesteps):
-            z = noises[i] if noises is not None else torch.randn_like(x0)
-            x = schedule.add_noise(x0, z.to(x0), timesteps[i + 1].expand(x.shape[0]).to(x.device))
+        b = x.shape[0]
+        t_i = t.float().expand(b).to(x.device)
+        x0 = denoiser(x, t_i, cond)
+        if i + 1 == len(timesteps):
+            break
+        t_next = timesteps[i + 1].expand(b).to(x.device)
+        z = noises[i] if noises is not None else torch.randn_like(x0)
+        if gamma == 1.0:
+            x = schedule.add_noise(x0, z.to(x0), t_next)
+            continue
+        a_i, s_i = (append_dims(f(t_i.double()), x.ndim) for f in (schedule.alpha, schedule.sigma))
+        eps = x0_to_eps(x0.double(), x.double(), a_i, s_i)
+        s = torch.floor((1.0 - gamma) * t_next.double())
+        x = schedule.add_noise(x0.double(), eps, s)  # the DDIM move to s
+        if gamma > 0.0:  # forward noise from s to t_next: x_n = (a_n / a_s) x_s + sqrt(s_n^2 - (a_n s_s / a_s)^2) z
+            a_s, s_s = (append_dims(f(s), x.ndim) for f in (schedule.alpha, schedule.sigma))
+            a_n, s_n = (append_dims(f(t_next.double()), x.ndim) for f in (schedule.alpha, schedule.sigma))
+            ratio = a_n / a_s
+            x = ratio * x + (s_n**2 - (ratio * s_s) ** 2).clamp_min(0).sqrt() * z.double()
+        x = x.to(x0.dtype)
     return x0
 
 
@@ -160,5 +185,6 @@ def sample_student(model, prompts: list[str], seeds: list[int], steps: int, batc
         gens = [torch.Generator().manual_seed(int(k)) for k in s]
         draws = [torch.stack([torch.randn(model.image_shape, generator=g) for g in gens]) for _ in range(len(ts))]
         x = draws[0].to(model.device)
-        out.append(lcm_multistep(model.denoiser, x, ts, model.cond(p), model.schedule, draws[1:]).cpu())
+        out.append(lcm_multistep(model.denoiser, x, ts, model.cond(p), model.schedule, draws[1:],
+                                 gamma=model.sampling.get("gamma", 1.0)).cpu())
     return torch.cat(out)

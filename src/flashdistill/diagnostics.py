@@ -1,0 +1,201 @@
+"""Diagnostics of a Flash run on the built-in digits task, each a measured figure:
+
+- ``discriminator_separation``: can a fresh discriminator head, on the frozen teacher's encoder
+  features at a given t', tell real digits from a deliberately wrong generator (blurred digits,
+  shifted strokes, the wrong digit for the prompt)? Held-out accuracy after a short training run.
+- ``target_quality``: the distillation *target* itself (the teacher's K-grid DPM-Solver++ solve
+  with CFG from noised real digits) scored at each mode: an upper bound of what the student can
+  learn from Eq. (2) alone.
+- ``regression_error``: the student's one-step error against that target on held-out digits.
+
+``python -m flashdistill.diagnostics --teacher DIR [--student RUN --what regression]`` prints them.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from .data.digits import load_digits, prompt_for
+from .losses import discriminator_loss
+from .models.discriminator import DiscriminatorHead
+
+BAD_GENERATORS = ("blurred", "shifted", "wrong_digit")
+
+
+def corrupt(images: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A known-bad 'generator' built from real digits: (images, the digit their prompt names)."""
+    if kind == "blurred":
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k = (k[:, None] * k[None, :] / 16).view(1, 1, 3, 3)
+        return F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), k), labels
+    if kind == "shifted":
+        return torch.roll(images, shifts=(1, 1), dims=(2, 3)), labels
+    if kind == "wrong_digit":
+        return images, (labels + 1 + torch.arange(len(labels)) % 9) % 10
+    raise ValueError(f"unknown bad generator {kind!r}; expected one of {list(BAD_GENERATORS)}")
+
+
+@torch.no_grad()
+def _features(teacher, images, labels, t_prime: int, noise) -> torch.Tensor:
+    t = torch.full((len(images),), float(t_prime))
+    x = teacher.schedule.add_noise(images, noise, t)
+    cond = teacher.cond([prompt_for(int(d)) for d in labels])
+    return teacher.denoiser.encoder_features(x, t, cond)
+
+
+def discriminator_separation(teacher, real, real_labels, fake, fake_labels, t_prime: int, steps: int = 150,
+                             batch_size: int = 64, lr: float = 2e-3, seed: int = 0, gan_loss: str = "lsgan") -> dict:
+    """Train a fresh head (as in Flash) on the teacher's features of real vs fake samples at
+    ``t_prime`` (same noise for both); return its accuracy on a held-out half and its mean logits."""
+    g = torch.Generator().manual_seed(seed)
+    n = min(len(real), len(fake))
+    noise = torch.randn(real[:n].shape, generator=g)
+    fr = _features(teacher, real[:n], real_labels[:n], t_prime, noise)
+    ff = _features(teacher, fake[:n], fake_labels[:n], t_prime, noise)
+    half = n // 2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = DiscriminatorHead(fr.shape[1], fr.shape[-1])
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        idx = torch.randint(half, (batch_size,), generator=g)
+        loss, _ = discriminator_loss(head(fr[idx]), head(ff[idx]), gan_loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        _, logs = discriminator_loss(head(fr[half:]), head(ff[half:]), gan_loss)
+    return {k: float(v) for k, v in logs.items()}
+
+
+@torch.no_grad()
+def _targets(teacher, K: int, guidance: tuple[float, float], split: str, num_samples: int, seed: int):
+    """Per mode of the K-grid: (mode, t, x0, labels, x_t, cond, target), the Eq. (2) target being the
+    teacher's K-grid DPM-Solver++ solve with CFG at w ~ U[guidance] from digits of ``split`` noised at t."""
+    from .core.solvers import cfg_model, dpmpp_2m
+    from .core.timesteps import mode_indices
+    from .sample import teacher_timesteps
+
+    data = load_digits(split)
+    idx = torch.arange(num_samples) % len(data.labels)
+    x0, labels = data.images[idx], data.labels[idx]
+    grid = teacher_timesteps(teacher.schedule, K)
+    g = torch.Generator().manual_seed(seed)
+    cond, uncond = teacher.cond([prompt_for(int(d)) for d in labels]), teacher.uncond(num_samples)
+    for mode, index in enumerate(mode_indices(K)):
+        t = grid[index].float().expand(num_samples)
+        noise = torch.randn(x0.shape, generator=g)
+        w = guidance[0] + (guidance[1] - guidance[0]) * torch.rand(num_samples, generator=g)
+        x_t = teacher.schedule.add_noise(x0, noise, t)
+        target = dpmpp_2m(cfg_model(teacher.denoiser, cond, uncond, w), x_t, grid[index:], teacher.schedule)
+        yield mode, t, x0, labels, x_t, cond, target
+
+
+@torch.no_grad()
+def target_quality(teacher, K: int, guidance: tuple[float, float], num_samples: int = 1000, seed: int = 0) -> list[dict]:
+    """Score the Eq. (2) target at each of the four modes of the K-grid, from train digits (cycled):
+    an upper bound of what the student can learn from the distillation loss alone."""
+    from .evaluate import score
+
+    return [{"mode": mode, "t": int(t[0]), **score(target, labels, x0)}
+            for mode, t, x0, labels, _, _, target in _targets(teacher, K, guidance, "train", num_samples, seed)]
+
+
+@torch.no_grad()
+def regression_error(student, teacher, K: int, guidance: tuple[float, float], num_samples: int = 1000,
+                     seed: int = 1) -> list[dict]:
+    """The student's one-step x0 against the Eq. (2) target on held-out (test) digits, per mode:
+    its MSE, the target's own MSE to the clean digit (for scale), and the one-step outputs' scores."""
+    from .evaluate import score
+
+    rows = []
+    for mode, t, x0, labels, x_t, cond, target in _targets(teacher, K, guidance, "test", num_samples, seed):
+        pred = student.denoiser(x_t, t, cond)
+        rows.append({"mode": mode, "t": int(t[0]), "mse_to_target": float(((pred - target) ** 2).mean()),
+                     "target_mse_to_x0": float(((target - x0) ** 2).mean()), **score(pred, labels, target)})
+    return rows
+
+
+@torch.no_grad()
+def dmd_direction(student, teacher, guidance: tuple[float, float], num_samples: int = 500, seed: int = 2,
+                  t_ranges=((0, 249), (250, 499), (500, 749), (750, 999))) -> list[dict]:
+    """Is the student a score model of its own samples? For one-step student samples re-noised at
+    t'' in each range, the DMD direction ``x0_fake - x0_real`` (fake: the student, real: the teacher
+    with CFG) is compared with the pure guidance direction ``x0_cond - x0_real`` (the teacher
+    without CFG): cosine near 1 and norm ratio near 1 mean DMD only adds guidance."""
+    from .core.solvers import cfg_model
+    from .evaluate import eval_prompts
+
+    prompts, _, seeds = eval_prompts(num_samples)
+    g = torch.Generator().manual_seed(seed)
+    cond, uncond = student.cond(prompts), teacher.uncond(num_samples)
+    x = torch.randn((num_samples, *student.image_shape), generator=g)
+    x0 = student.denoiser(x, torch.full((num_samples,), 999.0), cond)
+    rows = []
+    for lo, hi in t_ranges:
+        t = torch.randint(lo, hi + 1, (num_samples,), generator=g).float()
+        noisy = teacher.schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+        w = guidance[0] + (guidance[1] - guidance[0]) * torch.rand(num_samples, generator=g)
+        real = cfg_model(teacher.denoiser, cond, uncond, w)(noisy, t)
+        fake = student.denoiser(noisy, t, cond)
+        plain = teacher.denoiser(noisy, t, cond)
+        d, gd = (fake - real).flatten(1), (plain - real).flatten(1)
+        cos = torch.nn.functional.cosine_similarity(d, gd, dim=1)
+        rows.append({"t_range": [lo, hi], "cos_to_guidance": float(cos.mean()),
+                     "norm_ratio": float((d.norm(dim=1) / gd.norm(dim=1).clamp_min(1e-12)).mean())})
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m flashdistill.diagnostics", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", required=True, help="digits teacher folder")
+    ap.add_argument("--K", type=int, default=16, help="teacher grid size (digits preset: 16)")
+    ap.add_argument("--t-prime", type=int, nargs="+", default=[10, 250, 500, 750], help="re-noising timesteps to probe")
+    ap.add_argument("--student", help="student run folder: adds its one-step regression error (--what regression)")
+    ap.add_argument("--what", nargs="+", default=["disc", "target"], choices=["disc", "target", "regression", "dmd"])
+    args = ap.parse_args(argv)
+    from .models.loading import load_model
+
+    teacher = load_model(args.teacher)
+    if "disc" in args.what:
+        data = load_digits("train")
+        print("discriminator separation (held-out accuracy; chance 0.5)")
+        for kind in BAD_GENERATORS:
+            fake, fake_labels = corrupt(data.images, data.labels, kind)
+            accs = [discriminator_separation(teacher, data.images, data.labels, fake, fake_labels, tp)["d_accuracy"]
+                    for tp in args.t_prime]
+            print(f"  {kind:<12}" + "  ".join(f"t'={tp}: {a:.3f}" for tp, a in zip(args.t_prime, accs)))
+    if "target" in args.what:
+        print("distillation target (teacher K-grid solve from noised train digits), per mode")
+        for r in target_quality(teacher, args.K, (1.0, 2.0)):
+            print(f"  mode {r['mode']} t={r['t']:>4}  FD {r['fd']:.2f}  pixel FD {r['pixel_fd']:.3f}  hist {r['hist']:.4f}  "
+                  f"adherence {r['adherence']:.3f}  mse to x0 {r['teacher_mse']:.4f}")
+
+    if "regression" in args.what:
+        if not args.student:
+            ap.error("--what regression needs --student RUN")
+        student = load_model(args.student)
+        cfg = student.meta.get("config", {})
+        K, guidance = cfg.get("K", args.K), (cfg.get("guidance_min", 1.0), cfg.get("guidance_max", 2.0))
+        print(f"student one-step regression error on held-out (test) digits, K = {K}, w ~ U{list(guidance)}")
+        for r in regression_error(student, teacher, K, guidance):
+            print(f"  mode {r['mode']} t={r['t']:>4}  mse to target {r['mse_to_target']:.4f} (target to x0 "
+                  f"{r['target_mse_to_x0']:.4f})  one-step FD {r['fd']:.2f}  pixel FD {r['pixel_fd']:.3f}  "
+                  f"adherence {r['adherence']:.3f}")
+
+    if "dmd" in args.what:
+        if not args.student:
+            ap.error("--what dmd needs --student RUN")
+        student = load_model(args.student)
+        cfg = student.meta.get("config", {})
+        guidance = (cfg.get("guidance_min", 1.0), cfg.get("guidance_max", 2.0))
+        print("DMD direction (student as fake score) against the pure guidance direction, one-step samples")
+        for r in dmd_direction(student, teacher, guidance):
+            print(f"  t'' in {r['t_range']}: cosine {r['cos_to_guidance']:.3f}  norm ratio {r['norm_ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
