@@ -91,6 +91,29 @@ def test_cache_keys_follow_resolved_configs():
     assert benchmark.teacher_key({"lr": 1e-3}) != benchmark.teacher_key(None)
 
 
+def test_cache_keys_follow_source_and_version(monkeypatch, tmp_path):
+    """Changed code that defines the model or the method, or a new package version, is a new
+    entry: a stale run is never reused."""
+    import flashdistill
+
+    teacher, flash = benchmark.teacher_key(None), benchmark.flash_key(None, None)
+    monkeypatch.setattr(flashdistill, "__version__", "9.9.9")
+    assert benchmark.teacher_key(None) != teacher and benchmark.flash_key(None, None) != flash
+    monkeypatch.undo()
+    assert benchmark.teacher_key(None) == teacher
+    # an edited method file changes the Flash key and not the teacher's
+    real = benchmark.Path.read_bytes
+
+    def edited(self):
+        data = real(self)
+        return data + b"# edited" if self.name == "flash.py" else data
+
+    monkeypatch.setattr(benchmark.Path, "read_bytes", edited)
+    assert benchmark.flash_key(None, None) != flash and benchmark.teacher_key(None) == teacher
+    for name in benchmark.FLASH_SOURCES:  # every listed file exists
+        assert (benchmark.Path(flashdistill.__file__).parent / name).is_file(), name
+
+
 def test_ablations_schema(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "ABLATIONS", [
         ("loss terms", [("distil", {"use_adv": False, "use_dmd": False}, (27.12, 29.85)),

@@ -215,6 +215,14 @@ def test_sample_default_guidance_is_the_teachers(tiny_teacher, tmp_path, capsys)
     np.testing.assert_allclose(default, explicit, atol=1e-6)
 
 
+def test_evaluate_refuses_real_model_flags_on_a_digits_model(tiny_teacher, capsys, tmp_path):
+    """A flag that does not apply is refused with its name, not silently ignored."""
+    rc, out, err = _run(["evaluate", "--model", str(tiny_teacher), "--prompts", str(tmp_path / "missing.txt"),
+                         "--steps", "2", "--num-samples", "4"], capsys)
+    assert rc != 0 and "--prompts" in err and "digits model" in err and "Traceback" not in err
+    assert "FD" not in out
+
+
 def test_evaluate_against_itself(tiny_teacher, capsys, tmp_path):
     rc, out, err = _run(["evaluate", "--model", str(tiny_teacher), "--teacher", str(tiny_teacher),
                          "--steps", "2", "32", "--num-samples", "12", "--out", str(tmp_path / "e.json")], capsys)

@@ -90,3 +90,16 @@ def test_pixel_metrics_rank_real_blurred_and_noise():
     # pixel FD is the Fréchet distance of the flattened [0, 1] pixels
     assert real["pixel_fd"] == pytest.approx(frechet_distance(pixels(train.images[:1000]), pixels(test.images)))
     assert np.allclose(pixels(-torch.ones(1, 1, 2, 2)), 0) and np.allclose(pixels(torch.ones(1, 1, 2, 2)), 1)
+
+
+def test_profile_step_splits_the_step(tiny_teacher):
+    from flashdistill.diagnostics import profile_step
+
+    r = profile_step(tiny_teacher, {"use_adv": True}, steps=2, batch_size=4)
+    parts = r["parts_ms"]
+    assert r["ms_per_step"] > 0 and r["samples_per_second"] > 0
+    for key in ("teacher_target", "teacher_cfg", "adv_features", "student_forward", "forward", "backward", "optimizer"):
+        assert parts[key] > 0, key
+    # the solve is part of the forward, and of the teacher CFG time
+    assert parts["teacher_target"] < parts["forward"] and parts["teacher_cfg_outside_target"] >= 0
+    assert parts["forward"] + parts["backward"] + parts["optimizer"] <= r["ms_per_step"] * 1.01

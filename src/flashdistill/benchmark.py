@@ -110,11 +110,31 @@ def flash_config(teacher: Path, overrides: dict | None = None):
     return build_config(teacher, "digits", overrides)[0]
 
 
+# The source files that define what a cached teacher / Flash run is: a change to any of them (or to
+# the package version) is a new cache entry, so edited code trains anew instead of reusing a stale run.
+TEACHER_SOURCES = ("methods/dsm.py", "models/unet.py", "models/text.py", "models/denoiser.py", "core/schedules.py",
+                   "core/solvers.py", "data/digits.py", "train.py", "checkpoint.py", "config.py")
+FLASH_SOURCES = TEACHER_SOURCES + ("methods/flash.py", "losses.py", "core/timesteps.py", "models/student.py",
+                                   "models/discriminator.py", "models/loading.py", "models/pipelines.py", "sample.py")
+
+
+def source_hash(files: tuple[str, ...]) -> str:
+    """sha256 over the package version and the named source files of this package."""
+    from . import __version__
+
+    root = Path(__file__).parent
+    h = hashlib.sha256(__version__.encode())
+    for name in files:
+        h.update(name.encode() + b"\0" + (root / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def teacher_key(overrides: dict | None = None) -> str:
-    """Cache key of a teacher: a hash of its resolved config, so a changed default is a new entry."""
+    """Cache key of a teacher: a hash of its resolved config, the package version and the source
+    that defines it, so a changed default or changed code is a new entry."""
     from .config import to_dict
 
-    return _key(to_dict(teacher_config(overrides)))
+    return _key(to_dict(teacher_config(overrides)), source_hash(TEACHER_SOURCES))
 
 
 def flash_key(teacher_overrides: dict | None, overrides: dict | None = None) -> str:
@@ -124,7 +144,7 @@ def flash_key(teacher_overrides: dict | None, overrides: dict | None = None) -> 
 
     cfg = to_dict(flash_config(Path("."), overrides))
     cfg.pop("teacher")
-    return _key(teacher_key(teacher_overrides), cfg)
+    return _key(teacher_key(teacher_overrides), cfg, source_hash(FLASH_SOURCES))
 
 
 def _config_changes(path: Path, config) -> list[str]:

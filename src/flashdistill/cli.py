@@ -135,6 +135,12 @@ def cmd_evaluate(args) -> None:
     model = load_model(args.model)
     if model.meta.get("dataset") != "digits":
         return cmd_evaluate_real(args, model)
+    ignored = [flag for flag, value in (("--prompts", args.prompts), ("--protocol", args.protocol),
+                                        ("--reference", args.reference), ("--inception-weights", args.inception_weights),
+                                        ("--clip-model", args.clip_model)) if value]
+    if ignored:
+        raise ValueError(f"{args.model} is a digits model, scored on the built-in digits metrics; "
+                         f"{', '.join(ignored)} only apply to real models: drop them")
     reference = None
     if args.teacher:
         teacher = load_model(args.teacher)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .data.digits import load_digits, prompt_for
 from .losses import discriminator_loss
+from .core.solvers import cfg_model as flash_cfg
 from .models.discriminator import DiscriminatorHead
 
 BAD_GENERATORS = ("blurred", "shifted", "wrong_digit")
@@ -148,6 +149,67 @@ def dmd_direction(student, teacher, guidance: tuple[float, float], num_samples: 
     return rows
 
 
+def profile_step(teacher_dir, overrides: dict | None = None, steps: int = 30, batch_size: int = 16,
+                 step_index: int = 10_000) -> dict:
+    """Wall time of one Flash training step (digits preset + ``overrides``; by default at a step
+    index in the last phase, every loss on), split into the teacher's Eq. (2) solve, the other
+    teacher CFG calls, the adversarial features, the student's forwards, backward and optimizer:
+    ms per step over ``steps`` steps after 3 warm-up steps."""
+    import time
+    from collections import Counter
+    from unittest import mock
+
+    from .data.digits import get_dataset
+    from .methods import flash
+    from .models.denoiser import Denoiser
+    from .models.student import StudentDenoiser
+    from .train import DeterministicBatches
+
+    cfg, _ = flash.build_config(teacher_dir, "digits", overrides or {})
+    method = flash.FlashDistillation(cfg)
+    method.setup("cpu")
+    spent = Counter()
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent[name] += time.perf_counter() - t0
+            return out
+        return wrapper
+
+    models = method.models()
+    opts = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], **method.optimizer_settings(n))
+            for n, m in models.items()}
+    batches = DeterministicBatches(get_dataset("digits"), batch_size, 1, 0, 0, 1)
+    g = torch.Generator().manual_seed(0)
+    with mock.patch.object(method, "teacher_target", timed("teacher_target", method.teacher_target)), \
+            mock.patch.object(flash, "cfg_model", lambda *a, **k: timed("teacher_cfg", flash_cfg(*a, **k))), \
+            mock.patch.object(Denoiser, "encoder_features", timed("adv_features", Denoiser.encoder_features)), \
+            mock.patch.object(StudentDenoiser, "forward", timed("student_forward", StudentDenoiser.forward)):
+        for i in range(3 + steps):
+            if i == 3:
+                spent.clear()
+                t_start = time.perf_counter()
+            t0 = time.perf_counter()
+            losses, _ = method.step(batches.get(i, 0), step_index, models, g)
+            t1 = time.perf_counter()
+            for name, loss in losses:
+                loss.backward(inputs=[p for p in models[name].parameters() if p.requires_grad])
+            t2 = time.perf_counter()
+            for opt in opts.values():
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            spent["forward"] += t1 - t0
+            spent["backward"] += t2 - t1
+            spent["optimizer"] += time.perf_counter() - t2
+        total = time.perf_counter() - t_start
+    ms = {k: 1000 * v / steps for k, v in spent.items()}
+    # teacher_cfg counts every CFG call, the solve's included
+    ms["teacher_cfg_outside_target"] = ms.get("teacher_cfg", 0.0) - ms.get("teacher_target", 0.0)
+    return {"ms_per_step": 1000 * total / steps, "samples_per_second": batch_size * steps / total, "parts_ms": ms}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m flashdistill.diagnostics", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,7 +217,7 @@ def main(argv=None) -> None:
     ap.add_argument("--K", type=int, default=16, help="teacher grid size (digits preset: 16)")
     ap.add_argument("--t-prime", type=int, nargs="+", default=[10, 250, 500, 750], help="re-noising timesteps to probe")
     ap.add_argument("--student", help="student run folder: adds its one-step regression error (--what regression)")
-    ap.add_argument("--what", nargs="+", default=["disc", "target"], choices=["disc", "target", "regression", "dmd"])
+    ap.add_argument("--what", nargs="+", default=["disc", "target"], choices=["disc", "target", "regression", "dmd", "profile"])
     args = ap.parse_args(argv)
     from .models.loading import load_model
 
@@ -195,6 +257,20 @@ def main(argv=None) -> None:
         print("DMD direction (student as fake score) against the pure guidance direction, one-step samples")
         for r in dmd_direction(student, teacher, guidance):
             print(f"  t'' in {r['t_range']}: cosine {r['cos_to_guidance']:.3f}  norm ratio {r['norm_ratio']:.3f}")
+
+    if "profile" in args.what:
+        for label, over in (("digits preset", {}), ("with the adversarial term", {"use_adv": True})):
+            r = profile_step(args.teacher, over)
+            parts = r["parts_ms"]
+            print(f"one Flash step, {label}, last phase, batch 16: {r['ms_per_step']:.0f} ms "
+                  f"({r['samples_per_second']:.1f} samples/s)")
+            for key, name in (("teacher_target", "teacher K-grid CFG solve (Eq. 2)"),
+                              ("teacher_cfg_outside_target", "other teacher CFG calls (DMD real score)"),
+                              ("student_forward", "student forwards (training, DMD fake score)"),
+                              ("adv_features", "teacher encoder features (adversarial)"),
+                              ("backward", "backward"), ("optimizer", "optimizer")):
+                v = parts.get(key, 0.0)
+                print(f"  {name:<46}{v:7.1f} ms {100 * v / r['ms_per_step']:5.1f}%")
 
 
 if __name__ == "__main__":
