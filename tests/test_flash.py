@@ -409,7 +409,7 @@ def test_two_process_run_keeps_ranks_identical(tiny_teacher, tmp_path):
 
 def test_fused_student_equals_adapter_student(tiny_teacher, tmp_path):
     from flashdistill.data.digits import get_dataset
-    from flashdistill.models.student import load_student
+    from flashdistill.models.loading import load_student
     from flashdistill.train import train
 
     train(tiny_flash(tiny_teacher), get_dataset("digits"), tmp_path / "run", progress=False)

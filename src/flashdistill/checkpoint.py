@@ -8,6 +8,7 @@ a crash mid-save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -120,6 +121,63 @@ def latest(root: Path) -> Path | None:
             return d
     done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
     return done[-1] if done else None
+
+
+CHECKSUM_FILE = "checksums.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(stage: Path) -> None:
+    """Record the size and sha256 of every file of a staged checkpoint (before it is committed)."""
+    sums = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(stage.iterdir()) if p.is_file() and p.name != CHECKSUM_FILE}
+    (stage / CHECKSUM_FILE).write_text(json.dumps(sums, indent=2))
+
+
+def verify(ckpt_dir: Path) -> list[str]:
+    """What is wrong with a checkpoint folder against the checksums recorded when it was saved: one
+    line per missing, truncated or altered file (empty: intact). A checkpoint written before
+    checksums existed has nothing to check against and passes."""
+    ckpt_dir = Path(ckpt_dir)
+    f = ckpt_dir / CHECKSUM_FILE
+    if not f.is_file():
+        return [] if (ckpt_dir / "state.json").is_file() else [f"{ckpt_dir.name}: no {CHECKSUM_FILE} and no state.json"]
+    try:
+        sums = json.loads(f.read_text())
+    except ValueError:
+        return [f"{ckpt_dir.name}/{CHECKSUM_FILE}: unreadable"]
+    problems = []
+    for name, want in sums.items():
+        p = ckpt_dir / name
+        if not p.is_file():
+            problems.append(f"{ckpt_dir.name}/{name}: missing")
+        elif p.stat().st_size != want["bytes"]:
+            problems.append(f"{ckpt_dir.name}/{name}: {p.stat().st_size} bytes, {want['bytes']} when saved (truncated?)")
+        elif _sha256(p) != want["sha256"]:
+            problems.append(f"{ckpt_dir.name}/{name}: checksum differs from the one recorded at save time")
+    return problems
+
+
+def latest_valid(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies, starting from ``latest``, and one warning per
+    checkpoint skipped because it is corrupt (naming it and what is wrong)."""
+    root = Path(root)
+    first = latest(root)
+    others = sorted((p for p in root.glob("step_*") if p.is_dir() and p != first), reverse=True)
+    warnings = []
+    for candidate in ([first] if first else []) + others:
+        problems = verify(candidate)
+        if not problems:
+            return candidate, warnings
+        warnings.append(f"checkpoint {candidate} is corrupt, skipped: " + "; ".join(problems))
+    return None, warnings
 
 
 def save_file_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

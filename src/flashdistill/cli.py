@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -355,7 +356,7 @@ def _add_run_options(p) -> None:
 def main(argv=None) -> int:
     from .config import ConfigError
     from .models.loading import ModelNotFound
-    from .train import TrainingInterrupted
+    from .train import NonFiniteLoss, TrainingInterrupted
 
     args = build_parser().parse_args(argv)
     t0 = time.time()
@@ -364,9 +365,18 @@ def main(argv=None) -> int:
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
+    except NonFiniteLoss as e:
+        print(f"flashdistill {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, ModelNotFound, ValueError, FileNotFoundError) as e:
         print(f"flashdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"flashdistill {args.command}: error: disk full ({e}); the previous checkpoint is intact, free space "
+              "and resume with --resume", file=sys.stderr)
+        return 1
     if getattr(args, "verbose_time", True):
         print(f"[{args.command} done in {time.time() - t0:.1f} s]", file=sys.stderr)
     return 0

@@ -41,6 +41,9 @@ class TrainConfig:
     sample_every: int = field(0, "steps between preview grids written to RUN/samples (0: only at the end)")
     log_every: int = field(10, "steps between lines in RUN/log.jsonl")
     ema_decay: float = field(0.0, "EMA of the trainable weights (0: off; step t uses min(decay, (1+t)/(10+t))); the final model and the last preview use it")
+    on_nonfinite: Literal["stop", "skip"] = field(
+        "stop", "a NaN or Inf loss term: 'stop' names the term and the step and keeps the last good checkpoint; "
+        "'skip' drops that step's update and counts it in the log")
 
     def validate(self):
         for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -72,6 +75,22 @@ class EMA:
         for n, p in model.named_parameters():
             if n in self.shadow:
                 p.copy_(self.shadow[n].to(p.dtype))
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term was NaN or Inf (``train.on_nonfinite = stop``); nothing from that step was saved."""
+
+    def __init__(self, step: int, terms: list[str]):
+        super().__init__(f"non-finite loss at step {step}: {', '.join(repr(t) for t in terms)}; the last good "
+                         "checkpoint is kept (resume with --resume, or set train.on_nonfinite=skip)")
+        self.step, self.terms = step, terms
+
+
+def _nonfinite_terms(losses, logs: dict) -> list[str]:
+    """Names of the loss terms (optimised losses and logged diagnostics) that are NaN or Inf."""
+    bad = [f"{name} (optimised)" for name, loss in losses if not bool(torch.isfinite(loss.detach()).all())]
+    bad += [k for k, v in logs.items() if not math.isfinite(float(v))]
+    return bad
 
 
 class TrainingInterrupted(Exception):
@@ -187,7 +206,9 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
 
     start = 0
     if resume:
-        found = ckpt.latest(ckpt_root)
+        found, problems = ckpt.latest_valid(ckpt_root)
+        for line in problems:
+            acc.print(f"warning: {line}")
         if found is None:
             acc.print(f"resume: no checkpoint in {ckpt_root} yet, starting from step 0")
         else:
@@ -219,6 +240,7 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
         ckpt.save_rng(generator, stage / f"rng_rank{acc.process_index}.safetensors")
         acc.wait_for_everyone()
         if acc.is_main_process:
+            ckpt.write_checksums(stage)
             ckpt.commit(ckpt_root, step, cfg.keep_checkpoints)
         acc.wait_for_everyone()
 
@@ -242,17 +264,29 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
             models[n].train()
         while step < cfg.steps:
             logs: dict = {}
+            skipped = False
             for micro in range(cfg.grad_accum):
                 batch = batches.get(step, micro)
                 with acc.autocast():
                     losses, step_logs = method.step(batch, step, models, generator)
+                bad = _nonfinite_terms(losses, step_logs)
+                if bad:
+                    if cfg.on_nonfinite == "stop":
+                        raise NonFiniteLoss(step + 1, bad)
+                    skipped = True
+                    break
                 for n, loss in losses:
                     params = [p for p in models[n].parameters() if p.requires_grad]
                     acc.backward(loss / cfg.grad_accum, inputs=params)
                 for k, v in step_logs.items():
                     logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
+            if skipped:  # train.on_nonfinite = skip: no update from this step, counted in the log
+                for opt in optims.values():
+                    opt.zero_grad(set_to_none=True)
+                logs = {"skipped_nonfinite": 1}
+                losses = []
             factor = method.lr_factor(step) if hasattr(method, "lr_factor") else 1.0
-            for n in {n for n, _ in losses}:
+            for n in dict.fromkeys(n for n, _ in losses):  # in the order the method returned them
                 for group in optims[n].param_groups:
                     group["lr"] = group["initial_lr"] * factor
                 if cfg.max_grad_norm > 0:

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+from .denoiser import Denoiser
+from .model import Model, is_pipeline_folder, read_meta, schedule_from_config
+
 FAMILIES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
@@ -45,8 +48,6 @@ LORA_TARGETS = {
 
 def teacher_family(path: str | Path) -> str:
     """``digits`` for the built-in teacher, else the diffusers pipeline folder's family."""
-    from .loading import is_pipeline_folder, read_meta
-
     path = Path(path)
     if is_pipeline_folder(path):
         return pipeline_family(path)
@@ -177,9 +178,6 @@ def load_pipeline(path: str | Path):
 
 
 def load_pipeline_teacher(path: str | Path, device="cpu"):
-    from .denoiser import Denoiser
-    from .loading import Model, schedule_from_config
-
     path = Path(path)
     pipe, family = load_pipeline(path)
     backbone = pipe.unet if family in ("sd", "sdxl") else pipe.transformer

@@ -100,34 +100,6 @@ def save_student(out: Path, backbone: nn.Module, meta: dict) -> None:
     (out / "flashdistill.json").write_text(json.dumps({"kind": "student", **meta}, indent=2))
 
 
-def load_student(path, device="cpu", fuse: bool = True):
-    """A student run folder as a :class:`Model`. With ``fuse`` (inference) the LoRA is merged into
-    the base weights and its layers removed, as diffusers' ``fuse_lora`` + ``unload_lora``: same
-    outputs, no per-layer LoRA overhead (about 30% of a forward on the digits UNet)."""
-    from .loading import Model, load_teacher, read_meta
-
-    path = Path(path)
-    meta = read_meta(path)
-    teacher = load_teacher(meta["teacher"], device="cpu")
-    if meta["full"]:
-        backbone = type(teacher.denoiser.backbone).from_pretrained(path / "student" / FULL_DIR)
-    else:
-        from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        lora = meta["lora"]
-        backbone = make_student_backbone(teacher.denoiser.backbone, False, lora["rank"], lora["alpha"], lora["targets"])
-        result = set_peft_model_state_dict(backbone, load_file(str(path / "student" / LORA_FILE)))
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"LoRA weights do not match the student: unexpected {result.unexpected_keys[:5]}")
-        if fuse:
-            fuse_lora(backbone)
-    backbone.eval().requires_grad_(False)
-    denoiser = StudentDenoiser(backbone, teacher.schedule)
-    return Model(denoiser, teacher.conditioner, {**teacher.meta, **meta, "kind": "student"}, path,
-                 sampling=meta["sampling"], vae=teacher.vae).to(device)
-
-
 @torch.no_grad()
 def lcm_multistep(denoiser, x: torch.Tensor, timesteps: torch.Tensor, cond: dict, schedule,
                   noises: list[torch.Tensor] | None = None, gamma: float = 1.0) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""The model type every loader returns, and the folder conventions it rests on (the bottom of
+:mod:`flashdistill.models`: it imports no loader; :mod:`.loading`, :mod:`.pipelines` and
+:mod:`.student` build on it)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..core.schedules import FlowSchedule, VPSchedule
+from .denoiser import Denoiser
+
+META_FILE = "flashdistill.json"
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def schedule_from_config(config: dict):
+    if "shift" in config and "beta_start" not in config:
+        return FlowSchedule.from_diffusers_config(config)
+    return VPSchedule.from_diffusers_config(config)
+
+
+def is_pipeline_folder(path) -> bool:
+    """A diffusers pipeline folder (``model_index.json``), not one of ours (``flashdistill.json``)."""
+    path = Path(path)
+    return (path / "model_index.json").is_file() and not (path / META_FILE).is_file()
+
+
+def _to(x, device):
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+@dataclass
+class Model:
+    """A loaded model: ``denoiser(x_t, t, cond) -> x0`` plus what it needs around it.
+
+    ``conditioner`` has ``cond(prompts) -> dict`` and ``uncond(n) -> dict`` (the backbone's keyword
+    arguments besides x_t and t); ``vae`` (latent models only) has ``encode(images, generator)`` and
+    ``decode(latents)``. ``image_shape`` is the shape the denoiser works on (latents for VAE models).
+    """
+
+    denoiser: Denoiser
+    conditioner: object
+    meta: dict
+    path: Path
+    sampling: dict = field(default_factory=dict)  # student runs: timesteps and sampler settings
+    vae: object | None = None
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    @property
+    def default_guidance(self) -> float:
+        """The CFG scale a teacher samples with when none is given (its folder says; else 5.0)."""
+        return float(self.meta.get("default_guidance", 5.0))
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["image_shape"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def cond(self, prompts: list[str]) -> dict:
+        return _to(self.conditioner.cond(list(prompts)), self.device)
+
+    def uncond(self, n: int) -> dict:
+        """The unconditional branch of CFG for ``n`` samples, as the model's pipeline defines it."""
+        return _to(self.conditioner.uncond(n), self.device)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> what the denoiser works on (identity without a VAE)."""
+        return images if self.vae is None else self.vae.encode(images, generator)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The denoiser's space -> images in [-1, 1] (identity without a VAE)."""
+        return x if self.vae is None else self.vae.decode(x)
+
+    def to(self, device) -> "Model":
+        self.denoiser.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
+        if hasattr(self.conditioner, "to") and not isinstance(self.conditioner, torch.nn.Module):
+            self.conditioner.to(device)  # pipeline text encoders (the built-in MiniLM stays on the CPU)
+        return self
+
+
+def read_meta(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFound(f"model folder {str(path)!r} does not exist")
+    if not (path / META_FILE).is_file():
+        raise ModelNotFound(
+            f"{str(path)!r} is not a model folder (no {META_FILE} or model_index.json); expected a "
+            "diffusers pipeline folder, a teacher written by 'flashdistill train-teacher' or a run "
+            "written by 'flashdistill distill'"
+        )
+    return json.loads((path / META_FILE).read_text())
