@@ -114,8 +114,10 @@ def test_checkpoints_are_safetensors_and_pruned(reference_run):
     assert ckpt.latest(root) == root / "step_00000006"
     last = root / "step_00000006"
     assert sorted(p.name for p in last.iterdir()) == [
-        "rng_rank0.safetensors", "state.json", "unet.ema.safetensors", "unet.optim.json", "unet.optim.safetensors",
-        "unet.safetensors"]
+        "checksums.json", "rng_rank0.safetensors", "state.json", "unet.ema.safetensors", "unet.optim.json",
+        "unet.optim.safetensors", "unet.safetensors"]
+    assert ckpt.verify(last) == [] and set(json.loads((last / "checksums.json").read_text())) == {
+        p.name for p in last.iterdir() if p.name != "checksums.json"}
     final = reference_run["final"]
     with safe_open(str(last / "unet.safetensors"), "pt") as f:
         keys = set(f.keys())
