@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .data.digits import load_digits, prompt_for
 from .losses import discriminator_loss
-from .core.solvers import cfg_model as flash_cfg
+from .core.solvers import cfg_model
 from .models.discriminator import DiscriminatorHead
 
 BAD_GENERATORS = ("blurred", "shifted", "wrong_digit")
@@ -75,7 +75,7 @@ def discriminator_separation(teacher, real, real_labels, fake, fake_labels, t_pr
 def _targets(teacher, K: int, guidance: tuple[float, float], split: str, num_samples: int, seed: int):
     """Per mode of the K-grid: (mode, t, x0, labels, x_t, cond, target), the Eq. (2) target being the
     teacher's K-grid DPM-Solver++ solve with CFG at w ~ U[guidance] from digits of ``split`` noised at t."""
-    from .core.solvers import cfg_model, dpmpp_2m
+    from .core.solvers import dpmpp_2m
     from .core.timesteps import mode_indices
     from .sample import teacher_timesteps
 
@@ -126,10 +126,9 @@ def dmd_direction(student, teacher, guidance: tuple[float, float], num_samples: 
     t'' in each range, the DMD direction ``x0_fake - x0_real`` (fake: the student, real: the teacher
     with CFG) is compared with the pure guidance direction ``x0_cond - x0_real`` (the teacher
     without CFG): cosine near 1 and norm ratio near 1 mean DMD only adds guidance."""
-    from .core.solvers import cfg_model
     from .evaluate import eval_prompts
 
-    prompts, _, seeds = eval_prompts(num_samples)
+    prompts, _, _ = eval_prompts(num_samples)
     g = torch.Generator().manual_seed(seed)
     cond, uncond = student.cond(prompts), teacher.uncond(num_samples)
     x = torch.randn((num_samples, *student.image_shape), generator=g)
@@ -184,7 +183,7 @@ def profile_step(teacher_dir, overrides: dict | None = None, steps: int = 30, ba
     batches = DeterministicBatches(get_dataset("digits"), batch_size, 1, 0, 0, 1)
     g = torch.Generator().manual_seed(0)
     with mock.patch.object(method, "teacher_target", timed("teacher_target", method.teacher_target)), \
-            mock.patch.object(flash, "cfg_model", lambda *a, **k: timed("teacher_cfg", flash_cfg(*a, **k))), \
+            mock.patch.object(flash, "cfg_model", lambda *a, **k: timed("teacher_cfg", cfg_model(*a, **k))), \
             mock.patch.object(Denoiser, "encoder_features", timed("adv_features", Denoiser.encoder_features)), \
             mock.patch.object(StudentDenoiser, "forward", timed("student_forward", StudentDenoiser.forward)):
         for i in range(3 + steps):
@@ -231,33 +230,29 @@ def main(argv=None) -> None:
                     for tp in args.t_prime]
             print(f"  {kind:<12}" + "  ".join(f"t'={tp}: {a:.3f}" for tp, a in zip(args.t_prime, accs)))
     if "target" in args.what:
+        from .methods.flash import PRESETS
+
+        digits = PRESETS["digits"]
         print("distillation target (teacher K-grid solve from noised train digits), per mode")
-        for r in target_quality(teacher, args.K, (1.0, 2.0)):
+        for r in target_quality(teacher, args.K, (digits["guidance_min"], digits["guidance_max"])):
             print(f"  mode {r['mode']} t={r['t']:>4}  FD {r['fd']:.2f}  pixel FD {r['pixel_fd']:.3f}  hist {r['hist']:.4f}  "
                   f"adherence {r['adherence']:.3f}  mse to x0 {r['teacher_mse']:.4f}")
-
-    if "regression" in args.what:
+    if {"regression", "dmd"} & set(args.what):
         if not args.student:
-            ap.error("--what regression needs --student RUN")
+            ap.error("--what regression and --what dmd need --student RUN")
         student = load_model(args.student)
-        cfg = student.meta.get("config", {})
+        cfg = student.meta.get("config", {})  # the run's own grid and guidance range
         K, guidance = cfg.get("K", args.K), (cfg.get("guidance_min", 1.0), cfg.get("guidance_max", 2.0))
+    if "regression" in args.what:
         print(f"student one-step regression error on held-out (test) digits, K = {K}, w ~ U{list(guidance)}")
         for r in regression_error(student, teacher, K, guidance):
             print(f"  mode {r['mode']} t={r['t']:>4}  mse to target {r['mse_to_target']:.4f} (target to x0 "
                   f"{r['target_mse_to_x0']:.4f})  one-step FD {r['fd']:.2f}  pixel FD {r['pixel_fd']:.3f}  "
                   f"adherence {r['adherence']:.3f}")
-
     if "dmd" in args.what:
-        if not args.student:
-            ap.error("--what dmd needs --student RUN")
-        student = load_model(args.student)
-        cfg = student.meta.get("config", {})
-        guidance = (cfg.get("guidance_min", 1.0), cfg.get("guidance_max", 2.0))
         print("DMD direction (student as fake score) against the pure guidance direction, one-step samples")
         for r in dmd_direction(student, teacher, guidance):
             print(f"  t'' in {r['t_range']}: cosine {r['cos_to_guidance']:.3f}  norm ratio {r['norm_ratio']:.3f}")
-
     if "profile" in args.what:
         for label, over in (("digits preset", {}), ("with the adversarial term", {"use_adv": True})):
             r = profile_step(args.teacher, over)
