@@ -63,7 +63,7 @@ def test_quick_schema_files_and_cache(tmp_path, capsys):
     capsys.readouterr()
     again = run_benchmark(tiny(), tmp_path / "out2", cache=cache, progress=False)
     printed = capsys.readouterr().out
-    assert "reusing the teacher" in printed and "reusing the Flash run" in printed
+    assert "reusing the teacher" in printed and "reusing the flash run" in printed
     assert again["teacher_train_seconds"] == saved["teacher_train_seconds"]
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["flash", "teacher"]
     assert "warning" not in printed
@@ -143,3 +143,26 @@ def test_unknown_preset_and_bad_samples(tmp_path):
         run_benchmark("fast", tmp_path)
     with pytest.raises(ValueError, match="num_samples must be >= 10"):
         run_benchmark("quick", tmp_path, num_samples=3)
+
+
+def test_methods_schema_seeds_and_summary(tmp_path):
+    tiny_m = {"N": 10, "lora_rank": 2, "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "sample_every": 0}}
+    tiny_l = {"lora_rank": 2, "teacher_steps": 4, "stages": [2, 1], "stage_steps": [1, 2], "convert_steps": 1,
+              "train": {"steps": 3, "batch_size": 2, "checkpoint_every": 3}}
+    preset = tiny(solvers=("dpmpp_2m",), nocfg_solver_steps=(1,), method_seeds=(0, 1), seeds_per_method={"lightning": (0,)},
+                  methods={"flash": TINY_FLASH, "lcm": tiny_m, "splam": {**tiny_m, "gamma_dim": 8}, "lightning": tiny_l})
+    result = run_benchmark(preset, tmp_path / "out", cache=tmp_path / "cache", progress=False)
+    students = [r for r in result["rows"] if r["method"].endswith("student")]
+    assert {(r["method"], r["steps"], r["seed"]) for r in students} == {
+        (f"{m} student", s, seed) for m in ("flash", "lcm", "splam") for s in (1, 2) for seed in (0, 1)} | {
+        ("lightning student", s, 0) for s in (1, 2)}
+    assert len({r["run"] for r in students}) == 7  # one cached run per method and seed
+    summary = result["methods"]
+    assert len(summary) == 8
+    for e in summary:
+        n = 1 if e["method"] == "lightning" else 2
+        assert len(e["fd"]) == n and e["fd_mean"] == pytest.approx(sum(e["fd"]) / n) and e["fd_spread"] >= 0
+        assert _finite(e["best_solver_fd_same_nfe"]) and e["paper"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Methods at equal training wall time" in report and "| lcm | 2 |" in report
+    assert (tmp_path / "out" / "quality_vs_nfe.png").is_file()

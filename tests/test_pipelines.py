@@ -65,23 +65,28 @@ def _tiny_data(n=4):
             for p in ["a cat", "a red car", "a dog", "a lake"][:n]]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_flash_distil_sample_export_round_trip(teachers, family, tmp_path):
+METHOD_SETTINGS = {"flash": {"K": 8, "phase_steps": [1, 1, 1]}, "lcm": {"N": 10}, "splam": {"N": 10, "gamma_dim": 8}}
+ROUND_TRIPS = [("flash", f) for f in FAMILIES] + [("lcm", f) for f in FAMILIES] + [("splam", "sd"), ("splam", "sdxl")]
+
+
+@pytest.mark.parametrize("method_name,family", ROUND_TRIPS)
+def test_distil_sample_export_round_trip(teachers, method_name, family, tmp_path):
     import diffusers
     from safetensors.torch import load_file
 
-    from flashdistill.export import export
-    from flashdistill.methods.flash import FlashDistillation, build_config
+    from flashdistill.export import METHOD_TITLES, export
+    from flashdistill.methods import method_module
     from flashdistill.models.loading import load_model
     from flashdistill.models.student import lcm_multistep, student_timesteps
     from flashdistill.sample import sample
     from flashdistill.train import train
 
-    cfg, preset = build_config(teachers[family], "auto", {
-        "K": 8, "lora_rank": 2, "phase_steps": [1, 1, 1], "lr": 1e-2,
+    module = method_module(method_name)
+    cfg, preset = module.build_config(teachers[family], "auto", {
+        **METHOD_SETTINGS[method_name], "lora_rank": 2, "lr": 1e-2,
         "train": {"steps": 3, "batch_size": 2, "checkpoint_every": 3, "log_every": 1}})
     assert preset == family
-    method = FlashDistillation(cfg)
+    method = module.Method(cfg)
     assert 0 < method.trainable < method.total
     run = tmp_path / "run"
     train(method, _tiny_data(), run, progress=False)
@@ -97,7 +102,7 @@ def test_flash_distil_sample_export_round_trip(teachers, family, tmp_path):
 
     out = export(run, tmp_path / "export")
     card = (out / "README.md").read_text()
-    assert "Flash Diffusion" in card and "## Settings" in card and "## Metrics" in card
+    assert METHOD_TITLES[method_name][0] in card and "## Settings" in card and "## Metrics" in card
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     pipe = _pipe(teachers[family], family)
     if family == "pixart":
@@ -125,6 +130,19 @@ def test_flash_distil_sample_export_round_trip(teachers, family, tmp_path):
         with torch.no_grad():
             ours = lcm_multistep(student.denoiser, lat, ts, student.cond(prompts), student.schedule, noises)
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item() + 1e-6)
+
+
+@pytest.mark.parametrize("name,family,why", [("splam", "pixart", "needs a UNet time embedding"),
+                                             ("splam", "sd3", "derived for VP schedules"),
+                                             ("lightning", "pixart", "copies a UNet encoder and mid block"),
+                                             ("lightning", "sd3", "written for VP schedules")])
+def test_methods_refuse_backbones_they_do_not_apply_to(teachers, name, family, why):
+    from flashdistill.methods import method_module
+
+    module = method_module(name)
+    cfg, _ = module.build_config(teachers[family], "auto", {"lora_rank": 2})
+    with pytest.raises(ValueError, match=why):
+        module.Method(cfg)
 
 
 def test_unsupported_pipeline_and_missing_folder(tmp_path):
@@ -175,3 +193,46 @@ def test_accelerate_config_files_parse():
     fsdp = ClusterConfig.from_yaml_file(root / "accelerate_fsdp.yaml")
     assert ddp.distributed_type.value == "MULTI_GPU" and fsdp.distributed_type.value == "FSDP"
     assert fsdp.fsdp_config["fsdp_use_orig_params"] is True
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_lightning_stages_export_and_diffusers_euler_round_trip(teachers, family, tmp_path):
+    """Every stage of a Lightning run exports to its own folder; a stock pipeline with the stage's
+    LoRA and its EulerDiscreteScheduler (trailing; prediction_type "sample" at 1 step) reproduces
+    the toolkit's deterministic samples."""
+    import diffusers
+
+    from flashdistill.export import export
+    from flashdistill.methods import lightning
+    from flashdistill.models.loading import load_model
+    from flashdistill.models.student import lcm_multistep, student_timesteps
+    from flashdistill.train import train
+
+    cfg, _ = lightning.build_config(teachers[family], "auto", {
+        "lora_rank": 2, "teacher_steps": 4, "stages": [2, 1], "stage_steps": [1, 2], "convert_steps": 1,
+        "lr": 1e-2, "mse_lr": 1e-2, "disc_lr": 1e-2, "train": {"steps": 3, "batch_size": 2, "checkpoint_every": 3}})
+    run = tmp_path / "run"
+    train(lightning.Method(cfg), _tiny_data(), run, progress=False)
+    out = export(run, tmp_path / "export")
+    pipe = _pipe(teachers[family], family)
+    prompts = ["a cat", "a red car"]
+    for n in (2, 1):
+        student = load_model(run / "stages" / str(n))
+        sched = json.loads((out / f"{n}-step" / "scheduler" / "scheduler_config.json").read_text())
+        assert sched["_class_name"] == "EulerDiscreteScheduler" and sched["timestep_spacing"] == "trailing"
+        assert sched["prediction_type"] == ("sample" if n == 1 else "epsilon")
+        pipe.load_lora_weights(out / f"{n}-step")
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_pretrained(out / f"{n}-step", subfolder="scheduler")
+        lat = _noise(student, 2, 5)
+        # diffusers' trailing Euler starts from sigma_max * latents, which its scale_model_input
+        # turns into sigma_max / sqrt(sigma_max^2 + 1) * latents (0.9977 on SD's schedule): the
+        # trained start, pure noise (Eq. 24), is reached by dividing the latents by that factor
+        pipe.scheduler.set_timesteps(n)
+        sig = float(pipe.scheduler.init_noise_sigma)
+        start = lat * ((sig**2 + 1) ** 0.5 / sig)
+        ref = pipe(prompts, num_inference_steps=n, guidance_scale=1.0, latents=start, output_type="latent").images
+        pipe.unload_lora_weights()
+        ts = student_timesteps(student.sampling, n)
+        with torch.no_grad():
+            ours = lcm_multistep(student.denoiser, lat, ts, student.cond(prompts), student.schedule, None, gamma=0.0)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item() + 1e-6)

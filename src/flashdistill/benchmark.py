@@ -7,6 +7,9 @@ Presets:
   at its default w) at 1, 2, 4 and 8 steps; the Flash student at 1, 2 and 4 steps.
 - ``full``: more samples, the teacher at 50 steps too, and a teacher guidance sweep (cf. Fig. 5).
 - ``ablations``: equal-budget Flash runs, FD and adherence at 2 steps, the paper's numbers beside.
+- ``methods``: Flash, LCM-LoRA and SPLAM distilled from the same teacher at about the same training
+  wall time, two training seeds each, at 1, 2 and 4 steps beside the training-free solvers, with
+  the papers' own numbers for context.
 
 Trained models are cached under ``--cache`` (default ``runs/cache``), keyed by a hash of their
 config: a second run, or another preset, reuses them; an interrupted training resumes. NFE counts
@@ -42,6 +45,7 @@ class Preset:
     teacher_steps: tuple[int, ...] = (32,)
     solvers: tuple[str, ...] = SOLVERS
     solver_steps: tuple[int, ...] = (1, 2, 4, 8)
+    nocfg_solver_steps: tuple[int, ...] = ()  # solver rows without CFG (w = 1: NFE = steps), e.g. NFE 1
     student_steps: tuple[int, ...] = (1, 2, 4)
     guidance_sweep: tuple[float, ...] = ()
     ablations: bool = False
@@ -50,6 +54,9 @@ class Preset:
     speed_repeats: int = 3
     teacher: dict = field(default_factory=dict)  # overrides of TeacherConfig
     flash: dict = field(default_factory=dict)  # overrides of the Flash "digits" preset
+    methods: dict = field(default_factory=dict)  # method -> overrides of its "digits" preset (the methods preset)
+    method_seeds: tuple[int, ...] = (0,)  # training seeds of each method run
+    seeds_per_method: dict = field(default_factory=dict)  # method -> its own seeds (overrides method_seeds)
 
 
 PRESETS = {
@@ -60,6 +67,27 @@ PRESETS = {
     # preset turns it off; docs/quality.md says why).
     "ablations": Preset(solvers=(), student_steps=(2,), ablations=True,
                         ablation_flash={"use_adv": True, "phase_steps": [25, 50, 50], "train": {"steps": 170}}),
+    # Equal training wall time: each method's digits preset, with LCM / SPLAM's steps set so that a
+    # run takes about as long as Flash's 340 steps on 2 CPU cores (60-step timing, one run each:
+    # Flash 0.296 s/step, LCM 0.216, SPLAM 0.226, which undercounts Flash, whose DMD term starts after
+    # 50 steps; a first benchmark run measured Flash 139 s for 340 steps, LCM 93 s for 460, SPLAM 92 s
+    # for 440, hence 690 and 660 here; the report shows every run's own seconds).
+    # Lightning's digits preset is set to that wall time itself; it gets three seeds (its 1-step
+    # stability is a claim to check). DPM-Solver++ and UniPC stand for the training-free solvers,
+    # with CFG and without.
+    "methods": Preset(solvers=("dpmpp_2m", "unipc"), solver_steps=(1, 2, 4), nocfg_solver_steps=(1, 2, 4),
+                      method_seeds=(0, 1), seeds_per_method={"lightning": (0, 1, 2)},
+                      methods={"flash": {}, "lcm": {"train": {"steps": 690}}, "splam": {"train": {"steps": 660}},
+                               "lightning": {}}),
+}
+
+# The papers' own figures for each method (notes/peer-methods.md), for context only: other
+# teachers, datasets and metrics. FID at 1 / 2 / 4 steps (None: not reported).
+PAPER_NUMBERS = {
+    "flash": "Flash SD1.5 LoRA: COCO-2014 30k FID 12.27 / 12.41 at 2 / 4 NFE; COCO-2017 5k 22.6 at 2 NFE (Fig. 4a, 4b)",
+    "lcm": "LCM-LoRA SD1.5, COCO-2014 30k FID 77.90 / 24.28 / 23.62 at 1 / 2 / 4 steps (Flash Table, from DMD)",
+    "lightning": "SDXL-Lightning (full), COCO val 10k FID 22.61 / 23.11 / 22.30 at 1 / 2 / 4 steps (SDXL at 32 steps: 18.49; paper Table 2)",
+    "splam": "SPLAM SD1.5 w = 3, COCO-2014 30k FID 12.31 / 10.06 at 2 / 4 steps (LCM: 14.29 / 10.68; teacher 8.03)",
 }
 
 # Fig. 4c-4g of the paper: SD1.5 teacher, 20k iterations, COCO-2017 5k, 2 NFE: (FID, CLIP).
@@ -106,10 +134,14 @@ def teacher_config(overrides: dict | None = None):
     return from_dict(TeacherConfig, overrides or {})
 
 
-def flash_config(teacher: Path, overrides: dict | None = None):
-    from .methods.flash import build_config
+def method_config(method: str, teacher: Path, overrides: dict | None = None):
+    from .methods import method_module
 
-    return build_config(teacher, "digits", overrides)[0]
+    return method_module(method).build_config(teacher, "digits", overrides)[0]
+
+
+def flash_config(teacher: Path, overrides: dict | None = None):
+    return method_config("flash", teacher, overrides)
 
 
 # The source files that define what a cached teacher / Flash run is: a change to any of them (or to
@@ -117,8 +149,12 @@ def flash_config(teacher: Path, overrides: dict | None = None):
 TEACHER_SOURCES = ("methods/dsm.py", "models/unet.py", "models/text.py", "models/denoiser.py", "core/schedules.py",
                    "core/solvers.py", "data/digits.py", "train.py", "checkpoint.py", "config.py", "models/model.py",
                    "models/loading.py")
-FLASH_SOURCES = TEACHER_SOURCES + ("methods/flash.py", "losses.py", "core/timesteps.py", "models/student.py",
-                                   "models/discriminator.py", "models/pipelines.py", "sample.py")
+STUDENT_SOURCES = TEACHER_SOURCES + ("methods/base.py", "losses.py", "core/timesteps.py", "models/student.py",
+                                     "models/discriminator.py", "models/pipelines.py", "sample.py")
+FLASH_SOURCES = STUDENT_SOURCES + ("methods/flash.py",)
+METHOD_SOURCES = {"flash": FLASH_SOURCES, "lcm": STUDENT_SOURCES + ("methods/lcm.py",),
+                  "splam": STUDENT_SOURCES + ("methods/lcm.py", "methods/splam.py"),
+                  "lightning": STUDENT_SOURCES + ("methods/lightning.py",)}
 
 
 def source_hash(files: tuple[str, ...]) -> str:
@@ -140,14 +176,19 @@ def teacher_key(overrides: dict | None = None) -> str:
     return _key(to_dict(teacher_config(overrides)), source_hash(TEACHER_SOURCES))
 
 
-def flash_key(teacher_overrides: dict | None, overrides: dict | None = None) -> str:
-    """Cache key of a Flash run: the teacher's key and the run's resolved config (its teacher path,
-    which names the cache folder, left out)."""
+def method_key(method: str, teacher_overrides: dict | None, overrides: dict | None = None) -> str:
+    """Cache key of a distillation run: the teacher's key, the method and the run's resolved config
+    (its teacher path, which names the cache folder, left out)."""
     from .config import to_dict
 
-    cfg = to_dict(flash_config(Path("."), overrides))
+    cfg = to_dict(method_config(method, Path("."), overrides))
     cfg.pop("teacher")
-    return _key(teacher_key(teacher_overrides), cfg, source_hash(FLASH_SOURCES))
+    parts = (teacher_key(teacher_overrides), cfg, source_hash(METHOD_SOURCES[method]))
+    return _key(*parts) if method == "flash" else _key(method, *parts)
+
+
+def flash_key(teacher_overrides: dict | None, overrides: dict | None = None) -> str:
+    return method_key("flash", teacher_overrides, overrides)
 
 
 def _config_changes(path: Path, config) -> list[str]:
@@ -193,19 +234,26 @@ def ensure_teacher(path: Path, overrides: dict | None = None, progress: bool = T
     return _ensure_trained(path, "teacher", cfg, lambda: TeacherTraining(cfg), get_dataset(cfg.dataset), progress)
 
 
-def ensure_flash(teacher: Path, path: Path, overrides: dict | None = None, progress: bool = True) -> float | None:
-    """A Flash student of ``teacher`` (digits preset + ``overrides``) in ``path``, trained if needed."""
-    from .methods.flash import FlashDistillation
+def ensure_student(method: str, teacher: Path, path: Path, overrides: dict | None = None,
+                   progress: bool = True) -> float | None:
+    """A ``method`` student of ``teacher`` (its digits preset + ``overrides``) in ``path``, trained
+    if needed."""
+    from .methods import method_module
 
-    cfg = flash_config(teacher, overrides)
+    cfg = method_config(method, teacher, overrides)
 
     def build():
-        method = FlashDistillation(cfg)
-        print(f"Flash student: {method.trainable:,} trainable parameters, "
-              f"{100 * method.trainable / method.total:.2f}% of the teacher's {method.total:,}")
-        return method
+        m = method_module(method).Method(cfg)
+        print(f"{method} student: {m.trainable:,} trainable parameters, "
+              f"{100 * m.trainable / m.total:.2f}% of the teacher's {m.total:,}")
+        return m
 
-    return _ensure_trained(path, "Flash run", cfg, build, get_dataset("digits"), progress)
+    return _ensure_trained(path, f"{method} run", cfg, build, get_dataset("digits"), progress)
+
+
+def ensure_flash(teacher: Path, path: Path, overrides: dict | None = None, progress: bool = True) -> float | None:
+    """A Flash student of ``teacher`` (digits preset + ``overrides``) in ``path``, trained if needed."""
+    return ensure_student("flash", teacher, path, overrides, progress)
 
 
 def _recorded_seconds(path: Path) -> float | None:
@@ -306,6 +354,7 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
     jobs = [("teacher dpmpp_2m", s, w, "dpmpp_2m") for s in preset.teacher_steps]
     jobs += [("teacher dpmpp_2m", 32, g, "dpmpp_2m") for g in preset.guidance_sweep if g != w]
     jobs += [(f"{solver} (training-free)", s, w, solver) for solver in preset.solvers for s in preset.solver_steps]
+    jobs += [(f"{solver} (training-free)", s, 1.0, solver) for solver in preset.solvers for s in preset.nocfg_solver_steps]
     rows = [bench.row(teacher, *job) for job in tqdm(jobs, desc="teacher rows", disable=not progress)]
     result = {"preset": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "num_samples": preset.num_samples, "fd_floor": fd_floor(preset.num_samples), "pixel_fd_floor": pixel_fd_floor(preset.num_samples),
@@ -317,6 +366,8 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
         result["ablations"] = run_ablations(bench, teacher_dir, cache, preset, progress)
         # one row per distinct run (variants with the same config share a run and its row)
         rows += list({id(e["row"]): e["row"] for g in result["ablations"] for e in g["variants"]}.values())
+    elif preset.methods:
+        rows += run_methods(bench, teacher_dir, cache, preset, progress)
     else:
         flash_dir = cache / f"flash-{flash_key(preset.teacher, preset.flash)}"
         flash_seconds = ensure_flash(teacher_dir, flash_dir, preset.flash, progress)
@@ -325,6 +376,8 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
         rows += [bench.row(student, "flash student", s, None, extra=extra)
                  for s in tqdm(preset.student_steps, desc="student rows", disable=not progress)]
     bench.measure_speeds(rows)
+    if preset.methods:
+        result["methods"] = method_summary(rows, preset)
     result["rows"] = rows
     result["speed"] = {"batch": preset.speed_batch, "rounds": preset.speed_repeats,
                        "method": "warm-up call per row, then round-robin rounds over all rows; best round per row"}
@@ -343,8 +396,46 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
     return result
 
 
+def run_methods(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, progress: bool) -> list[dict]:
+    """Every method of the preset, once per training seed, scored at the preset's student steps."""
+    from .config import merge
+
+    rows = []
+    for method, overrides in preset.methods.items():
+        for seed in preset.seeds_per_method.get(method, preset.method_seeds):
+            over = merge(overrides, {"train": {"seed": seed}})
+            run = cache / f"{method}-{method_key(method, preset.teacher, over)}"
+            seconds = ensure_student(method, teacher_dir, run, over, progress)
+            student = load_model(run)
+            extra = {"train_seconds": seconds, "trainable_params": student.meta["trainable_params"], "seed": seed,
+                     "train_steps": student.meta["config"]["train"]["steps"], "run": str(run)}
+            rows += [bench.row(student, f"{method} student", s, None, extra=extra) for s in preset.student_steps]
+    return rows
+
+
+def method_summary(rows: list[dict], preset: Preset) -> list[dict]:
+    """Per method and step count: mean and spread over the training seeds, the best training-free
+    solver at the same NFE, and the paper's own figures for context."""
+    out = []
+    for method in preset.methods:
+        for steps in preset.student_steps:
+            rs = [r for r in rows if r["method"] == f"{method} student" and r["steps"] == steps]
+            solvers = [r for r in rows if r["method"].endswith("(training-free)") and r["nfe"] == steps]
+            fds = [r["fd"] for r in rs]
+            out.append({"method": method, "steps": steps, "nfe": steps, "seeds": [r["seed"] for r in rs],
+                        "fd": fds, "fd_mean": sum(fds) / len(fds), "fd_spread": max(fds) - min(fds),
+                        "pixel_fd_mean": sum(r["pixel_fd"] for r in rs) / len(rs),
+                        "adherence_mean": sum(r["adherence"] for r in rs) / len(rs),
+                        "train_seconds": [r["train_seconds"] for r in rs], "train_steps": rs[0]["train_steps"],
+                        "trainable_params": rs[0]["trainable_params"],
+                        "images_per_second": sum(r["images_per_second"] or 0 for r in rs) / len(rs),
+                        "best_solver_fd_same_nfe": min((r["fd"] for r in solvers), default=None),
+                        "paper": PAPER_NUMBERS.get(method)})
+    return out
+
+
 def _speedup(rows: list[dict], w: float) -> float | None:
-    student = [r for r in rows if r["method"] == "flash student" and r["steps"] == 2]
+    student = [r for r in rows if r["method"] == "flash student" and r["steps"] == 2][:1]
     teacher = [r for r in rows if r["method"] == "teacher dpmpp_2m" and r["steps"] == 32 and r["guidance"] == w]
     if not student or not teacher:
         return None
@@ -429,9 +520,14 @@ def plot_quality_vs_nfe(result: dict, path: Path) -> None:
         if r["method"] not in methods and not (r["method"].startswith("teacher") and r["steps"] >= 32):
             methods.append(r["method"])
     for m in methods:
-        pts = sorted((r["nfe"], r["fd"]) for r in result["rows"] if r["method"] == m)
-        style = dict(lw=2.5, marker="o", color="C3") if m == "flash student" else dict(lw=1.2, marker=".")
-        ax.plot(*zip(*pts), label=m, **style)
+        by_nfe: dict = {}
+        for r in result["rows"]:
+            if r["method"] == m:
+                by_nfe.setdefault(r["nfe"], []).append(r["fd"])
+        # students: mean over training seeds; a solver: its best row at that NFE (with or without CFG)
+        pts = sorted((n, sum(v) / len(v) if m.endswith("student") else min(v)) for n, v in by_nfe.items())
+        style = dict(lw=2.5, marker="o") if m.endswith("student") else dict(lw=1.2, marker=".", ls="--")
+        ax.plot(*zip(*pts), label=m + (" (mean of seeds)" if any(len(v) > 1 for v in by_nfe.values()) else ""), **style)
     ax.axhline(result["teacher_best_fd"], ls="--", color="k", lw=1, label=f"teacher best ({result['teacher_best_fd']:.2f})")
     ax.axhline(result["fd_floor"], ls=":", color="gray", lw=1, label=f"data floor ({result['fd_floor']:.2f})")
     ax.set_xscale("log", base=2)
@@ -488,9 +584,21 @@ def report(result: dict) -> str:
     for r in result["rows"]:
         if r.get("variants"):
             continue
-        lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {_fmt(r['guidance'], 'g')} | {r['fd']:.2f} | "
+        seed = f" (seed {r['seed']})" if "seed" in r else ""
+        lines.append(f"| {r['method']}{seed} | {r['steps']} | {r['nfe']} | {_fmt(r['guidance'], 'g')} | {r['fd']:.2f} | "
                      f"{_fmt(r.get('pixel_fd'), '.3f')} | {_fmt(r.get('hist'), '.4f')} | {r['adherence']:.3f} | {r['teacher_mse']:.4f} | {r['images_per_second']:.0f} | "
                      f"{_fmt(r['train_seconds'], '.0f')} | {_fmt(r['trainable_params'], ',')} |")
+    if result.get("methods"):
+        lines += ["", "### Methods at equal training wall time (mean over training seeds)", "",
+                  "| method | steps | FD ↓ mean (per seed) | best solver FD at same NFE | pixel FD ↓ | adherence ↑ | "
+                  "images/s | train s (per seed) | train steps | trainable params | the paper's own figures |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for e in result["methods"]:
+            per = ", ".join(f"{v:.2f}" for v in e["fd"])
+            secs = ", ".join(_fmt(v, ".0f") for v in e["train_seconds"])
+            lines.append(f"| {e['method']} | {e['steps']} | {e['fd_mean']:.2f} ({per}) | {_fmt(e['best_solver_fd_same_nfe'], '.2f')} | "
+                         f"{e['pixel_fd_mean']:.3f} | {e['adherence_mean']:.3f} | {e['images_per_second']:.0f} | {secs} | "
+                         f"{e['train_steps']} | {e['trainable_params']:,} | {e['paper'] if e['steps'] == 2 else ''} |")
     for g in result.get("ablations", []):
         agrees = {True: "same order as the paper", False: "**order differs from the paper**", None: "no paper order"}
         lines += ["", f"### {g['group']} — {agrees[g['ranking_agrees']]}", "",

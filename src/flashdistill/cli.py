@@ -39,6 +39,23 @@ def _config_help(cls) -> str:
     return EPILOG_SET + "\n  ".join(describe(cls))
 
 
+def _method_help() -> str:
+    """Config keys: those every method shares, then, per method, its own keys and the shared ones
+    whose default it changes."""
+    from .config import describe
+    from .methods import METHODS, method_module
+    from .methods.base import StudentConfig
+    from .train import TrainConfig
+
+    common = [line for line in describe(StudentConfig) if not line.startswith("train.")] + describe(TrainConfig, "train.")
+    text = EPILOG_SET + "\n  ".join(common)
+    for m in METHODS:
+        method = method_module(m).Method
+        own = [line for line in describe(method.config_class) if line not in common]
+        text += f"\n\n--method {m}: {method.title}\n  " + "\n  ".join(own)
+    return text
+
+
 def _load_method_config(cls, args, extra: dict):
     from .config import load_config, merge
 
@@ -171,17 +188,18 @@ def _is_main_process() -> bool:
 def cmd_distill(args) -> None:
     from .config import parse_overrides, read_config_file, to_dict
     from .data.digits import get_dataset
-    from .methods.flash import FlashDistillation, build_config
+    from .methods import method_module
     from .train import train
 
+    module = method_module(args.method)
     flags = {"full": True} if args.full else {}
-    cfg, preset = build_config(args.teacher, args.preset, read_config_file(args.config), parse_overrides(args.set), flags)
+    cfg, preset = module.build_config(args.teacher, args.preset, read_config_file(args.config), parse_overrides(args.set), flags)
     say = print if _is_main_process() else (lambda *a, **k: None)
-    say(f"preset: {preset}")
+    say(f"method: {args.method}; preset: {preset}")
     say(json.dumps(to_dict(cfg), indent=2))
     if args.dry_run:
         return
-    method = FlashDistillation(cfg)
+    method = module.Method(cfg)
     if args.data:
         from .data.images import load_image_dataset
 
@@ -196,9 +214,10 @@ def cmd_distill(args) -> None:
         raise ValueError(f"the teacher {args.teacher!r} has no built-in dataset: pass --data PATH "
                          "(image folder with metadata.jsonl, datasets folder, or webdataset .tar shards)")
     share = 100 * method.trainable / method.total
+    extra = "".join(f"; {name}: {sum(p.numel() for p in m.parameters() if p.requires_grad):,}"
+                    for name, m in method.models().items() if name != "student")
     say(f"student: {method.trainable:,} trainable parameters, {share:.2f}% of the teacher's {method.total:,}"
-          f" {'full' if cfg.full else f'LoRA rank {cfg.lora_rank}'}; discriminator head: "
-          f"{sum(p.numel() for p in method.disc.parameters()):,}")
+        f" ({'full' if cfg.full else f'LoRA rank {cfg.lora_rank}'}){extra}")
     summary = train(method, dataset, args.out, resume=args.resume)
     say(f"student written to {args.out} ({summary['seconds']:.0f} s, {summary['processes']} process(es))")
 
@@ -236,8 +255,8 @@ def cmd_benchmark(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS, method_module
     from .methods.dsm import TeacherConfig
-    from .methods.flash import PRESETS, FlashConfig
 
     ap = argparse.ArgumentParser(
         prog="flashdistill",
@@ -256,18 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_train_teacher)
 
-    p = sub.add_parser("distill", help="distil a teacher into a few-step student (Flash Diffusion)",
-                       description="Flash Diffusion distillation of a teacher folder into a LoRA (or --full) student. "
+    presets = sorted({name for m in METHODS for name in method_module(m).PRESETS})
+    p = sub.add_parser("distill", help="distil a teacher into a few-step student (Flash, LCM, SPLAM)",
+                       description="Distil a teacher folder into a LoRA (or --full) student with --method: flash "
+                                   "(Flash Diffusion, the default), lcm (LCM / LCM-LoRA) or splam (SPLAM). "
                                    "Runs under accelerate: 'accelerate launch --num_processes N -m flashdistill.cli distill ...' "
                                    "(on a CPU-only machine add --multi_gpu; accelerate's --cpu starts a single process). "
                                    "Config precedence: preset < --config file < --set.",
-                       epilog=_config_help(FlashConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=_method_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher folder (e.g. from train-teacher)")
-    p.add_argument("--method", choices=["flash"], default="flash", help="distillation method")
+    p.add_argument("--method", choices=list(METHODS), default="flash", help="distillation method (default flash)")
     p.add_argument("--out", required=True, help="run folder (student, checkpoints, log, previews, config)")
-    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
-                   help="per-teacher defaults (auto: 'digits' for the built-in teacher, else the pipeline's family; "
-                        "'sd' is the paper's SD1.5 setting; 'digits-long': the digits preset at 4x the steps, about 10 min)")
+    p.add_argument("--preset", choices=["auto", *presets], default="auto",
+                   help="per-teacher defaults of the method (auto: 'digits' for the built-in teacher, else the pipeline's "
+                        "family; flash: 'sd' is the paper's SD1.5 setting, 'digits-long' the digits preset at 4x the steps; "
+                        "splam: 'sd2' is the paper's SD2.1 setting)")
     p.add_argument("--full", action="store_true", help="train the whole student instead of a LoRA")
     p.add_argument("--data", default=None, help="captioned images for real teachers: an image folder with metadata.jsonl "
                                                 "(file_name, text), a Hugging Face datasets folder (save_to_disk), or "
@@ -333,10 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the teacher at 1, 2, 4, 8 steps, the Flash student at 1, 2, 4 steps. 'full': 2000 "
                                    "samples per row, the teacher at 50 steps and a guidance sweep. 'ablations': 13 "
                                    "equal-budget Flash runs (loss terms, pi(t), distillation loss, GAN loss, K) at "
-                                   "2 steps beside the paper's Fig. 4 numbers (about 35 min). Writes OUT/results.json, "
+                                   "2 steps beside the paper's Fig. 4 numbers (about 35 min). 'methods': Flash, LCM-LoRA and SPLAM "
+                                   "from the same teacher at about equal training wall time, two seeds each, at 1, 2, 4 steps "
+                                   "beside DPM-Solver++ and UniPC (about 20 min). Writes OUT/results.json, "
                                    "OUT/report.md, OUT/grid.png and OUT/quality_vs_nfe.png (ablations: "
                                    "OUT/ablations.png). Trained models are cached in --cache and reused.")
-    p.add_argument("--preset", choices=["quick", "full", "ablations"], default="quick", help="what to run (default quick)")
+    p.add_argument("--preset", choices=["quick", "full", "ablations", "methods"], default="quick", help="what to run (default quick)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cache", default="runs/cache", help="folder of trained teachers and students, reused across "
                                                          "runs and presets (default runs/cache)")

@@ -49,6 +49,16 @@ def export(run: str | Path, out: str | Path, metrics: dict | None = None) -> Pat
     family = meta.get("family", "digits")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {str(out)!r} exists and is not empty; choose a new one")
+    if meta.get("stages"):  # one student per step count (SDXL-Lightning): one export each
+        out.mkdir(parents=True, exist_ok=True)
+        lines = [f"# {METHOD_TITLES.get(meta.get('method'), ('',))[0]} students of `{Path(meta['teacher']).name}`", "",
+                 "One student per step count; each folder is a complete export (weights, scheduler, model card):", ""]
+        for n, rel in sorted(meta["stages"].items(), key=lambda kv: -int(kv[0])):
+            rows = None if not metrics else {**metrics, "rows": [r for r in metrics["rows"] if str(r["steps"]) == n]}
+            export(run / rel, out / f"{n}-step", rows)
+            lines.append(f"- `{n}-step/`: the {n}-step student")
+        (out / "README.md").write_text("\n".join(lines) + "\n")
+        return out
     out.mkdir(parents=True, exist_ok=True)
     backbone_dir = "transformer" if family in ("pixart", "sd3") else "unet"
 
@@ -87,8 +97,17 @@ def _metrics_table(metrics: dict | None) -> str:
     return "\n".join(lines) + (f"\n\n{note}" if note else "")
 
 
+METHOD_TITLES = {"flash": ("Flash Diffusion", "Flash Diffusion (Chadebec et al. 2024)", "flash-diffusion"),
+                 "lcm": ("LCM-LoRA", "latent consistency distillation (LCM / LCM-LoRA, Luo et al. 2023)", "lcm"),
+                 "splam": ("SPLAM", "SPLAM, sub-path linear approximation (Xu et al. 2024)", "splam"),
+                 "lightning": ("SDXL-Lightning", "progressive adversarial distillation (SDXL-Lightning, Lin et al. 2024)",
+                               "sdxl-lightning")}
+
+
 def model_card(meta: dict, family: str, weights: str, metrics: dict | None) -> str:
     cfg = meta.get("config", {})
+    method = meta.get("method", "flash")
+    short, long, tag = METHOD_TITLES.get(method, (method, method, method))
     ts = meta["sampling"]["timesteps"]
     flow = family == "sd3"
     steps_arg = "sigmas" if flow else "timesteps"
@@ -106,14 +125,21 @@ def model_card(meta: dict, family: str, weights: str, metrics: dict | None) -> s
     lora = meta.get("lora")
     student = "full fine-tune" if meta["full"] else \
         "LoRA rank {}, alpha {}, on {}".format(lora["rank"], lora["alpha"], ", ".join(lora["targets"]))
+    train = cfg.get("train", {})
     settings = [f"- teacher: `{meta['teacher']}` ({family})",
                 f"- student: {student}; "
-                f"{meta['trainable_params']:,} trainable of the teacher's {meta['teacher_params']:,} parameters",
-                f"- K = {cfg.get('K')}, pi = {cfg.get('pi')}, teacher guidance w ~ U[{cfg.get('guidance_min')}, {cfg.get('guidance_max')}]",
-                f"- losses: distillation {cfg.get('distill_loss')}, adversarial {cfg.get('gan_loss') if cfg.get('use_adv') else 'off'}"
-                f" (lambda {cfg.get('lambda_adv')}), DMD {'on' if cfg.get('use_dmd') else 'off'} (lambda {cfg.get('lambda_dmd')})",
-                f"- training: {cfg.get('train', {}).get('steps')} steps, batch {cfg.get('train', {}).get('batch_size')}, "
-                f"lr {cfg.get('lr')}"]
+                f"{meta['trainable_params']:,} trainable of the teacher's {meta['teacher_params']:,} parameters"]
+    if method == "flash":
+        settings += [
+            f"- K = {cfg.get('K')}, pi = {cfg.get('pi')}, teacher guidance w ~ U[{cfg.get('guidance_min')}, {cfg.get('guidance_max')}]",
+            f"- losses: distillation {cfg.get('distill_loss')}, adversarial {cfg.get('gan_loss') if cfg.get('use_adv') else 'off'}"
+            f" (lambda {cfg.get('lambda_adv')}), DMD {'on' if cfg.get('use_dmd') else 'off'} (lambda {cfg.get('lambda_dmd')})"]
+    else:
+        from .methods.base import StudentConfig
+
+        shared = {f for f in StudentConfig.__dataclass_fields__}
+        settings += [f"- {k} = {json.dumps(v)}" for k, v in cfg.items() if k not in shared]
+    settings.append(f"- training: {train.get('steps')} steps, batch {train.get('batch_size')}, lr {cfg.get('lr')}")
     gamma = meta["sampling"].get("gamma", 1.0)
     eta_arg = f", eta={gamma:g}" if sched_cls == "TCDScheduler" else ""
     usage = "flashdistill sample --model RUN --prompt \"a handwritten digit seven\" --steps 2 --out grid.png" if family == "digits" else f"""import torch
@@ -126,11 +152,11 @@ image = pipe("a photo of a cat", num_inference_steps=2, {steps_arg}={values.get(
     lang = "bash" if family == "digits" else "python"
     return f"""---
 library_name: diffusers
-tags: [flash-diffusion, distillation, few-step, flashdistill]
+tags: [{tag}, distillation, few-step, flashdistill]
 ---
-# Flash Diffusion student of `{Path(meta['teacher']).name}`
+# {short} student of `{Path(meta['teacher']).name}`
 
-A {'LoRA' if not meta['full'] else 'full'} student distilled with Flash Diffusion (Chadebec et al. 2024) by
+A {'LoRA' if not meta['full'] else 'full'} student distilled with {long} by
 flashdistill. It generates in 1, 2 or 4 steps without classifier-free guidance (one network
 evaluation per step).
 

@@ -69,3 +69,39 @@ def dmd_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, eps:
     grad = (x0_fake - x0_real) / norm
     loss = F.mse_loss(x.float(), (x.detach().float() - grad))
     return loss, {"dmd": loss.detach(), "dmd_grad_norm": grad.flatten(1).norm(dim=1).mean()}
+
+
+CONSISTENCY_LOSSES = ("l2", "huber")
+
+
+def consistency_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", huber_c: float = 0.001):
+    """LCM's distance d(F_theta, F_theta-) between the online prediction and the stop-gradient
+    target: ``l2`` is the mean squared error; ``huber`` the element-wise pseudo-Huber
+    ``mean(sqrt((pred - target)^2 + c^2) - c)`` (Song & Dhariwal 2023; diffusers' LCM scripts)."""
+    diff = pred.float() - target.detach().float()
+    if kind == "l2":
+        loss = (diff**2).mean()
+    elif kind == "huber":
+        if huber_c <= 0:
+            raise ValueError(f"huber_c must be > 0, got {huber_c}")
+        loss = (torch.sqrt(diff**2 + huber_c**2) - huber_c).mean()
+    else:
+        raise ValueError(f"unknown consistency loss {kind!r}; expected one of {list(CONSISTENCY_LOSSES)}")
+    return loss, {"consistency": loss.detach()}
+
+
+def ns_gan_generator_loss(fake_logits: torch.Tensor):
+    """Non-saturating GAN, generator side (SDXL-Lightning Eq. 21): ``-log sigmoid(D(fake))``,
+    written as ``softplus(-D(fake))``."""
+    loss = F.softplus(-fake_logits.float()).mean()
+    return loss, {"adv_g": loss.detach(), "d_fake_for_g": fake_logits.detach().float().mean()}
+
+
+def ns_gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor):
+    """Non-saturating GAN, discriminator side (Eq. 20): ``-log sigmoid(D(real)) - log(1 -
+    sigmoid(D(fake)))`` = ``softplus(-D(real)) + softplus(D(fake))``."""
+    real, fake = real_logits.float(), fake_logits.float()
+    loss = F.softplus(-real).mean() + F.softplus(fake).mean()
+    acc = 0.5 * ((real > 0).float().mean() + (fake < 0).float().mean())
+    return loss, {"adv_d": loss.detach(), "d_real": real.detach().mean(), "d_fake": fake.detach().mean(),
+                  "d_accuracy": acc.detach()}

@@ -3,6 +3,8 @@ on the batch size or on which other images are generated. Teachers sample with a
 solver and CFG; students (see :mod:`flashdistill.models.student`) with their own few-step sampler."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
 
@@ -39,6 +41,20 @@ def sample_teacher(model, prompts: list[str], seeds: list[int], steps: int, guid
     return torch.cat(out)
 
 
+def stage_model(model, steps: int):
+    """Runs that keep one student per step count (SDXL-Lightning's stages, ``meta["stages"]``):
+    the stage that samples with ``steps``, loaded once and kept on ``model``; other models as is."""
+    stages = model.meta.get("stages")
+    if not stages or str(steps) not in stages or str(steps) in (model.sampling or {}).get("timesteps", {}):
+        return model
+    cache = model.__dict__.setdefault("_stage_models", {})
+    if steps not in cache:
+        from .models.loading import load_model
+
+        cache[steps] = load_model(Path(model.path) / stages[str(steps)], device=model.device)
+    return cache[steps]
+
+
 @torch.no_grad()
 def sample(model, prompts: list[str], seeds: list[int], steps: int, guidance: float | None = None,
            sampler: str | None = None, batch_size: int = 256, progress: bool = False,
@@ -50,6 +66,7 @@ def sample(model, prompts: list[str], seeds: list[int], steps: int, guidance: fl
     if model.meta.get("kind") == "student":
         from .models.student import sample_student
 
+        model = stage_model(model, steps)
         x = sample_student(model, prompts, seeds, steps, batch_size=batch_size)
     else:
         x = sample_teacher(model, prompts, seeds, steps, model.default_guidance if guidance is None else guidance,

@@ -10,7 +10,14 @@ A method object provides:
   ``(model_name, loss)``; each loss is back-propagated into that model's parameters only, and
   that model's optimizer steps. ``models`` are the prepared (possibly DDP-wrapped) models;
 - ``preview(models, generator) -> (images, nrow)``: a sample grid in [-1, 1];
-- ``finalize(out_dir, models)``: write the final artifacts (a teacher folder, a student...).
+- ``finalize(out_dir, models)``: write the final artifacts (a teacher folder, a student...);
+- optionally ``at_step(step, models) -> {model_name: {"lr": ..., "betas": ..., "reset": bool}}``,
+  called once per optimizer step before its micro-batches: per-model optimizer settings for that
+  step (progressive stages), ``reset`` clearing that model's optimizer state (a re-initialised
+  discriminator);
+- optionally ``state_tensors() -> dict[str, Tensor]`` and ``load_state_tensors(tensors)``: state
+  that is not a trained model but must survive a resume (an EMA target network), saved with
+  every checkpoint as ``method.safetensors``.
 """
 from __future__ import annotations
 
@@ -217,6 +224,8 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
                 ckpt.load_optimizer(optims[n].optimizer, found / f"{n}.optim")
                 if n in emas:
                     emas[n].shadow = {k: v.to(acc.device) for k, v in ckpt.load_file_tensors(found / f"{n}.ema.safetensors").items()}
+            if hasattr(method, "state_tensors"):
+                method.load_state_tensors({k: v.to(acc.device) for k, v in ckpt.load_file_tensors(found / "method.safetensors").items()})
             ckpt.load_rng(generator, found / f"rng_rank{acc.process_index}.safetensors")
             state = json.loads((found / "state.json").read_text())
             start = state["step"]
@@ -236,6 +245,9 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
                 ckpt.save_optimizer(optims[n].optimizer, stage / f"{n}.optim")
                 if n in emas:
                     ckpt.save_file_tensors({k: v.cpu().contiguous() for k, v in emas[n].shadow.items()}, stage / f"{n}.ema.safetensors")
+            if hasattr(method, "state_tensors"):
+                ckpt.save_file_tensors({k: v.detach().cpu().contiguous() for k, v in method.state_tensors().items()},
+                                       stage / "method.safetensors")
             (stage / "state.json").write_text(json.dumps({"step": step, "total_steps": cfg.steps}))
         ckpt.save_rng(generator, stage / f"rng_rank{acc.process_index}.safetensors")
         acc.wait_for_everyone()
@@ -265,6 +277,14 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
         while step < cfg.steps:
             logs: dict = {}
             skipped = False
+            if hasattr(method, "at_step"):
+                for n, settings in method.at_step(step, models).items():
+                    if settings.get("reset"):
+                        optims[n].optimizer.state.clear()
+                    for group in optims[n].param_groups:
+                        group["initial_lr"] = settings.get("lr", group["initial_lr"])
+                        if "betas" in settings:
+                            group["betas"] = tuple(settings["betas"])
             for micro in range(cfg.grad_accum):
                 batch = batches.get(step, micro)
                 with acc.autocast():

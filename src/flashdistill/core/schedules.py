@@ -33,6 +33,7 @@ __all__ = [
     "eps_to_x0",
     "flow_to_x0",
     "lcm_boundary_scalings",
+    "lightning_forward",
     "v_to_x0",
     "x0_to_eps",
     "x0_to_flow",
@@ -96,6 +97,14 @@ def lcm_boundary_scalings(t, sigma_data: float = 0.5, timestep_scaling: float = 
     ts = torch.as_tensor(t, dtype=torch.float64) * timestep_scaling
     denom = ts**2 + sigma_data**2
     return sigma_data**2 / denom, ts / denom.sqrt()
+
+
+def lightning_forward(schedule, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """SDXL-Lightning's schedule fix (Lin et al. 2024, Eq. 24): the forward process, except that the
+    last training timestep (t = T - 1, the paper's t = T) is pure noise, as the sampler starts there;
+    SD's schedule keeps alpha_T = 0.068 of signal. Per-sample ``t`` of shape (B,)."""
+    last = append_dims(torch.as_tensor(t) >= schedule.num_train_timesteps - 1, x0.ndim)
+    return torch.where(last.to(x0.device), noise.to(x0.dtype), schedule.add_noise(x0, noise, t))
 
 
 class _Schedule:

@@ -25,7 +25,8 @@ from .schedules import append_dims
 
 Model = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["SAMPLERS", "cfg_model", "ddim", "dpmpp_2m", "euler", "flow_euler", "get_sampler", "unipc"]
+__all__ = ["SAMPLERS", "cfg_model", "ddim", "ddim_move", "dpmpp_2m", "euler", "flow_euler", "get_sampler",
+           "guidance_from_lcm_w", "lcm_w_from_guidance", "unipc"]
 
 
 def cat_cond(a, b):
@@ -59,6 +60,29 @@ def cfg_model(denoiser: Callable[[Tensor, Tensor, dict], Tensor], cond: dict, un
         return x0_u + w * (x0_c - x0_u)
 
     return model
+
+
+def guidance_from_lcm_w(w):
+    """LCM's CFG ``p_c + w (p_c - p_u)`` (w = 0: no guidance) is this toolkit's (and diffusers')
+    ``p_u + g (p_c - p_u)`` at ``g = w + 1``. Configs hold g; LCM's w is converted here only."""
+    return w + 1
+
+
+def lcm_w_from_guidance(g):
+    """Inverse of :func:`guidance_from_lcm_w`: ``w = g - 1`` (diffusers' LCM pipeline feeds this w
+    to the w-embedding)."""
+    return g - 1
+
+
+def ddim_move(x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule) -> Tensor:
+    """The deterministic DDIM step from ``t`` to ``t_next`` given the x0 prediction (Song et al.
+    2021, Eq. 12; SDXL-Lightning's ``move``, Eq. 5): ``alpha_next x0 + sigma_next eps_hat`` with
+    ``eps_hat = (x_t - alpha_t x0) / sigma_t``. Per-sample ``t`` / ``t_next`` of shape (B,);
+    float64 math, ``x_t``'s dtype out. ``t_next = 0`` lands on the schedule's t = 0 (VP: alpha_0 < 1)."""
+    a, s = (append_dims(f(t.double()), x_t.ndim) for f in (schedule.alpha, schedule.sigma))
+    a_n, s_n = (append_dims(f(t_next.double()), x_t.ndim) for f in (schedule.alpha, schedule.sigma))
+    eps = (x_t.double() - a * x0.double()) / s
+    return (a_n * x0.double() + s_n * eps).to(x_t.dtype)
 
 
 def _check(timesteps: Tensor) -> Tensor:

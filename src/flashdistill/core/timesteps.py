@@ -66,3 +66,34 @@ def grid_probabilities(K: int, kind: str = "flash", weights: list[float] | None 
 
 def sample_grid_index(probs: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     return torch.multinomial(probs.float(), n, replacement=True, generator=generator)
+
+
+def skipping_grid(schedule, N: int) -> torch.Tensor:
+    """LCM's skipping-step grid (Luo et al. 2023, Sec. 4.3), decreasing, float64, N points.
+
+    VP: diffusers' LCM origin grid ``tau_i = (i + 1) * (T // N) - 1``, i = N-1..0 (N = 50: 999, 979,
+    ..., 19), so that LCMScheduler(original_inference_steps=N) samples on it; the skip is k = T // N.
+    Flow: the N-step shifted sigmas of the schedule (``schedule.timesteps(N)``)."""
+    T = schedule.num_train_timesteps
+    if not 1 <= N <= T:
+        raise ValueError(f"the skipping grid needs 1 <= N <= {T} points, got {N}")
+    if schedule.kind == "flow":
+        return schedule.timesteps(N).double()
+    k = T // N
+    return torch.arange(N, 0, -1, dtype=torch.float64) * k - 1
+
+
+def next_on_grid(grid: torch.Tensor, index: torch.Tensor, skip: int = 1) -> torch.Tensor:
+    """``grid[index + skip]``, or 0 (the clean end; VP: LCM's ``max(t - k, 0)``) past the grid's end."""
+    ext = torch.cat([grid, grid.new_zeros(1)])
+    return ext[(index + skip).clamp(max=len(grid))]
+
+
+def lcm_inference_timesteps(grid: torch.Tensor, steps: int) -> list:
+    """The ``steps`` sampling timesteps LCMScheduler picks from its N-point origin grid:
+    ``grid[floor(linspace(0, N, steps, endpoint=False))]`` (N = 50: 4 -> 999, 759, 499, 259)."""
+    N = len(grid)
+    if not 1 <= steps <= N:
+        raise ValueError(f"steps must be in [1, {N}] for a {N}-point grid, got {steps}")
+    idx = torch.floor(torch.linspace(0, N, steps + 1, dtype=torch.float64)[:-1]).long()
+    return grid[idx].tolist()

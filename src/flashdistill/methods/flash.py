@@ -20,7 +20,6 @@ Departures from the public reference code (see shared/METHOD_NOTES.md), on purpo
 from __future__ import annotations
 
 from dataclasses import dataclass, field as dc_field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -31,11 +30,11 @@ from ..core.timesteps import PI_KINDS, grid_probabilities, mode_indices, phase_a
 from ..losses import denoising_loss, discriminator_loss, distillation_loss, dmd_loss, generator_adv_loss
 from ..models.denoiser import Denoiser
 from ..models.discriminator import DiscriminatorHead
-from ..models.loading import load_teacher
-from ..models.pipelines import LORA_TARGETS, teacher_family
-from ..models.student import StudentDenoiser, count_params, lcm_multistep, make_student_backbone, save_student
-from ..sample import seeded_noise, teacher_timesteps
+from ..models.student import StudentDenoiser, make_student_backbone
+from ..sample import teacher_timesteps
 from ..train import TrainConfig
+from . import base
+from .base import StudentConfig, StudentMethod, unwrap as _unwrap
 
 
 def _flash_train_defaults() -> TrainConfig:
@@ -43,8 +42,7 @@ def _flash_train_defaults() -> TrainConfig:
 
 
 @dataclass
-class FlashConfig:
-    teacher: str = field("", "teacher folder (set by --teacher)")
+class FlashConfig(StudentConfig):
     K: int = field(32, "points of the teacher grid (trailing spacing); Eq. 3")
     pi: Literal["flash", "uniform", "gaussian", "sharp"] = field("flash", "timestep distribution (ablations: uniform, gaussian, sharp)")
     pi_std: float = field(0.5, "std of each mode in grid-index units (reference: 0.5; paper text: 0.707)")
@@ -69,21 +67,13 @@ class FlashConfig:
         "student", "DMD fake score: the student itself, no grad (reference code), or a LoRA of the teacher "
         "trained by denoising the student's samples (DMD2's two-time-scale rule)")
     fake_lr: float = field(0.0, "AdamW learning rate of the trained fake score (0: the student's lr)")
-    full: bool = field(False, "train the whole student instead of a LoRA")
-    lora_rank: int = field(64, "LoRA rank")
-    lora_alpha: float = field(0.0, "LoRA alpha (0: equal to the rank)")
-    lora_targets: list[str] = field([], "module names that get a LoRA ([]: the family's default, see the README)")
     feature_block: int = field(-1, "transformer teachers: block whose image tokens feed the discriminator (-1: middle)")
-    lr: float = field(1e-5, "AdamW learning rate of the student")
     disc_lr: float = field(1e-5, "AdamW learning rate of the discriminator head")
-    adam_betas: list[float] = field([0.9, 0.999], "AdamW betas (student and discriminator)")
     two_step_modes: list[int] = field([0, 2], "the two modes (0-3, as in mode_weights) the 2-step sampler starts from")
-    sampler_gamma: float = field(1.0, "stochasticity of the student's multistep sampler (TCD's gamma, diffusers' "
-                                      "TCDScheduler eta): 1 = LCM re-noising, 0 = deterministic DDIM move")
-    preview_prompts: list[str] = field([], "prompts of the preview grids (default: the dataset's)")
     train: TrainConfig = dc_field(default_factory=_flash_train_defaults, metadata={"help": "training loop"})
 
     def validate(self):
+        super().validate()
         mode_indices(self.K)
         if self.pi not in PI_KINDS:
             raise ValueError(f"unknown pi {self.pi!r}; expected one of {list(PI_KINDS)}")
@@ -101,10 +91,8 @@ class FlashConfig:
         m = self.two_step_modes
         if len(m) != 2 or not 0 <= m[0] < m[1] <= 3:
             raise ValueError(f"two_step_modes must be two increasing mode indices in 0..3, got {m}")
-        if not 0.0 <= self.sampler_gamma <= 1.0:
-            raise ValueError(f"sampler_gamma must be in [0, 1] (0: deterministic DDIM move, 1: LCM re-noising), got {self.sampler_gamma}")
-        if self.lora_rank <= 0 or self.lr <= 0 or self.disc_lr <= 0:
-            raise ValueError(f"lora_rank, lr and disc_lr must be > 0, got {self.lora_rank}, {self.lr}, {self.disc_lr}")
+        if self.disc_lr <= 0:
+            raise ValueError(f"disc_lr must be > 0, got {self.disc_lr}")
 
 
 # Per-teacher defaults layered under a user's config file and --set (notes: SD1.5 values are the
@@ -140,73 +128,44 @@ PRESETS["digits-long"] = {**PRESETS["digits"], "phase_steps": [200, 400, 400],
 
 def build_config(teacher, preset: str = "auto", *layers: dict) -> tuple[FlashConfig, str]:
     """FlashConfig from a preset (``auto``: ``digits`` for the built-in teacher, else the pipeline's
-    family: ``sd``, ``sdxl``, ``pixart`` or ``sd3``) with ``layers`` (config file, --set, flags)
-    merged on top in order; returns (config, preset used)."""
-    from ..config import from_dict, merge
-
-    if preset == "auto":
-        preset = teacher_family(teacher)
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected 'auto' or one of {sorted(PRESETS)}")
-    data = merge(PRESETS[preset], {"teacher": str(teacher)})
-    for layer in layers:
-        data = merge(data, layer or {})
-    return from_dict(FlashConfig, data), preset
+    family) with ``layers`` (config file, --set, flags) merged on top in order; returns (config,
+    preset used)."""
+    return base.build_config(FlashConfig, PRESETS, teacher, preset, *layers)
 
 
-def _unwrap(m):
-    return getattr(m, "module", m)
+class FlashDistillation(StudentMethod):
+    name = "flash"
+    title = "Flash Diffusion (Chadebec et al. 2024)"
+    config_class = FlashConfig
 
-
-class FlashDistillation:
-    def __init__(self, config: FlashConfig):
-        if not config.teacher:
-            raise ValueError("FlashConfig.teacher is empty: pass --teacher DIR")
-        self.config = config
-        self.teacher = load_teacher(config.teacher)
-        self.schedule = self.teacher.schedule
-        self.family = self.teacher.meta.get("family", "digits")
-        if self.schedule.kind == "flow" and config.sampler_gamma != 1.0:
-            raise ValueError(f"sampler_gamma {config.sampler_gamma} needs a VP teacher: diffusers has no TCD-style "
-                             "scheduler for flow matching, so an export could not sample like the run; use 1.0")
+    def prepare(self) -> None:
+        c = self.config
         # the K-grid: trailing spacing on VP schedules, the shifted flow-matching grid on SD3
-        self.grid = teacher_timesteps(self.schedule, config.K)
-        self.mode_timesteps = self.grid[mode_indices(config.K)]
-        c = config
-        self.lora_targets = list(c.lora_targets) or LORA_TARGETS[self.family]
+        self.grid = teacher_timesteps(self.schedule, c.K)
+        self.mode_timesteps = self.grid[mode_indices(c.K)]
+        self.grid_size = c.K
         self.teacher.denoiser.feature_block = c.feature_block
+
+    def extra_models(self) -> dict:
+        c = self.config
         with torch.no_grad():  # the discriminator head's input shape, from one dry pass
             feats = self.teacher.denoiser.encoder_features(
                 torch.zeros(1, *self.teacher.image_shape), self.grid[:1].float(), self.teacher.uncond(1))
-        with torch.random.fork_rng(devices=[]):  # initialisation is a function of the config's seed
-            torch.manual_seed(c.train.seed)
-            self.student = make_student_backbone(self.teacher.denoiser.backbone, c.full, c.lora_rank, c.lora_alpha or None, self.lora_targets)
-            self.disc = DiscriminatorHead(feats.shape[1], feats.shape[-1])
-            # DMD2's fake score: the teacher plus a LoRA that learns to denoise the student's samples
-            self.fake = (make_student_backbone(self.teacher.denoiser.backbone, False, c.lora_rank, c.lora_alpha or None,
-                                               self.lora_targets) if self.trains_fake_score else None)
-        self.trainable = count_params(self.student)[0]
-        self.total = count_params(self.teacher.denoiser.backbone)[1]  # the teacher's parameter count
+        self.disc = DiscriminatorHead(feats.shape[1], feats.shape[-1])
+        # DMD2's fake score: the teacher plus a LoRA that learns to denoise the student's samples
+        self.fake = (make_student_backbone(self.teacher.denoiser.backbone, False, c.lora_rank, c.lora_alpha or None,
+                                           self.lora_targets) if self.trains_fake_score else None)
+        return {"disc": self.disc, **({"fake": self.fake} if self.fake is not None else {})}
 
     # --- loop protocol -------------------------------------------------------------------
     @property
     def trains_fake_score(self) -> bool:
         return self.config.use_dmd and self.config.dmd_fake_score == "trained"
 
-    def models(self) -> dict:
-        models = {"student": self.student, "disc": self.disc}
-        if self.fake is not None:
-            models["fake"] = self.fake
-        return models
-
     def optimizer_settings(self, name: str) -> dict:
         c = self.config
         lr = {"student": c.lr, "disc": c.disc_lr, "fake": c.fake_lr or c.lr}[name]
         return {"lr": lr, "betas": tuple(self.config.adam_betas), "weight_decay": 0.0}
-
-    def setup(self, device) -> None:
-        self.device = device
-        self.teacher.to(device)
 
     def phase(self, step: int) -> int:
         return phase_at(step, self.config.phase_steps)
@@ -297,55 +256,14 @@ class FlashDistillation:
 
     # --- outputs -------------------------------------------------------------------------
     def sampling(self) -> dict:
-        cast = int if self.schedule.kind == "vp" else (lambda v: round(float(v), 4))
-        m = [cast(v) for v in self.mode_timesteps]
+        m = self._timesteps(self.mode_timesteps)
         two = [m[i] for i in self.config.two_step_modes]
         return {"timesteps": {"1": m[:1], "2": two, "4": m}, "sampler": "lcm_multistep",
                 "gamma": self.config.sampler_gamma, "guidance": None, "boundary": {"sigma_data": 0.5, "timestep_scaling": 10.0}}
 
-    def preview_prompts(self) -> list[str]:
-        if self.config.preview_prompts:
-            return self.config.preview_prompts
-        if self.teacher.meta.get("dataset") == "digits":
-            from ..data.digits import prompt_for
+    def scheduler_config(self) -> dict:
+        sched = super().scheduler_config()
+        return {**sched, "timestep_spacing": "trailing"} if self.schedule.kind == "vp" else sched
 
-            return [prompt_for(d) for d in range(10)]
-        return ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at sunset"]
 
-    @torch.no_grad()
-    def preview(self, models: dict, generator: torch.Generator):
-        """Rows: the student at 1, 2 and 4 steps; columns: the preview prompts; fixed seeds."""
-        student = StudentDenoiser(models["student"], self.schedule)
-        was = models["student"].training
-        models["student"].eval()
-        prompts = self.preview_prompts()
-        cond = self.teacher.cond(prompts)
-        rows = []
-        for n, ts in self.sampling()["timesteps"].items():
-            noises = [seeded_noise(self.teacher.image_shape, [1000 * k + i for i in range(len(prompts))]).to(self.device)
-                      for k in range(int(n))]
-            x0 = lcm_multistep(student, noises[0], torch.tensor(ts, dtype=torch.float64), cond, self.schedule, noises[1:],
-                               gamma=self.config.sampler_gamma)
-            rows.append(self.teacher.decode(x0).cpu())
-        models["student"].train(was)
-        return torch.cat(rows), len(prompts)
-
-    def finalize(self, out_dir, models: dict) -> None:
-        from ..config import to_dict
-
-        c = self.config
-        if self.schedule.kind == "vp":
-            # gamma < 1: diffusers' TCDScheduler (called with eta = gamma) takes the same path
-            sched = {"_class_name": "LCMScheduler" if c.sampler_gamma == 1.0 else "TCDScheduler",
-                     **self.schedule.to_diffusers_config(), "timestep_spacing": "trailing", "original_inference_steps": c.K}
-        else:  # flow: student timesteps are already shifted, so the exported scheduler must not shift again
-            sched = {"_class_name": "FlowMatchLCMScheduler", "num_train_timesteps": self.schedule.num_train_timesteps,
-                     "shift": 1.0}
-        meta = {
-            "method": "flash", "teacher": str(Path(c.teacher).resolve()), "full": c.full,
-            "lora": None if c.full else {"rank": c.lora_rank, "alpha": c.lora_alpha or c.lora_rank, "targets": self.lora_targets},
-            "family": self.family,
-            "trainable_params": self.trainable, "teacher_params": self.total,
-            "sampling": self.sampling(), "scheduler_config": sched, "config": to_dict(c),
-        }
-        save_student(Path(out_dir), _unwrap(models["student"]), meta)
+Method = FlashDistillation

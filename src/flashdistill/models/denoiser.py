@@ -81,3 +81,11 @@ class Denoiser(nn.Module):
             gh, gw = x_t.shape[-2] // p, x_t.shape[-1] // p
             h = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], gh, gw)
         return h
+
+
+class X0Denoiser(Denoiser):
+    """A backbone whose native output is x0 itself (diffusers' ``prediction_type="sample"``):
+    SDXL-Lightning's one-step student."""
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        return self.predict(x_t, t, cond)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .denoiser import Denoiser
+from .denoiser import Denoiser, X0Denoiser
 from .model import META_FILE, Model, ModelNotFound, is_pipeline_folder, read_meta, schedule_from_config  # noqa: F401
 from .pipelines import load_pipeline_teacher
 from .student import FULL_DIR, LORA_FILE, StudentDenoiser, fuse_lora, make_student_backbone
@@ -83,6 +83,12 @@ def load_student(path, device="cpu", fuse: bool = True):
         if fuse:
             fuse_lora(backbone)
     backbone.eval().requires_grad_(False)
-    denoiser = StudentDenoiser(backbone, teacher.schedule)
+    sampling = meta["sampling"]
+    if sampling.get("prediction") == "sample":  # the backbone outputs x0 (Lightning's 1-step stage)
+        denoiser = X0Denoiser(backbone, teacher.schedule)
+    elif "boundary" in sampling and sampling["boundary"] is None:  # no consistency boundary (Lightning)
+        denoiser = Denoiser(backbone, teacher.schedule)
+    else:
+        denoiser = StudentDenoiser(backbone, teacher.schedule)
     return Model(denoiser, teacher.conditioner, {**teacher.meta, **meta, "kind": "student"}, path,
                  sampling=meta["sampling"], vae=teacher.vae).to(device)

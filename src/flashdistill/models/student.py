@@ -58,6 +58,32 @@ def make_student_backbone(teacher_backbone: nn.Module, full: bool, rank: int, al
     return student
 
 
+def fourier_features(v: torch.Tensor, dim: int, scale: float = 1000.0, zero_at_origin: bool = True) -> torch.Tensor:
+    """LCM's guidance embedding (diffusers' ``get_guidance_scale_embedding``): frequencies
+    ``exp(-log(10000) j / (dim/2 - 1))`` of ``scale * v``, as ``[sin, cos]``. With
+    ``zero_at_origin`` the cosines are shifted to ``cos - 1``, so ``v = 0`` embeds to exactly zero
+    (SPLAM's gamma = 1 then adds nothing and the branch can be dropped), float32 (B, dim)."""
+    if dim < 4 or dim % 2:
+        raise ValueError(f"embedding dim must be an even number >= 4, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0, dtype=torch.float64)) * torch.arange(half, dtype=torch.float64) / (half - 1))
+    arg = (scale * v.double())[:, None] * freqs.to(v.device)[None]
+    return torch.cat([arg.sin(), arg.cos() - (1.0 if zero_at_origin else 0.0)], dim=1).float()
+
+
+def add_condition_projection(backbone: nn.Module, dim: int) -> nn.Module:
+    """Give a UNet a zero-initialised, trainable ``time_embedding.cond_proj`` (diffusers'
+    ``time_cond_proj_dim``): ``timestep_cond`` of shape (B, dim) is projected and added to the
+    timestep features. Zero-initialised, the student starts equal to the teacher."""
+    emb = getattr(backbone, "time_embedding", None)
+    if emb is None or not hasattr(emb, "linear_1"):
+        raise ValueError(f"{type(backbone).__name__} has no UNet time embedding to condition (time_embedding.cond_proj)")
+    emb.cond_proj = nn.Linear(dim, emb.linear_1.in_features, bias=False).to(emb.linear_1.weight)
+    nn.init.zeros_(emb.cond_proj.weight)
+    emb.cond_proj.requires_grad_(True)
+    return backbone
+
+
 def fuse_lora(backbone: nn.Module) -> nn.Module:
     """Merge every LoRA into its base layer and put the base layer back in its place (as diffusers'
     ``fuse_lora`` + ``unload_lora``, for any backbone): same outputs, plain modules."""

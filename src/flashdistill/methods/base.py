@@ -1,0 +1,194 @@
+"""What every distillation method shares, so that each method file holds only its own config,
+presets and training step (the loop protocol is in :mod:`flashdistill.train`):
+
+- :class:`StudentConfig`: the fields common to every method (teacher, LoRA or full student, lr,
+  sampler, previews, the training loop); a method's config subclasses it;
+- :class:`StudentMethod`: loads the teacher, builds the student (a LoRA of the teacher's backbone
+  or a full copy), previews at 1/2/4 steps with the student's own sampler, and writes the run
+  folder (``flashdistill.json``, the student's weights, a diffusers scheduler config);
+- :func:`build_config`: a method's preset for the teacher's family, with the user's layers on top.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+
+import torch
+
+from ..config import field
+from ..models.pipelines import LORA_TARGETS, teacher_family
+from ..models.student import StudentDenoiser, count_params, lcm_multistep, make_student_backbone, save_student
+from ..sample import seeded_noise
+from ..train import TrainConfig
+
+# LCM-LoRA's targets (diffusers' train_lcm_distill_lora_sd_wds.py): every conv and linear layer of
+# the UNet except conv_in, conv_out and the shared time-embedding MLP. SDXL-Lightning copies them.
+UNET_ALL_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(steps=20000, batch_size=4, checkpoint_every=1000, sample_every=1000)
+
+
+@dataclass
+class StudentConfig:
+    teacher: str = field("", "teacher folder (set by --teacher)")
+    full: bool = field(False, "train the whole student instead of a LoRA")
+    lora_rank: int = field(64, "LoRA rank")
+    lora_alpha: float = field(0.0, "LoRA alpha (0: equal to the rank)")
+    lora_targets: list[str] = field([], "module names that get a LoRA ([]: the method's default for the family, see the README)")
+    lr: float = field(1e-5, "AdamW learning rate of the student")
+    adam_betas: list[float] = field([0.9, 0.999], "AdamW betas")
+    sampler_gamma: float = field(1.0, "stochasticity of the student's multistep sampler (TCD's gamma, diffusers' "
+                                      "TCDScheduler eta): 1 = LCM re-noising, 0 = deterministic DDIM move")
+    preview_prompts: list[str] = field([], "prompts of the preview grids (default: the dataset's)")
+    train: TrainConfig = dc_field(default_factory=_default_train, metadata={"help": "training loop"})
+
+    def validate(self):
+        if not 0.0 <= self.sampler_gamma <= 1.0:
+            raise ValueError(f"sampler_gamma must be in [0, 1] (0: deterministic DDIM move, 1: LCM re-noising), got {self.sampler_gamma}")
+        if self.lora_rank <= 0 or self.lr <= 0:
+            raise ValueError(f"lora_rank and lr must be > 0, got {self.lora_rank}, {self.lr}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+
+
+def build_config(cls, presets: dict, teacher, preset: str = "auto", *layers: dict):
+    """``cls`` from ``presets[preset]`` (``auto``: ``digits`` for the built-in teacher, else the
+    pipeline's family: ``sd``, ``sdxl``, ``pixart`` or ``sd3``) with ``layers`` (config file, --set,
+    flags) merged on top in order; returns (config, preset used)."""
+    from ..config import from_dict, merge
+
+    if preset == "auto":
+        preset = teacher_family(teacher)
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r} for {cls.__name__}; expected 'auto' or one of {sorted(presets)}")
+    data = merge(presets[preset], {"teacher": str(teacher)})
+    for layer in layers:
+        data = merge(data, layer or {})
+    return from_dict(cls, data), preset
+
+
+def unwrap(m):
+    """The module inside a DDP wrapper (or the module itself)."""
+    return getattr(m, "module", m)
+
+
+class StudentMethod:
+    """Base of the distillation methods. Subclasses set ``name`` and ``title`` and define ``step``,
+    ``sampling`` (the timesteps per step count) and ``grid_size`` (the scheduler's
+    ``original_inference_steps``); they may add models in ``extra_models`` and override
+    ``default_targets``."""
+
+    name = "student"
+    title = "distilled"
+
+    def __init__(self, config: StudentConfig):
+        if not config.teacher:
+            raise ValueError(f"{type(config).__name__}.teacher is empty: pass --teacher DIR")
+        from ..models.loading import load_teacher
+
+        self.config = config
+        self.teacher = load_teacher(config.teacher)
+        self.schedule = self.teacher.schedule
+        self.family = self.teacher.meta.get("family", "digits")
+        if self.schedule.kind == "flow" and config.sampler_gamma != 1.0:
+            raise ValueError(f"sampler_gamma {config.sampler_gamma} needs a VP teacher: diffusers has no TCD-style "
+                             "scheduler for flow matching, so an export could not sample like the run; use 1.0")
+        self.prepare()
+        c = config
+        self.lora_targets = list(c.lora_targets) or self.default_targets()
+        with torch.random.fork_rng(devices=[]):  # initialisation is a function of the config's seed
+            torch.manual_seed(c.train.seed)
+            self.student = self.make_student()
+            self.extra = self.extra_models()
+        self.trainable = count_params(self.student)[0]
+        self.total = count_params(self.teacher.denoiser.backbone)[1]  # the teacher's parameter count
+
+    # --- hooks for subclasses ----------------------------------------------------------
+    def prepare(self) -> None:
+        """After the teacher is loaded, before the models are built: grids, and a one-line
+        ValueError when the method does not apply to this teacher."""
+
+    def default_targets(self) -> list[str]:
+        return LORA_TARGETS[self.family]
+
+    def make_student(self) -> torch.nn.Module:
+        c = self.config
+        return make_student_backbone(self.teacher.denoiser.backbone, c.full, c.lora_rank, c.lora_alpha or None,
+                                     self.lora_targets)
+
+    def extra_models(self) -> dict:
+        """Trainable models besides the student (discriminators, fake scores), built under the
+        config's seed."""
+        return {}
+
+    def student_denoiser(self, backbone) -> StudentDenoiser:
+        """The student's x0 at gamma = 1 / inference (what ``save_student`` writes)."""
+        return StudentDenoiser(backbone, self.schedule)
+
+    # --- loop protocol -------------------------------------------------------------------
+    def models(self) -> dict:
+        return {"student": self.student, **self.extra}
+
+    def optimizer_settings(self, name: str) -> dict:
+        return {"lr": self.config.lr, "betas": tuple(self.config.adam_betas), "weight_decay": 0.0}
+
+    def setup(self, device) -> None:
+        self.device = device
+        self.teacher.to(device)
+
+    # --- outputs -------------------------------------------------------------------------
+    def preview_prompts(self) -> list[str]:
+        if self.config.preview_prompts:
+            return self.config.preview_prompts
+        if self.teacher.meta.get("dataset") == "digits":
+            from ..data.digits import prompt_for
+
+            return [prompt_for(d) for d in range(10)]
+        return ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at sunset"]
+
+    @torch.no_grad()
+    def preview(self, models: dict, generator: torch.Generator):
+        """Rows: the student at each of its step counts; columns: the preview prompts; fixed seeds."""
+        student = self.student_denoiser(models["student"])
+        was = models["student"].training
+        models["student"].eval()
+        prompts = self.preview_prompts()
+        cond = self.teacher.cond(prompts)
+        rows = []
+        for n, ts in self.sampling()["timesteps"].items():
+            noises = [seeded_noise(self.teacher.image_shape, [1000 * k + i for i in range(len(prompts))]).to(self.device)
+                      for k in range(int(n))]
+            x0 = lcm_multistep(student, noises[0], torch.tensor(ts, dtype=torch.float64), cond, self.schedule, noises[1:],
+                               gamma=self.config.sampler_gamma)
+            rows.append(self.teacher.decode(x0).cpu())
+        models["student"].train(was)
+        return torch.cat(rows), len(prompts)
+
+    def _timesteps(self, values) -> list:
+        cast = int if self.schedule.kind == "vp" else (lambda v: round(float(v), 4))
+        return [cast(v) for v in values]
+
+    def scheduler_config(self) -> dict:
+        """The diffusers config of the student's few-step scheduler: LCMScheduler (gamma = 1) or
+        TCDScheduler (gamma < 1; called with eta = gamma) on VP teachers; FlowMatchLCMScheduler
+        with shift 1 on flow teachers (the student's timesteps are already shifted)."""
+        if self.schedule.kind == "vp":
+            return {"_class_name": "LCMScheduler" if self.config.sampler_gamma == 1.0 else "TCDScheduler",
+                    **self.schedule.to_diffusers_config(), "original_inference_steps": self.grid_size}
+        return {"_class_name": "FlowMatchLCMScheduler", "num_train_timesteps": self.schedule.num_train_timesteps, "shift": 1.0}
+
+    def finalize(self, out_dir, models: dict) -> None:
+        from ..config import to_dict
+
+        c = self.config
+        meta = {
+            "method": self.name, "teacher": str(Path(c.teacher).resolve()), "full": c.full,
+            "lora": None if c.full else {"rank": c.lora_rank, "alpha": c.lora_alpha or c.lora_rank, "targets": self.lora_targets},
+            "family": self.family,
+            "trainable_params": self.trainable, "teacher_params": self.total,
+            "sampling": self.sampling(), "scheduler_config": self.scheduler_config(), "config": to_dict(c),
+        }
+        save_student(Path(out_dir), unwrap(models["student"]), meta)

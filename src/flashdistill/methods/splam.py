@@ -1,0 +1,146 @@
+"""SPLAM, Sub-Path Linear Approximation Model (Xu et al., ECCV 2024): LCM's consistency step, but
+the online student reads a point of the linearised sub-path between the two ends of the teacher's
+skip instead of its start,
+
+    z_gamma = gamma x_t + (1 - gamma) (alpha_t / alpha_t') xhat_t'             (Eq. 12)
+    F_theta(z_gamma, gamma, t) = c_skip(t) z_gamma + c_out(t) (z_gamma - sigma(gamma, t) eps_theta) / alpha_t
+    L = d( F_theta(z_gamma, gamma, t),  F_theta-(xhat_t', 1, t') ),  gamma ~ U[0, 1]   (Eq. 17)
+
+with sigma(gamma, t) as in the official code, ``sigma^2 = (sigma_t' alpha_t / alpha_t')^2 +
+gamma^2 (1 - (alpha_t / alpha_t')^2)`` (``sigma_form = "code"``), or the paper's linear form
+``(1 - gamma) (alpha_t / alpha_t') sigma_t' + gamma sigma_t`` (``"linear"``). Both give sigma_t at
+gamma = 1 and ``(alpha_t / alpha_t') sigma_t'`` at gamma = 0.
+
+gamma reaches the network through a zero-initialised projection of Fourier features of
+``u = 1 - gamma`` into the UNet's time embedding (``time_embedding.cond_proj``). Departure from
+the official code, on purpose: the features are ``[sin, cos - 1]``, so gamma = 1 embeds to exactly
+zero and the projection is dropped after training (the paper's claim; the code's embedding passes
+cos 0 = 1 through the projection, see the notes). Inference and export are LCM's, at gamma = 1.
+
+At toy scale the one-step student does not work (docs/methods.md: every variant tried, LoRA or
+full, scores far worse than LCM at 1 and 2 steps); ``gamma_one_prob`` > 0, which also trains the
+online student at the inference point gamma = 1, is the variant that helped most.
+
+Everything else (skipping grid, guided DDIM teacher step, multiple estimation via
+``teacher_steps``, EMA target, pseudo-Huber) is :mod:`flashdistill.methods.lcm`'s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..config import field
+from ..core.schedules import append_dims, lcm_boundary_scalings
+from ..models.denoiser import Denoiser
+from ..models.student import add_condition_projection, fourier_features
+from . import base
+from .lcm import LCMConfig, LCMDistillation, PRESETS as LCM_PRESETS
+
+
+def subpath_point(x_t: torch.Tensor, x_next: torch.Tensor, ratio: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Eq. 12: ``gamma x_t + (1 - gamma) ratio x_next`` with ``ratio = alpha_t / alpha_t'``;
+    per-sample (B,) ``ratio`` and ``gamma``; float64 math, ``x_t``'s dtype out."""
+    g, r = append_dims(gamma.double(), x_t.ndim), append_dims(ratio.double(), x_t.ndim)
+    return (g * x_t.double() + (1 - g) * r * x_next.double()).to(x_t.dtype)
+
+
+def subpath_sigma(sigma_t: torch.Tensor, sigma_next: torch.Tensor, ratio: torch.Tensor, gamma: torch.Tensor,
+                  form: str = "code") -> torch.Tensor:
+    """sigma(gamma, t) of the noise in z_gamma (float64, per sample). ``code``: the official
+    script's ``sqrt((sigma_t' ratio)^2 + gamma^2 (1 - ratio^2))``, exact when the increment
+    x_t - ratio x_t' is fresh forward noise; ``linear``: the paper's
+    ``(1 - gamma) ratio sigma_t' + gamma sigma_t``."""
+    g, r = gamma.double(), ratio.double()
+    if form == "code":
+        return ((sigma_next.double() * r) ** 2 + g**2 * (1 - r**2)).clamp_min(0).sqrt()
+    if form == "linear":
+        return (1 - g) * r * sigma_next.double() + g * sigma_t.double()
+    raise ValueError(f"unknown sigma form {form!r}; expected 'code' or 'linear'")
+
+
+@dataclass
+class SPLAMConfig(LCMConfig):
+    sigma_form: Literal["code", "linear"] = field("code", "sigma(gamma, t): the official code's (exact at both ends) "
+                                                          "or the paper's linear approximation")
+    gamma_dim: int = field(256, "size of the gamma embedding's Fourier features (the official code: 256)")
+    gamma_scale: float = field(10000.0, "the embedding's input is gamma_scale * (1 - gamma) (the official code: 10 * 1000)")
+    gamma_one_prob: float = field(0.0, "probability of drawing gamma = 1 exactly, the inference point (0: the paper's U[0, 1])")
+    target_ema: float = field(-1.0, "EMA decay of the target network theta- (-1: 0.95, the official code's; "
+                                    "0: the student itself without gradient)")
+
+    def validate(self):
+        super().validate()
+        if not 0.0 <= self.gamma_one_prob <= 1.0 or self.gamma_scale <= 0:
+            raise ValueError(f"need gamma_one_prob in [0, 1] and gamma_scale > 0, got {self.gamma_one_prob}, {self.gamma_scale}")
+        if self.gamma_dim < 4 or self.gamma_dim % 2:
+            raise ValueError(f"gamma_dim must be an even number >= 4, got {self.gamma_dim}")
+
+    @property
+    def ema(self) -> float:
+        return 0.95 if self.target_ema == -1.0 else self.target_ema
+
+
+PRESETS = {
+    # SD1.5 (paper, Sec. 5.1): w = 3 with k = 100 = 5 DDIM steps of k_phi = 20 (multiple estimation),
+    # Huber loss; the official README: lr 8e-6 (full), EMA 0.95. Our students are LoRAs by default.
+    "sd": {"guidance": 4.0, "teacher_steps": 5},
+    "sdxl": {},
+    "pixart": {},
+    "sd3": {},
+    # SD2.1 (paper) and the official code: w = 8 in LCM form, k = k_phi = 20.
+    "sd2": {"guidance": 9.0},
+    "digits": {**LCM_PRESETS["digits"], "gamma_dim": 32},
+}
+
+
+def build_config(teacher, preset: str = "auto", *layers: dict) -> tuple[SPLAMConfig, str]:
+    return base.build_config(SPLAMConfig, PRESETS, teacher, preset, *layers)
+
+
+class SPLAMDistillation(LCMDistillation):
+    name = "splam"
+    title = "SPLAM, Sub-Path Linear Approximation (Xu et al. 2024)"
+    config_class = SPLAMConfig
+
+    def prepare(self) -> None:
+        if self.schedule.kind != "vp":
+            raise ValueError("SPLAM's sub-path (Eq. 12) and sigma(gamma, t) are derived for VP schedules "
+                             "(alpha^2 + sigma^2 = 1); this flow-matching teacher would need their flow form")
+        if self.family in ("pixart", "sd3"):
+            raise ValueError(f"SPLAM's gamma-embedding needs a UNet time embedding (time_embedding.cond_proj); "
+                             f"{self.family} transformers have none")
+        super().prepare()
+
+    def make_student(self) -> torch.nn.Module:
+        return add_condition_projection(super().make_student(), self.config.gamma_dim)
+
+    def online(self, models: dict, x_t, x_next, t, t_next, cond: dict, generator) -> tuple[torch.Tensor, dict]:
+        sch = self.schedule
+        c = self.config
+        gamma = torch.rand(x_t.shape[0], generator=generator, dtype=torch.float64)
+        if c.gamma_one_prob > 0:
+            one = torch.rand(x_t.shape[0], generator=generator, dtype=torch.float64) < c.gamma_one_prob
+            gamma = torch.where(one, torch.ones_like(gamma), gamma)
+        gamma = gamma.to(x_t.device)
+        a_t, s_t, a_n, s_n = sch.alpha(t.double()), sch.sigma(t.double()), sch.alpha(t_next.double()), sch.sigma(t_next.double())
+        ratio = a_t / a_n
+        z = subpath_point(x_t, x_next, ratio, gamma)
+        sig = subpath_sigma(s_t, s_n, ratio, gamma, c.sigma_form)
+        emb = fourier_features(1.0 - gamma, c.gamma_dim, scale=c.gamma_scale).to(z.device)
+        native = Denoiser(models["student"], sch).predict(z, t, {**cond, "timestep_cond": emb})
+        eps = sch.to_eps(native, z, t)  # the network's own eps at timestep t
+        x0 = (z.double() - append_dims(sig, z.ndim) * eps.double()) / append_dims(a_t, z.ndim)
+        c_skip, c_out = (append_dims(v, z.ndim) for v in lcm_boundary_scalings(t))
+        pred = (c_skip * z.double() + c_out * x0).float()
+        return pred, {"gamma": gamma.mean().float()}
+
+    def finalize(self, out_dir, models: dict) -> None:
+        # gamma = 1 embeds to zero: the projection adds nothing at inference, so it is not exported
+        student = base.unwrap(models["student"])
+        student.time_embedding.cond_proj = None
+        super().finalize(out_dir, models)
+
+
+Method = SPLAMDistillation

@@ -1,0 +1,254 @@
+"""LCM and SPLAM: their key equations against independent re-derivations (diffusers' schedulers,
+a Monte-Carlo forward process), the CFG convention, and each method on the one training loop
+(checkpoints, exact resume with an EMA target, sampling, export)."""
+import json
+
+import pytest
+import torch
+
+from flashdistill.config import from_dict
+from flashdistill.core.schedules import VPSchedule, lcm_boundary_scalings
+from flashdistill.core.solvers import cfg_model, ddim_move, guidance_from_lcm_w, lcm_w_from_guidance
+from flashdistill.core.timesteps import lcm_inference_timesteps, next_on_grid, skipping_grid
+from flashdistill.losses import consistency_loss
+from flashdistill.methods import METHODS, method_module
+from flashdistill.methods.lcm import LCMConfig, LCMDistillation
+from flashdistill.methods.splam import SPLAMConfig, SPLAMDistillation, subpath_point, subpath_sigma
+
+TINY_TRAIN = {"steps": 2, "batch_size": 4, "checkpoint_every": 1, "log_every": 1, "sample_every": 0}
+
+
+def tiny(cls, cfg_cls, teacher, **over):
+    data = {"teacher": str(teacher), "N": 10, "lora_rank": 2, "lr": 1e-2, "guidance": 1.5, "train": dict(TINY_TRAIN)}
+    for k, v in over.items():
+        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
+    return cls(from_dict(cfg_cls, data))
+
+
+@pytest.mark.parametrize("N", [50, 16, 10])
+def test_skipping_grid_and_inference_timesteps_are_lcm_schedulers(N):
+    from diffusers import LCMScheduler
+
+    sch = VPSchedule()
+    grid = skipping_grid(sch, N)
+    k = 1000 // N
+    assert grid.tolist() == [float((i + 1) * k - 1) for i in reversed(range(N))]
+    lcm = LCMScheduler(**sch.to_diffusers_config(), original_inference_steps=N)
+    for steps in (1, 2, 4, 8):
+        if steps <= N:
+            lcm.set_timesteps(steps)
+            assert lcm_inference_timesteps(grid, steps) == [float(t) for t in lcm.timesteps.tolist()]
+    # the step past the grid's last point is t = 0 (LCM's max(t - k, 0))
+    assert next_on_grid(grid, torch.tensor([0, N - 1]), 1).tolist() == [grid[1].item(), 0.0]
+
+
+def test_cfg_convention_converts_lcm_w_to_diffusers_guidance():
+    torch.manual_seed(0)
+    x0_c, x0_u = torch.randn(3, 4), torch.randn(3, 4)
+
+    def denoiser(x, t, cond):  # rows whose c is 0 are the cond branch, 1 the uncond branch
+        rows = torch.arange(len(x)) % 3
+        return torch.where(cond["c"][:, None] == 0, x0_c[rows], x0_u[rows])
+
+    for w in (0.0, 0.5, 7.5):
+        g = guidance_from_lcm_w(w)
+        assert lcm_w_from_guidance(g) == w
+        ours = cfg_model(denoiser, {"c": torch.zeros(3)}, {"c": torch.ones(3)}, g)(torch.zeros(3, 4), torch.zeros(3))
+        torch.testing.assert_close(ours, x0_c + w * (x0_c - x0_u))  # LCM's form, written out
+
+
+def test_lcm_teacher_step_is_diffusers_ddim_with_lcm_guidance(tiny_teacher):
+    """The skipping-step target's teacher half: from x_t at grid[i], LCM's guided DDIM step (eps
+    and x0 both guided in LCM's form) equals diffusers' DDIMScheduler step to t - k, whose last
+    step (t = k - 1) ends at alphas_cumprod[0] as LCM's solver (set_alpha_to_one = False)."""
+    from diffusers import DDIMScheduler
+
+    m = tiny(LCMDistillation, LCMConfig, tiny_teacher, teacher_steps=1)
+    m.setup("cpu")
+    sch, unet = m.schedule, m.teacher.denoiser.backbone
+    N, k, g = m.config.N, 1000 // m.config.N, m.config.guidance
+    ddim = DDIMScheduler(**sch.to_diffusers_config(), timestep_spacing="leading", steps_offset=k - 1,
+                         set_alpha_to_one=False, clip_sample=False)
+    ddim.set_timesteps(N)
+    assert ddim.timesteps.tolist() == m.grid.long().tolist()
+    prompts = ["a handwritten digit three", "a handwritten digit seven"]
+    cond, uncond = m.teacher.cond(prompts), m.teacher.uncond(2)
+    x_t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    for i in (0, 4, N - 1):
+        t = int(m.grid[i])
+        with torch.no_grad():
+            eps_c = unet(x_t, t, **cond).sample
+            eps_u = unet(x_t, t, **uncond).sample
+        w = lcm_w_from_guidance(g)
+        ref = ddim.step(eps_c + w * (eps_c - eps_u), t, x_t).prev_sample
+        ours = m.teacher_solve(x_t, torch.tensor([i, i]), cond, uncond)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # the target at the last cell is the solver's output itself (c_skip(0) = 1, c_out(0) = 0)
+    assert lcm_boundary_scalings(torch.tensor(0.0)) == (1.0, 0.0)
+
+
+def test_teacher_steps_chain_ddim_moves_and_stop_at_zero(tiny_teacher):
+    m = tiny(LCMDistillation, LCMConfig, tiny_teacher, teacher_steps=3)
+    m.setup("cpu")
+    cond, uncond = m.teacher.cond(["a handwritten digit one"] * 2), m.teacher.uncond(2)
+    model = cfg_model(m.teacher.denoiser, cond, uncond, m.config.guidance)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    idx = torch.tensor([2, m.config.N - 2])  # the second sample has one grid point left, then t = 0
+    ref = []
+    for b, i in enumerate(idx.tolist()):
+        xb = x[b: b + 1]
+        ts = [m.grid[j].item() for j in range(i, min(i + 3, m.config.N))] + ([0.0] if i + 3 >= m.config.N else [m.grid[i + 3].item()])
+        for t, t_n in zip(ts[:-1], ts[1:]):
+            tt, tn = torch.tensor([t]), torch.tensor([t_n])
+            xb = ddim_move(xb, cfg_model(m.teacher.denoiser, {k: v[b: b + 1] for k, v in cond.items()},
+                                         {k: v[b: b + 1] for k, v in uncond.items()}, m.config.guidance)(xb, tt.float()),
+                           tt, tn, m.schedule)
+        ref.append(xb)
+    assert model is not None
+    torch.testing.assert_close(m.teacher_solve(x, idx, cond, uncond), torch.cat(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_consistency_losses():
+    a, b = torch.tensor([0.0, 3.0]), torch.tensor([0.0, -1.0])
+    assert consistency_loss(a, b, "l2")[0].item() == pytest.approx(8.0)
+    c = 0.5
+    assert consistency_loss(a, b, "huber", c)[0].item() == pytest.approx(((16 + c * c) ** 0.5 - c) / 2)
+    with pytest.raises(ValueError, match="unknown consistency loss 'l3'"):
+        consistency_loss(a, b, "l3")
+
+
+def test_splam_subpath_ends_and_sigma_ends():
+    sch = VPSchedule()
+    t, t_n = torch.tensor([999.0, 519.0]), torch.tensor([979.0, 499.0])
+    a, s, a_n, s_n = sch.alpha(t), sch.sigma(t), sch.alpha(t_n), sch.sigma(t_n)
+    r = a / a_n
+    x_t, x_n = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+    one, zero = torch.ones(2), torch.zeros(2)
+    torch.testing.assert_close(subpath_point(x_t, x_n, r, one), x_t)
+    torch.testing.assert_close(subpath_point(x_t, x_n, r, zero), (r[:, None] * x_n.double()).float())
+    for form in ("code", "linear"):
+        torch.testing.assert_close(subpath_sigma(s, s_n, r, one, form), s)
+        torch.testing.assert_close(subpath_sigma(s, s_n, r, zero, form), r * s_n)
+    with pytest.raises(ValueError, match="unknown sigma form"):
+        subpath_sigma(s, s_n, r, one, "cubic")
+
+
+def test_splam_code_sigma_is_the_noise_of_the_subpath_point():
+    """Monte Carlo over the true forward process: x_t' = a' x0 + s' e1 and x_t = (a/a') x_t' +
+    sqrt(s^2 - (a s'/a')^2) e2; the noise in z_gamma then has the code form's std."""
+    sch = VPSchedule()
+    t, t_n = torch.tensor(600.0), torch.tensor(580.0)
+    a, s, a_n, s_n = (f(v) for f, v in ((sch.alpha, t), (sch.sigma, t), (sch.alpha, t_n), (sch.sigma, t_n)))
+    g = torch.Generator().manual_seed(0)
+    n = 400_000
+    x0 = torch.zeros(n, dtype=torch.float64)
+    x_n = a_n * x0 + s_n * torch.randn(n, generator=g, dtype=torch.float64)
+    x_t = (a / a_n) * x_n + (s**2 - (a * s_n / a_n) ** 2).sqrt() * torch.randn(n, generator=g, dtype=torch.float64)
+    for gamma in (0.0, 0.3, 0.8, 1.0):
+        z = subpath_point(x_t[:, None], x_n[:, None], (a / a_n).expand(n), torch.full((n,), gamma))
+        expected = subpath_sigma(s[None], s_n[None], (a / a_n)[None], torch.tensor([gamma]), "code")
+        assert z.std().item() == pytest.approx(expected.item(), rel=5e-3)
+
+
+def test_splam_gamma_embedding_is_exactly_zero_at_gamma_one(tiny_teacher):
+    """At gamma = 1 the online prediction equals the LCM student without the projection, even with
+    non-zero projection weights: the branch can be dropped after training."""
+    from flashdistill.models.student import StudentDenoiser, fourier_features
+
+    assert fourier_features(torch.zeros(3), 8).abs().max() == 0
+    assert fourier_features(torch.full((1,), 0.3), 8).abs().max() > 0
+    m = tiny(SPLAMDistillation, SPLAMConfig, tiny_teacher, gamma_dim=8)
+    m.setup("cpu")
+    proj = m.student.time_embedding.cond_proj
+    assert proj.weight.requires_grad and proj.weight.abs().max() == 0  # starts as the teacher
+    torch.nn.init.normal_(proj.weight)
+    cond = m.teacher.cond(["a handwritten digit two"] * 2)
+    x_t, x_n = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    t, t_n = torch.tensor([599.0, 299.0]), torch.tensor([499.0, 199.0])
+
+    class Ones:  # gamma ~ U[0, 1] replaced by gamma = 1
+        pass
+
+    real_rand = torch.rand
+    torch.rand = lambda n, **kw: torch.ones(n, dtype=kw.get("dtype", torch.float32))
+    try:
+        pred, _ = m.online({"student": m.student}, x_t, x_n, t, t_n, cond, None)
+    finally:
+        torch.rand = real_rand
+    with torch.no_grad():
+        lcm = StudentDenoiser(m.student, m.schedule)(x_t, t, cond)
+    torch.testing.assert_close(pred.detach(), lcm, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lcm", "splam"])
+def test_method_trains_samples_and_exports(tiny_teacher, tmp_path, name):
+    from diffusers import LCMScheduler
+
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.export import export
+    from flashdistill.models.loading import load_model
+    from flashdistill.sample import sample
+    from flashdistill.train import train
+
+    module = method_module(name)
+    cfg, preset = module.build_config(tiny_teacher, "auto", {"N": 10, "lora_rank": 2, "lr": 1e-2, "train": dict(TINY_TRAIN)})
+    assert preset == "digits" and name in METHODS
+    method = module.Method(cfg)
+    run = tmp_path / "run"
+    train(method, get_dataset("digits"), run, progress=False)
+    logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and all(r["consistency"] > 0 for r in logs)
+    meta = json.loads((run / "flashdistill.json").read_text())
+    assert meta["method"] == name and meta["scheduler_config"]["original_inference_steps"] == 10
+    assert meta["sampling"]["timesteps"] == {"1": [999], "2": [999, 499], "4": [999, 799, 499, 299]}
+    lcm = LCMScheduler.from_pretrained(run / "scheduler")
+    lcm.set_timesteps(4)
+    assert lcm.timesteps.tolist() == meta["sampling"]["timesteps"]["4"]
+    student = load_model(run)
+    for n in (1, 2, 4):
+        images = sample(student, ["a handwritten digit five"] * 2, [0, 1], n)
+        assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    out = export(run, tmp_path / "export", None)
+    card = (out / "README.md").read_text()
+    assert module.Method.title.split(",")[0].split(" (")[0] in card or name.upper() in card
+    assert "LCMScheduler" in card
+
+
+def test_splam_resume_with_ema_target_is_bit_identical(tiny_teacher, tmp_path):
+    """The EMA target is method state: a run stopped after step 2 and resumed ends with exactly the
+    weights of an unbroken 4-step run, and its step-by-step losses match."""
+    from safetensors.torch import load_file
+
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.train import train
+
+    data = get_dataset("digits")
+    over = {"gamma_dim": 8, "train": {"steps": 4, "checkpoint_every": 2}}
+    m = tiny(SPLAMDistillation, SPLAMConfig, tiny_teacher, **over)
+    assert m.config.ema == 0.95 and m.target_model is not None
+    train(m, data, tmp_path / "a", progress=False)
+    train(tiny(SPLAMDistillation, SPLAMConfig, tiny_teacher, gamma_dim=8, train={"steps": 2, "checkpoint_every": 2}),
+          data, tmp_path / "b", progress=False)
+    assert json.loads((tmp_path / "b" / "checkpoints" / "latest.json").read_text())["step"] == 2
+    train(tiny(SPLAMDistillation, SPLAMConfig, tiny_teacher, **over), data, tmp_path / "b", resume=True, progress=False)
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    a, b = (load_file(str(tmp_path / r / "checkpoints" / "step_00000004" / "method.safetensors")) for r in "ab")
+    assert a.keys() == b.keys() and any("cond_proj" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (load_file(str(tmp_path / r / "checkpoints" / "step_00000004" / "student.safetensors")) for r in "ab")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_lora_targets_and_refusals(tiny_teacher):
+    m = tiny(LCMDistillation, LCMConfig, tiny_teacher)
+    names = {n.rsplit(".lora_A", 1)[0] for n, _ in m.student.named_parameters() if ".lora_A" in n}
+    assert any(n.endswith("conv1") for n in names) and any(n.endswith("to_q") for n in names)
+    assert not any(n.startswith(("conv_in", "conv_out", "time_embedding")) for n in names)
+    assert m.config.ema == 0.0 and m.target_model is None  # LCM-LoRA: the target is the student
+    assert from_dict(LCMConfig, {"teacher": "x", "full": True}).ema == 0.95
+    with pytest.raises(ValueError, match="teacher_steps must be in"):
+        from_dict(LCMConfig, {"teacher": "x", "N": 4, "teacher_steps": 4})
