@@ -252,3 +252,38 @@ def test_lora_targets_and_refusals(tiny_teacher):
     assert from_dict(LCMConfig, {"teacher": "x", "full": True}).ema == 0.95
     with pytest.raises(ValueError, match="teacher_steps must be in"):
         from_dict(LCMConfig, {"teacher": "x", "N": 4, "teacher_steps": 4})
+
+
+def test_runs_are_portable_with_their_teacher_or_a_teacher_flag(tiny_teacher, tmp_path, capsys):
+    """A run records its teacher absolutely and relative to itself: moved together with the
+    teacher it still loads; moved alone, loading names the missing folder and --teacher fixes it."""
+    import shutil
+
+    from flashdistill.cli import main
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.models.loading import ModelNotFound, load_model
+    from flashdistill.sample import sample
+    from flashdistill.train import train
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_teacher, home / "teacher")
+    train(tiny(LCMDistillation, LCMConfig, home / "teacher"), get_dataset("digits"), home / "run", progress=False)
+    before = sample(load_model(home / "run"), ["a handwritten digit one"], [0], 2)
+    assert json.loads((home / "run" / "flashdistill.json").read_text())["teacher_relative"] == "../teacher"
+    shutil.move(home, tmp_path / "moved")
+    moved = tmp_path / "moved"
+    assert torch.equal(sample(load_model(moved / "run"), ["a handwritten digit one"], [0], 2), before)
+    shutil.move(moved / "teacher", tmp_path / "elsewhere")
+    with pytest.raises(ModelNotFound, match="pass --teacher DIR"):
+        load_model(moved / "run")
+    model = load_model(moved / "run", teacher=tmp_path / "elsewhere")
+    assert torch.equal(sample(model, ["a handwritten digit one"], [0], 2), before)
+    assert main(["sample", "--model", str(moved / "run"), "--prompt", "a handwritten digit one", "--steps", "2",
+                 "--num-images", "2", "--out", str(tmp_path / "g.png")]) == 2
+    assert "pass --teacher DIR" in capsys.readouterr().err
+    assert main(["sample", "--model", str(moved / "run"), "--teacher", str(tmp_path / "elsewhere"), "--prompt",
+                 "a handwritten digit one", "--steps", "2", "--num-images", "2", "--out", str(tmp_path / "g.png")]) == 0
+    assert main(["export", "--model", str(moved / "run"), "--teacher", str(tmp_path / "elsewhere"),
+                 "--num-samples", "0", "--out", str(tmp_path / "x")]) == 0
+    assert main(["evaluate", "--model", str(moved / "run"), "--teacher", str(tmp_path / "elsewhere"),
+                 "--steps", "1", "--num-samples", "20"]) == 0

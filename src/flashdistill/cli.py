@@ -96,7 +96,7 @@ def cmd_sample(args) -> None:
     from .sample import sample
     from .train import save_image_grid
 
-    model = load_model(args.model)
+    model = load_model(args.model, teacher=args.teacher)
     prompts = [args.prompt] * args.num_images
     seeds = [args.seed + i for i in range(args.num_images)]
     images = sample(model, prompts, seeds, args.steps, guidance=args.guidance, sampler=args.sampler)
@@ -145,12 +145,24 @@ def cmd_evaluate_real(args, model) -> None:
         print(f"wrote {args.out}")
 
 
+def _moved_teacher(run, teacher):
+    """evaluate's --teacher (the reference) also stands in for a run's teacher, but only when the
+    run's recorded teacher folder is gone: it never swaps the base of a loadable run."""
+    from .models.loading import read_meta
+    from .models.model import is_pipeline_folder
+
+    if teacher is None or is_pipeline_folder(run):
+        return None
+    meta = read_meta(Path(run))
+    return teacher if meta.get("kind") == "student" and not Path(meta["teacher"]).exists() else None
+
+
 def cmd_evaluate(args) -> None:
     from .evaluate import eval_prompts, fd_floor, pixel_fd_floor
     from .models.loading import load_model
     from .sample import sample
 
-    model = load_model(args.model)
+    model = load_model(args.model, teacher=_moved_teacher(args.model, args.teacher))
     if model.meta.get("dataset") != "digits":
         return cmd_evaluate_real(args, model)
     ignored = [flag for flag, value in (("--prompts", args.prompts), ("--protocol", args.protocol),
@@ -229,7 +241,7 @@ def cmd_export(args) -> None:
     from .sample import sample
 
     metrics = None
-    student = load_model(args.model) if read_meta(args.model).get("kind") == "student" and args.num_samples else None
+    student = load_model(args.model, teacher=args.teacher) if read_meta(args.model).get("kind") == "student" and args.num_samples else None
     if student is not None and student.meta.get("dataset") == "digits":  # metrics for the model card
         teacher = load_model(student.meta["teacher"])
         prompts, _, seeds = eval_prompts(args.num_samples)
@@ -238,7 +250,7 @@ def cmd_export(args) -> None:
         metrics = {"rows": [{**r, "nfe": r["steps"]} for r in rows],
                    "note": f"Digits task, {args.num_samples} samples per row (see the flashdistill README for the "
                            f"metrics); teacher MSE against the teacher's 32-step output at w = {teacher.default_guidance:g}."}
-    out = export(args.model, args.out, metrics)
+    out = export(args.model, args.out, metrics, teacher=args.teacher)
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
 
@@ -305,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "flashdistill_sampling.json (the student's timesteps) and a model card README.md.")
     p.add_argument("--model", required=True, help="distillation run folder")
     p.add_argument("--out", required=True, help="new or empty output folder")
+    p.add_argument("--teacher", default=None, help="the run's teacher folder, if it is no longer where the run "
+                                                   "recorded it (nor at the same place relative to the run)")
     p.add_argument("--num-samples", type=int, default=500,
                    help="digits students: samples per row of the model card's metrics (0: none; default 500)")
     p.set_defaults(func=cmd_export)
@@ -312,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate a PNG grid (and optionally an .npz) from a teacher or a student",
                        description="Generate images. Image i uses seed S+i, so it does not depend on --num-images.")
     p.add_argument("--model", required=True, help="teacher folder or distillation run folder")
+    p.add_argument("--teacher", default=None, help="runs: the teacher folder, if it is no longer where the run "
+                                                   "recorded it (nor at the same place relative to the run)")
     p.add_argument("--prompt", required=True, help="text prompt, e.g. 'a handwritten digit seven'")
     p.add_argument("--steps", type=positive_int, default=32, help="sampling steps (students: 1, 2 or 4)")
     p.add_argument("--guidance", type=finite_float, default=None, help="CFG scale for teachers (default: the teacher's)")
@@ -329,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=finite_float, default=None, help="CFG scale for teachers")
     p.add_argument("--sampler", choices=["dpmpp_2m", "ddim", "euler", "unipc"], default=None, help="teacher solver")
     p.add_argument("--num-samples", type=positive_int, default=1000, help="generated samples per row")
-    p.add_argument("--teacher", default=None, help="teacher folder for teacher_mse (its 32-step output)")
+    p.add_argument("--teacher", default=None, help="teacher folder for teacher_mse (its 32-step output); also the "
+                                                   "run's teacher when the folder the run recorded is gone")
     p.add_argument("--teacher-guidance", type=finite_float, default=None, help="CFG scale of the reference")
     g = p.add_argument_group("real models (FID with Inception, CLIP score; nothing is downloaded)")
     g.add_argument("--prompts", default=None, help="COCO captions JSON or a text file with one prompt per line")

@@ -38,7 +38,7 @@ def _lora_state(path: Path, meta: dict):
     return state, metadata
 
 
-def export(run: str | Path, out: str | Path, metrics: dict | None = None) -> Path:
+def export(run: str | Path, out: str | Path, metrics: dict | None = None, teacher: str | Path | None = None) -> Path:
     from .models.loading import load_model, read_meta
     from .models.student import scheduler_class
 
@@ -55,7 +55,7 @@ def export(run: str | Path, out: str | Path, metrics: dict | None = None) -> Pat
                  "One student per step count; each folder is a complete export (weights, scheduler, model card):", ""]
         for n, rel in sorted(meta["stages"].items(), key=lambda kv: -int(kv[0])):
             rows = None if not metrics else {**metrics, "rows": [r for r in metrics["rows"] if str(r["steps"]) == n]}
-            export(run / rel, out / f"{n}-step", rows)
+            export(run / rel, out / f"{n}-step", rows, teacher)
             lines.append(f"- `{n}-step/`: the {n}-step student")
         (out / "README.md").write_text("\n".join(lines) + "\n")
         return out
@@ -66,7 +66,7 @@ def export(run: str | Path, out: str | Path, metrics: dict | None = None) -> Pat
         shutil.copytree(run / "student" / "unet", out / backbone_dir)
         weights = f"{backbone_dir}/"
     elif family == "pixart":
-        model = load_model(run)  # fused
+        model = load_model(run, teacher=teacher)  # fused
         model.denoiser.backbone.save_pretrained(out / backbone_dir, safe_serialization=True)
         weights = f"{backbone_dir}/ (LoRA fused: diffusers has no PixArt LoRA loader)"
     else:

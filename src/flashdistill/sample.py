@@ -51,7 +51,7 @@ def stage_model(model, steps: int):
     if steps not in cache:
         from .models.loading import load_model
 
-        cache[steps] = load_model(Path(model.path) / stages[str(steps)], device=model.device)
+        cache[steps] = load_model(Path(model.path) / stages[str(steps)], device=model.device, teacher=model.meta["teacher"])
     return cache[steps]
 
 

@@ -49,8 +49,9 @@ def load_teacher(path: str | Path, device="cpu") -> Model:
     return Model(denoiser, text, meta, path).to(device)
 
 
-def load_model(path: str | Path, device="cpu") -> Model:
-    """A teacher folder (built-in or diffusers pipeline) or a distillation run folder."""
+def load_model(path: str | Path, device="cpu", teacher: str | Path | None = None) -> Model:
+    """A teacher folder (built-in or diffusers pipeline) or a distillation run folder; ``teacher``
+    overrides the teacher folder a run recorded (a run copied to another machine)."""
     if is_pipeline_folder(path):
         return load_teacher(path, device)
     meta = read_meta(Path(path))
@@ -58,17 +59,37 @@ def load_model(path: str | Path, device="cpu") -> Model:
     if kind == "teacher":
         return load_teacher(path, device)
     if kind == "student":
-        return load_student(path, device)
+        return load_student(path, device, teacher=teacher)
     raise ModelNotFound(f"{str(path)!r}: unknown model kind {kind!r} in {META_FILE}")
 
 
-def load_student(path, device="cpu", fuse: bool = True):
+def run_teacher(path: Path, meta: dict, override: str | Path | None = None) -> Path:
+    """The teacher folder of a run: ``override`` if given, else the absolute path it recorded, else
+    the same folder relative to the run (a run moved together with its teacher)."""
+    if override is not None:
+        if not Path(override).exists():
+            raise ModelNotFound(f"teacher folder {str(override)!r} does not exist")
+        return Path(override)
+    recorded = Path(meta["teacher"])
+    if recorded.exists():
+        return recorded
+    relative = Path(path) / meta.get("teacher_relative", "\0")
+    if meta.get("teacher_relative") and relative.exists():
+        return relative.resolve()
+    raise ModelNotFound(f"the teacher of run {str(path)!r} is not at {str(recorded)!r}"
+                        + (f" nor at {str(relative)!r} (relative to the run)" if meta.get("teacher_relative") else "")
+                        + "; pass --teacher DIR with the teacher folder")
+
+
+def load_student(path, device="cpu", fuse: bool = True, teacher: str | Path | None = None):
     """A student run folder as a :class:`Model`. With ``fuse`` (inference) the LoRA is merged into
     the base weights and its layers removed, as diffusers' ``fuse_lora`` + ``unload_lora``: same
     outputs, no per-layer LoRA overhead (about 30% of a forward on the digits UNet)."""
     path = Path(path)
     meta = read_meta(path)
-    teacher = load_teacher(meta["teacher"], device="cpu")
+    teacher_dir = run_teacher(path, meta, teacher)
+    meta = {**meta, "teacher": str(teacher_dir)}
+    teacher = load_teacher(teacher_dir, device="cpu")
     if meta["full"]:
         backbone = type(teacher.denoiser.backbone).from_pretrained(path / "student" / FULL_DIR)
     else:

@@ -113,8 +113,12 @@ def scheduler_class(config: dict):
 def save_student(out: Path, backbone: nn.Module, meta: dict) -> None:
     from safetensors.torch import save_file
 
+    import os
+
     out = Path(out)
     (out / "student").mkdir(parents=True, exist_ok=True)
+    # the teacher relative to the run too, so that a run moved together with its teacher still loads
+    meta = {**meta, "teacher_relative": os.path.relpath(Path(meta["teacher"]).resolve(), out.resolve())}
     if meta["full"]:
         backbone.save_pretrained(out / "student" / FULL_DIR, safe_serialization=True)
     else:
