@@ -74,7 +74,7 @@ def test_distil_sample_export_round_trip(teachers, method_name, family, tmp_path
     import diffusers
     from safetensors.torch import load_file
 
-    from flashdistill.export import METHOD_TITLES, export
+    from flashdistill.export import export
     from flashdistill.methods import method_module
     from flashdistill.models.loading import load_model
     from flashdistill.models.student import lcm_multistep, student_timesteps
@@ -102,7 +102,7 @@ def test_distil_sample_export_round_trip(teachers, method_name, family, tmp_path
 
     out = export(run, tmp_path / "export")
     card = (out / "README.md").read_text()
-    assert METHOD_TITLES[method_name][0] in card and "## Settings" in card and "## Metrics" in card
+    assert f"# {module.Method.label} student" in card and "## Settings" in card and "## Metrics" in card
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     pipe = _pipe(teachers[family], family)
     if family == "pixart":

@@ -183,8 +183,7 @@ def method_key(method: str, teacher_overrides: dict | None, overrides: dict | No
 
     cfg = to_dict(method_config(method, Path("."), overrides))
     cfg.pop("teacher")
-    parts = (teacher_key(teacher_overrides), cfg, source_hash(METHOD_SOURCES[method]))
-    return _key(*parts) if method == "flash" else _key(method, *parts)
+    return _key(method, teacher_key(teacher_overrides), cfg, source_hash(METHOD_SOURCES[method]))
 
 
 def flash_key(teacher_overrides: dict | None, overrides: dict | None = None) -> str:

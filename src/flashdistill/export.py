@@ -51,7 +51,9 @@ def export(run: str | Path, out: str | Path, metrics: dict | None = None, teache
         raise ValueError(f"output folder {str(out)!r} exists and is not empty; choose a new one")
     if meta.get("stages"):  # one student per step count (SDXL-Lightning): one export each
         out.mkdir(parents=True, exist_ok=True)
-        lines = [f"# {METHOD_TITLES.get(meta.get('method'), ('',))[0]} students of `{Path(meta['teacher']).name}`", "",
+        from .methods import method_module
+
+        lines = [f"# {method_module(meta['method']).Method.label} students of `{Path(meta['teacher']).name}`", "",
                  "One student per step count; each folder is a complete export (weights, scheduler, model card):", ""]
         for n, rel in sorted(meta["stages"].items(), key=lambda kv: -int(kv[0])):
             rows = None if not metrics else {**metrics, "rows": [r for r in metrics["rows"] if str(r["steps"]) == n]}
@@ -97,18 +99,15 @@ def _metrics_table(metrics: dict | None) -> str:
     return "\n".join(lines) + (f"\n\n{note}" if note else "")
 
 
-METHOD_TITLES = {"flash": ("Flash Diffusion", "Flash Diffusion (Chadebec et al. 2024)", "flash-diffusion"),
-                 "lcm": ("LCM-LoRA", "latent consistency distillation (LCM / LCM-LoRA, Luo et al. 2023)", "lcm"),
-                 "splam": ("SPLAM", "SPLAM, sub-path linear approximation (Xu et al. 2024)", "splam"),
-                 "lightning": ("SDXL-Lightning", "progressive adversarial distillation (SDXL-Lightning, Lin et al. 2024)",
-                               "sdxl-lightning")}
-
-
 def model_card(meta: dict, family: str, weights: str, metrics: dict | None) -> str:
     cfg = meta.get("config", {})
+    from .methods import method_module
+
     method = meta.get("method", "flash")
-    short, long, tag = METHOD_TITLES.get(method, (method, method, method))
+    cls = method_module(method).Method
+    short, long, tag = cls.label, cls.title, cls.label.lower().replace(" ", "-")
     ts = meta["sampling"]["timesteps"]
+    counts = " or ".join(filter(None, [", ".join(list(ts)[:-1]), list(ts)[-1]]))  # "1, 2 or 4"; "8"
     flow = family == "sd3"
     steps_arg = "sigmas" if flow else "timesteps"
     values = {k: ([round(v / 1000, 6) for v in t] if flow else t) for k, t in ts.items()}
@@ -157,7 +156,7 @@ tags: [{tag}, distillation, few-step, flashdistill]
 # {short} student of `{Path(meta['teacher']).name}`
 
 A {'LoRA' if not meta['full'] else 'full'} student distilled with {long} by
-flashdistill. It generates in 1, 2 or 4 steps without classifier-free guidance (one network
+flashdistill. It generates in {counts} steps without classifier-free guidance (one network
 evaluation per step).
 
 ## Files

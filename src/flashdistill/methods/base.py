@@ -82,7 +82,8 @@ class StudentMethod:
     ``default_targets``."""
 
     name = "student"
-    title = "distilled"
+    label = "distilled"  # short name (model card heading)
+    title = "distilled"  # what it is, with its paper
 
     def __init__(self, config: StudentConfig):
         if not config.teacher:
@@ -180,15 +181,18 @@ class StudentMethod:
                     **self.schedule.to_diffusers_config(), "original_inference_steps": self.grid_size}
         return {"_class_name": "FlowMatchLCMScheduler", "num_train_timesteps": self.schedule.num_train_timesteps, "shift": 1.0}
 
-    def finalize(self, out_dir, models: dict) -> None:
+    def run_meta(self, sampling: dict, scheduler_config: dict, **extra) -> dict:
+        """The ``flashdistill.json`` of a student written by this run."""
         from ..config import to_dict
 
         c = self.config
-        meta = {
+        return {
             "method": self.name, "teacher": str(Path(c.teacher).resolve()), "full": c.full,
             "lora": None if c.full else {"rank": c.lora_rank, "alpha": c.lora_alpha or c.lora_rank, "targets": self.lora_targets},
             "family": self.family,
             "trainable_params": self.trainable, "teacher_params": self.total,
-            "sampling": self.sampling(), "scheduler_config": self.scheduler_config(), "config": to_dict(c),
+            "sampling": sampling, "scheduler_config": scheduler_config, "config": to_dict(c), **extra,
         }
-        save_student(Path(out_dir), unwrap(models["student"]), meta)
+
+    def finalize(self, out_dir, models: dict) -> None:
+        save_student(Path(out_dir), unwrap(models["student"]), self.run_meta(self.sampling(), self.scheduler_config()))

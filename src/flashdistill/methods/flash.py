@@ -135,6 +135,7 @@ def build_config(teacher, preset: str = "auto", *layers: dict) -> tuple[FlashCon
 
 class FlashDistillation(StudentMethod):
     name = "flash"
+    label = "Flash Diffusion"
     title = "Flash Diffusion (Chadebec et al. 2024)"
     config_class = FlashConfig
 

@@ -85,6 +85,7 @@ def build_config(teacher, preset: str = "auto", *layers: dict) -> tuple[LCMConfi
 
 class LCMDistillation(StudentMethod):
     name = "lcm"
+    label = "LCM-LoRA"
     title = "Latent Consistency Distillation (LCM / LCM-LoRA, Luo et al. 2023)"
     config_class = LCMConfig
 

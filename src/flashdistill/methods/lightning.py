@@ -37,6 +37,7 @@ from torch import nn
 from ..config import field
 from ..core.schedules import append_dims, lightning_forward
 from ..core.solvers import cat_cond, cfg_model, ddim_move
+from ..core.timesteps import phase_at
 from ..losses import distillation_loss, ns_gan_discriminator_loss, ns_gan_generator_loss
 from ..models.denoiser import Denoiser, X0Denoiser
 from ..models.discriminator import DiscriminatorHead
@@ -124,7 +125,7 @@ class LightningDiscriminator(nn.Module):
     on the channel concatenation of ``d(x', t', c)`` and ``d(x_t, t, c)``; the unconditional D'
     passes zeros for the second half."""
 
-    def __init__(self, teacher_backbone: nn.Module, schedule):
+    def __init__(self, teacher_backbone: nn.Module, schedule, cond_one: dict, image_shape):
         super().__init__()
         backbone = copy.deepcopy(teacher_backbone)
         if getattr(backbone, "mid_block", None) is None:
@@ -134,18 +135,19 @@ class LightningDiscriminator(nn.Module):
             if getattr(backbone, name, None) is not None:
                 setattr(backbone, name, nn.Identity())
         self.encoder = Denoiser(backbone.requires_grad_(True).train(), schedule)
-        self.head = None
-
-    def build(self, cond_one: dict, image_shape) -> "LightningDiscriminator":
-        """Create the head, sized by one dry pass (which needs a condition)."""
-        with torch.no_grad():
+        with torch.no_grad():  # the head's input size, from one dry pass
             feats = self.encoder.encoder_features(torch.zeros(1, *image_shape), torch.zeros(1), cond_one)
         self.head = DiscriminatorHead(2 * feats.shape[1], feats.shape[-1])
-        return self
 
-    def forward(self, x, t, cond: dict, x_t=None, t_in=None) -> torch.Tensor:
+    def forward(self, x, t, cond: dict, context: tuple | None = None) -> torch.Tensor:
+        """Logits for the candidates ``x`` at ``t``. ``context = (x_t, t_in, cond_t)`` (conditional
+        D) is encoded once and paired with every group of ``len(x_t)`` candidates; ``None`` is D'."""
         f = self.encoder.encoder_features(x, t, cond)
-        g = torch.zeros_like(f) if x_t is None else self.encoder.encoder_features(x_t, t_in, cond)
+        if context is None:
+            g = torch.zeros_like(f)
+        else:
+            x_t, t_in, cond_t = context
+            g = self.encoder.encoder_features(x_t, t_in, cond_t).repeat(len(x) // len(x_t), 1, 1, 1)
         return self.head(torch.cat([f, g], dim=1))
 
 
@@ -166,6 +168,7 @@ def move_to(x_t, x0, t, t_next, schedule):
 
 class LightningDistillation(StudentMethod):
     name = "lightning"
+    label = "SDXL-Lightning"
     title = "SDXL-Lightning, progressive adversarial distillation (Lin et al. 2024)"
     config_class = LightningConfig
 
@@ -176,30 +179,26 @@ class LightningDistillation(StudentMethod):
         c = self.config
         self.grid_size = c.teacher_steps
         self.T = self.schedule.num_train_timesteps
-        bounds, total = [], 0
-        for n in c.stage_steps:
-            bounds.append(total)
-            total += n
-        self.stage_starts = bounds
         self.stage_teacher = None
         self.finished: dict[int, dict] = {}  # stage step count -> trainable weights at the stage's end
-        self._stage_seen = None
+        self._teacher_stage = None
         self.current_stage = 0
 
     def default_targets(self) -> list[str]:
         return UNET_ALL_TARGETS if self.family in ("digits", "sd", "sdxl") else super().default_targets()
 
     def extra_models(self) -> dict:
-        self.disc = LightningDiscriminator(self.teacher.denoiser.backbone, self.schedule)
-        self.disc.build(self.teacher.uncond(1), self.teacher.image_shape)
+        self.disc = LightningDiscriminator(self.teacher.denoiser.backbone, self.schedule, self.teacher.uncond(1),
+                                           self.teacher.image_shape)
         self.disc_init = {k: v.detach().clone() for k, v in self.disc.state_dict().items()}
         return {"disc": self.disc}
 
     # --- stages ---------------------------------------------------------------------------
     def stage_at(self, step: int) -> tuple[int, int]:
         """(stage index, step within the stage)."""
-        k = max(i for i, s in enumerate(self.stage_starts) if step >= s)
-        return k, step - self.stage_starts[k]
+        steps = self.config.stage_steps
+        k = min(phase_at(step, steps), len(steps) - 1)
+        return k, step - sum(steps[:k])
 
     def uncond_phase(self, k: int, local: int) -> bool:
         return k > 0 and local >= round((1 - self.config.uncond_fraction) * self.config.stage_steps[k])
@@ -218,25 +217,23 @@ class LightningDistillation(StudentMethod):
         c = self.config
         k, local = self.stage_at(step)
         self.current_stage = k
-        reset = []
         if local == 0 and k > 0:
-            prev = c.stages[k - 1]
-            self.finished[prev] = self._trainable(models["student"])
-        if k > 0 and (local == 0 or self.uncond_phase(k, local) and not self.uncond_phase(k, local - 1)):
+            self.finished[c.stages[k - 1]] = self._trainable(models["student"])
+        reset = k > 0 and (local == 0 or self.uncond_phase(k, local) and not self.uncond_phase(k, local - 1))
+        if reset:
             unwrap(models["disc"]).load_state_dict(self.disc_init)
-            reset.append("disc")
         self._sync_stage_teacher(k)
         regression = k == 0 or self.converting(k, local)  # MSE objectives: stage 0 and the x0 conversion
         betas = (0.9, 0.999) if regression else tuple(c.adam_betas)
         return {"student": {"lr": c.mse_lr if regression else c.lr, "betas": betas, "reset": False},
-                "disc": {"lr": c.disc_lr, "betas": tuple(c.adam_betas), "reset": "disc" in reset}}
+                "disc": {"lr": c.disc_lr, "betas": tuple(c.adam_betas), "reset": reset}}
 
     def _trainable(self, student) -> dict:
         return {n: p.detach().clone() for n, p in unwrap(student).named_parameters() if p.requires_grad}
 
     def _sync_stage_teacher(self, k: int) -> None:
         """The frozen teacher of adversarial stage k: the student as it ended stage k - 1."""
-        if k == 0 or self._stage_seen == k:
+        if k == 0 or self._teacher_stage == k:
             return
         if self.stage_teacher is None:
             self.stage_teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
@@ -245,7 +242,7 @@ class LightningDistillation(StudentMethod):
         with torch.no_grad():
             for n, v in weights.items():
                 params[n].copy_(v)
-        self._stage_seen = k
+        self._teacher_stage = k
 
     def state_tensors(self) -> dict:
         return {f"stage{n}.{name}": v for n, w in self.finished.items() for name, v in w.items()}
@@ -255,13 +252,14 @@ class LightningDistillation(StudentMethod):
         for key, v in tensors.items():
             n, name = key.split(".", 1)
             self.finished.setdefault(int(n[len("stage"):]), {})[name] = v
-        self._stage_seen = None
+        self._teacher_stage = None
 
     # --- the step --------------------------------------------------------------------------
-    def _student_x0(self, net, k: int, x, t, cond):
-        return (X0Denoiser if self.predicts_x0(k) else Denoiser)(net, self.schedule)(x, t, cond)
+    def stage_denoiser(self, net, k: int) -> Denoiser:
+        """Stage k's student as a denoiser: x0 output for the 1-step stage, else the native one."""
+        return (X0Denoiser if self.predicts_x0(k) else Denoiser)(net, self.schedule)
 
-    def _timesteps(self, k: int) -> torch.Tensor:
+    def train_timesteps(self, k: int) -> torch.Tensor:
         n = self.config.stages[k]
         if n <= self.config.multi_t_steps:
             return torch.tensor(self.config.multi_t_timesteps, dtype=torch.float64)
@@ -277,7 +275,7 @@ class LightningDistillation(StudentMethod):
             model, n_from = cfg_model(self.teacher.denoiser, cond, uncond, c.guidance), c.teacher_steps
         else:
             net = self.stage_teacher
-            model = (lambda x, tt: self._student_x0(net, k - 1, x, tt, cond))
+            model = (lambda x, tt: self.stage_denoiser(net, k - 1)(x, tt, cond))
             n_from = c.stages[k - 1]
         size = self.T / n_from
         x, cur = x_t, t
@@ -301,7 +299,7 @@ class LightningDistillation(StudentMethod):
         x0 = self.teacher.encode(batch["image"].to(dev).float(), generator).to(dev)
         b = x0.shape[0]
         cond, uncond = self.teacher.cond(batch["prompt"]), self.teacher.uncond(b)
-        ts = self._timesteps(k)
+        ts = self.train_timesteps(k)
         t = ts[torch.randint(len(ts), (b,), generator=generator)].to(dev)
         t_end = advance(t, self.T / c.stages[k])
         noise = torch.randn(x0.shape, generator=generator).to(dev)
@@ -316,7 +314,7 @@ class LightningDistillation(StudentMethod):
             return [("student", loss)], {**logs, "convert": l_logs["distill"], "loss": loss.detach()}
 
         target = self.teacher_target(k, x_t, t, cond, uncond)
-        pred = move_to(x_t, self._student_x0(models["student"], k, x_t, t.float(), cond), t, t_end, sch)
+        pred = move_to(x_t, self.stage_denoiser(models["student"], k)(x_t, t.float(), cond), t, t_end, sch)
         if k == 0:  # Eq. 16
             loss, l_logs = distillation_loss(pred, target, "mse")
             return [("student", loss)], {**logs, "mse": l_logs["distill"], "loss": loss.detach()}
@@ -332,13 +330,11 @@ class LightningDistillation(StudentMethod):
             pred = torch.where(renoise, sch.add_noise(pred, n_star, t_star), pred)
             t_d = torch.where(clean, t_star, t_end)
         uncond_phase = self.uncond_phase(k, local)
-        x_in, t_in = (None, None) if uncond_phase else (x_t, t.float())
+        context = None if uncond_phase else (x_t, t.float(), cond)
         disc = models["disc"]
         # the student's step calls the unwrapped discriminator: its gradient reaches the student only
-        g_loss, g_logs = ns_gan_generator_loss(unwrap(disc)(pred, t_d.float(), cond, x_in, t_in))
-        both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
-        logits = disc(torch.cat([target, pred.detach()]), torch.cat([t_d, t_d]).float(), cat_cond(cond, cond),
-                      both(x_in, x_in), both(t_in, t_in))
+        g_loss, g_logs = ns_gan_generator_loss(unwrap(disc)(pred, t_d.float(), cond, context))
+        logits = disc(torch.cat([target, pred.detach()]), torch.cat([t_d, t_d]).float(), cat_cond(cond, cond), context)
         d_loss, d_logs = ns_gan_discriminator_loss(*logits.chunk(2))
         logs.update({**g_logs, **d_logs, "uncond_d": torch.tensor(float(uncond_phase)), "loss": g_loss.detach()})
         return [("student", g_loss), ("disc", d_loss)], logs
@@ -354,7 +350,7 @@ class LightningDistillation(StudentMethod):
         return self.sampling_for(len(self.config.stages) - 1)
 
     def student_denoiser(self, backbone):
-        return (X0Denoiser if self.predicts_x0(len(self.config.stages) - 1) else Denoiser)(backbone, self.schedule)
+        return self.stage_denoiser(backbone, len(self.config.stages) - 1)
 
     def scheduler_config_for(self, k: int) -> dict:
         return {"_class_name": "EulerDiscreteScheduler", **self.schedule.to_diffusers_config(),
@@ -366,56 +362,41 @@ class LightningDistillation(StudentMethod):
 
     @torch.no_grad()
     def preview(self, models: dict, generator: torch.Generator):
-        """Rows: the current student at its stage's step count (earlier stages' grids are written
-        by their own previews)."""
-        from ..sample import seeded_noise
+        """One row: the current stage's student at its own step count (each stage's previews
+        show that stage)."""
         from ..models.student import lcm_multistep
+        from ..sample import seeded_noise
 
-        step_k = self._stage_seen or 0
-        student = self.student_denoiser(models["student"]) if step_k == len(self.config.stages) - 1 else \
-            (X0Denoiser if self.predicts_x0(step_k) else Denoiser)(models["student"], self.schedule)
+        k = self.current_stage
         prompts = self.preview_prompts()
-        n = self.config.stages[step_k]
-        ts = torch.tensor(self.sampling_for(step_k)["timesteps"][str(n)], dtype=torch.float64)
+        ts = torch.tensor(next(iter(self.sampling_for(k)["timesteps"].values())), dtype=torch.float64)
         noises = [seeded_noise(self.teacher.image_shape, [1000 * j + i for i in range(len(prompts))]).to(self.device)
-                  for j in range(n)]
-        x0 = lcm_multistep(student, noises[0], ts, self.teacher.cond(prompts), self.schedule, noises[1:], gamma=0.0)
+                  for j in range(len(ts))]
+        x0 = lcm_multistep(self.stage_denoiser(models["student"], k), noises[0], ts, self.teacher.cond(prompts),
+                           self.schedule, noises[1:], gamma=0.0)
         return self.teacher.decode(x0).cpu(), len(prompts)
 
     def finalize(self, out_dir, models: dict) -> None:
         """RUN/stages/<n>/ holds the student of every stage (each a complete student folder); RUN
         itself is the last stage, and its flashdistill.json maps step counts to stage folders."""
-        from ..config import to_dict
         from ..models.student import save_student
 
         c = self.config
         out = Path(out_dir)
         student = unwrap(models["student"])
-        final = self._trainable(student)
         last = self.current_stage  # the last stage trained (all of them, unless a run was cut short)
-        self.finished[c.stages[last]] = final
-        stages = {}
+        self.finished[c.stages[last]] = self._trainable(student)
         params = dict(student.named_parameters())
-        for k, n in enumerate(c.stages[: last + 1]):
+
+        def write(k: int, folder: Path, **extra) -> None:
             with torch.no_grad():
-                for name, v in self.finished[n].items():
+                for name, v in self.finished[c.stages[k]].items():
                     params[name].copy_(v)
-            meta = {"method": self.name, "teacher": str(Path(c.teacher).resolve()), "full": c.full,
-                    "lora": None if c.full else {"rank": c.lora_rank, "alpha": c.lora_alpha or c.lora_rank, "targets": self.lora_targets},
-                    "family": self.family, "trainable_params": self.trainable, "teacher_params": self.total,
-                    "sampling": self.sampling_for(k), "scheduler_config": self.scheduler_config_for(k),
-                    "config": to_dict(c), "stage": k}
-            save_student(out / "stages" / str(n), student, meta)
-            stages[str(n)] = f"stages/{n}"
-        with torch.no_grad():
-            for name, v in final.items():
-                params[name].copy_(v)
-        meta = {"method": self.name, "teacher": str(Path(c.teacher).resolve()), "full": c.full,
-                "lora": None if c.full else {"rank": c.lora_rank, "alpha": c.lora_alpha or c.lora_rank, "targets": self.lora_targets},
-                "family": self.family, "trainable_params": self.trainable, "teacher_params": self.total,
-                "sampling": self.sampling_for(last), "scheduler_config": self.scheduler_config_for(last),
-                "config": to_dict(c), "stage": last, "stages": stages}
-        save_student(out, student, meta)
+            save_student(folder, student, self.run_meta(self.sampling_for(k), self.scheduler_config_for(k), stage=k, **extra))
+
+        for k, n in enumerate(c.stages[: last + 1]):
+            write(k, out / "stages" / str(n))
+        write(last, out, stages={str(n): f"stages/{n}" for n in c.stages[: last + 1]})
 
 
 Method = LightningDistillation

@@ -101,6 +101,7 @@ def build_config(teacher, preset: str = "auto", *layers: dict) -> tuple[SPLAMCon
 
 class SPLAMDistillation(LCMDistillation):
     name = "splam"
+    label = "SPLAM"
     title = "SPLAM, Sub-Path Linear Approximation (Xu et al. 2024)"
     config_class = SPLAMConfig
 
