@@ -131,3 +131,66 @@ def test_hf_datasets_folder(tmp_path):
         loaded = load_image_dataset(tmp_path / folder, 8)
         assert len(loaded) == 4 and loaded[2]["prompt"] == "caption 2"
         torch.testing.assert_close(loaded[2]["image"], to_tensor(_image(2), 8))
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_truncated_webdataset_shard_keeps_the_samples_before_the_cut(tmp_path):
+    path = _shard(tmp_path / "s.tar", 0, 10)
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:  # cut inside the 8th sample's image data
+        cut = tar.getmember("sample0007.png").offset_data + 20
+    path.write_bytes(data[:cut])
+    with pytest.warns(UserWarning) as record:
+        ds = load_image_dataset(path, 8)
+        items = [ds[i] for i in range(len(ds))]
+    assert len(ds) <= 8 and ds.rejected + len(ds.bad) >= 1
+    assert [it["prompt"] for it in items[:7]] == [f"caption {i}" for i in range(7)]
+    torch.testing.assert_close(items[6]["image"], to_tensor(_image(6), 8))
+    assert any("s.tar" in str(w.message) for w in record)
+
+
+def test_tar_members_with_absolute_or_parent_paths_are_rejected(tmp_path):
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for i, prefix in enumerate(["", "/etc/", "../", "a/../../", "ok/"]):
+            _add(tar, f"{prefix}sample{i}.png", _png(i))
+            _add(tar, f"{prefix}sample{i}.txt", f"caption {i}".encode())
+    with pytest.warns(UserWarning, match=r"absolute or '\.\.' path"):
+        ds = load_image_dataset(path, 8)
+    assert len(ds) == 2 and ds.rejected == 6  # three bad samples, two members each
+    assert sorted(ds[i]["prompt"] for i in range(2)) == ["caption 0", "caption 4"]
+
+
+def test_decompression_bomb_is_skipped_and_counted_without_decoding(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    root = _folder(tmp_path / "f", n=6)
+    PILImage.new("L", (300, 300)).save(root / "img_3.png")  # 90,000 pixels: a "bomb" under the limit below
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 50_000)  # warning above 50k, error above 100k
+    with pytest.warns(UserWarning, match="skipping unreadable item 3.*DecompressionBomb"):
+        ds = load_image_dataset(root, 8)
+    assert ds.bad == {3} and ds[3]["prompt"] == "caption 4"
+
+
+def test_non_utf8_captions_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(5):
+            _add(tar, f"sample{i}.png", _png(i))
+            _add(tar, f"sample{i}.txt", b"caption \xff\xfe" if i == 2 else f"caption {i}".encode())
+    with pytest.warns(UserWarning, match="skipping unreadable item 2.*UnicodeDecodeError"):
+        ds = load_image_dataset(path, 8)
+    assert ds.bad == {2} and ds[2]["prompt"] == "caption 3"
+    root = _folder(tmp_path / "f", n=4)
+    meta = root / "metadata.jsonl"
+    lines = meta.read_bytes().splitlines()
+    lines[1] = b'{"file_name": "img_1.png", "text": "caption \xff"}'
+    meta.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.warns(UserWarning, match="line 2 is not UTF-8"):
+        ds = load_image_dataset(root, 8)
+    assert len(ds) == 3 and ds.rejected == 1 and [ds[i]["prompt"] for i in range(3)] == ["caption 0", "caption 2", "caption 3"]

@@ -87,8 +87,15 @@ def test_stage_schedule_resets_and_teacher_targets(tiny_teacher):
     cond = m.teacher.cond(["a handwritten digit four"] * 2)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([999.0, 249.0], dtype=torch.float64)
+    import copy
+
     from flashdistill.models.denoiser import Denoiser
 
+    stage0 = copy.deepcopy(m.student)  # a separate module holding the stage-0 weights
+    with torch.no_grad():
+        for name, p in stage0.named_parameters():
+            if name in m.finished[4]:
+                p.copy_(m.finished[4][name])
     ref = []
     for b in range(2):
         xb, cur = x[b: b + 1], t[b: b + 1]
@@ -97,7 +104,7 @@ def test_stage_schedule_resets_and_teacher_targets(tiny_teacher):
             nxt = torch.where(nxt < 0, torch.full_like(nxt, CLEAN), nxt)
             if cur.item() < 0:
                 break
-            x0 = Denoiser(m.stage_teacher, m.schedule)(xb, cur.float(), {k: v[b: b + 1] for k, v in cond.items()})
+            x0 = Denoiser(stage0, m.schedule)(xb, cur.float(), {k: v[b: b + 1] for k, v in cond.items()})
             xb = move_to(xb, x0, cur, nxt, m.schedule)
             cur = nxt
         ref.append(xb)

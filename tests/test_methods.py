@@ -218,7 +218,7 @@ def test_splam_resume_with_ema_target_is_bit_identical(tiny_teacher, tmp_path):
     data = get_dataset("digits")
     over = {"gamma_dim": 8, "train": {"steps": 4, "checkpoint_every": 2}}
     m = tiny(SPLAMDistillation, SPLAMConfig, tiny_teacher, **over)
-    assert m.config.ema == 0.95 and m.target_model is not None
+    assert m.config.ema == 0.95 and m.target_weights is not None
     train(m, data, tmp_path / "a", progress=False)
     train(tiny(SPLAMDistillation, SPLAMConfig, tiny_teacher, gamma_dim=8, train={"steps": 2, "checkpoint_every": 2}),
           data, tmp_path / "b", progress=False)
@@ -241,7 +241,7 @@ def test_lora_targets_and_refusals(tiny_teacher):
     names = {n.rsplit(".lora_A", 1)[0] for n, _ in m.student.named_parameters() if ".lora_A" in n}
     assert any(n.endswith("conv1") for n in names) and any(n.endswith("to_q") for n in names)
     assert not any(n.startswith(("conv_in", "conv_out", "time_embedding")) for n in names)
-    assert m.config.ema == 0.0 and m.target_model is None  # LCM-LoRA: the target is the student
+    assert m.config.ema == 0.0 and m.target_weights is None  # LCM-LoRA: the target is the student
     assert from_dict(LCMConfig, {"teacher": "x", "full": True}).ema == 0.95
     with pytest.raises(ValueError, match="teacher_steps must be in"):
         from_dict(LCMConfig, {"teacher": "x", "N": 4, "teacher_steps": 4})

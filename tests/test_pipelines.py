@@ -236,3 +236,96 @@ def test_lightning_stages_export_and_diffusers_euler_round_trip(teachers, family
         with torch.no_grad():
             ours = lcm_multistep(student.denoiser, lat, ts, student.cond(prompts), student.schedule, None, gamma=0.0)
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item() + 1e-6)
+
+
+def _image_folder(root, prompts=("a cat", "a red car", "a dog")):
+    from PIL import Image
+
+    root.mkdir()
+    lines = []
+    for i, prompt in enumerate(prompts):
+        Image.new("RGB", (20 + 4 * i, 24), (60 * i, 20, 200 - 30 * i)).save(root / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": prompt}))
+    (root / "metadata.jsonl").write_text("\n".join(lines))
+    return root
+
+
+def _lora(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "student" / "student_lora.safetensors"))
+
+
+def test_cached_latents_train_exactly_as_uncached_and_skip_the_vae(teachers, tmp_path, monkeypatch, capsys):
+    """--cache-latents: a run from the cache is the uncached run (the cache encoded at batch 1, as
+    the run does, so the VAE sees the same shapes), and training never calls the VAE or the text
+    encoders; the CLI builds a missing cache itself."""
+    from flashdistill.cli import main
+    from flashdistill.data.cache import build_cache
+    from flashdistill.data.images import load_image_dataset
+    from flashdistill.models.loading import load_teacher
+    from flashdistill.models.pipelines import PipelineConditioner, PipelineVAE
+
+    data = _image_folder(tmp_path / "data")
+    common = ["--teacher", str(teachers["sd"]), "--data", str(data), "--set", "K=8", "--set", "lora_rank=2",
+              "--set", "phase_steps=[0,1,1]", "--set", "train.steps=3", "--set", "train.batch_size=1",
+              "--set", "train.checkpoint_every=2", "--set", "preview_prompts=[\"a cat\"]"]
+    assert main(["distill", "--out", str(tmp_path / "plain"), *common]) == 0
+    teacher = load_teacher(teachers["sd"])
+    cache = build_cache(load_image_dataset(data, teacher.meta["image_size"]), teacher, tmp_path / "cache", str(data),
+                        batch_size=1, progress=False)
+
+    def forbidden(*a, **k):
+        raise AssertionError("the VAE ran during a cached run")
+
+    monkeypatch.setattr(PipelineVAE, "moments", forbidden)
+    calls = []
+    real = PipelineConditioner.encode_one
+    monkeypatch.setattr(PipelineConditioner, "encode_one", lambda self, p: (calls.append(p), real(self, p))[1])
+    assert main(["distill", "--out", str(tmp_path / "cached"), "--cache-latents", str(cache), *common]) == 0
+    plain, cached = _lora(tmp_path / "plain"), _lora(tmp_path / "cached")
+    assert plain.keys() == cached.keys() and all(torch.equal(plain[k], cached[k]) for k in plain)
+    assert set(calls) <= {"", "a cat"}  # only the unconditional branch and the preview prompt were encoded
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["distill", "--out", str(tmp_path / "built"), "--cache-latents", str(tmp_path / "cache2"), *common]) == 0
+    assert "cache: latents and text embeddings" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "cache2").iterdir()) == ["cache.json", "shard-00000.json", "shard-00000.safetensors"]
+
+
+def test_latent_cache_resumes_an_interrupted_build_and_refuses_other_inputs(teachers, tmp_path, monkeypatch):
+    from flashdistill.data.cache import CacheMismatch, CachedLatents, build_cache
+    from flashdistill.data.images import load_image_dataset
+    from flashdistill.models.loading import load_teacher
+    from flashdistill.models.pipelines import PipelineVAE
+
+    data = _image_folder(tmp_path / "data")
+    teacher = load_teacher(teachers["sd"])
+    ds = load_image_dataset(data, teacher.meta["image_size"])
+    root = build_cache(ds, teacher, tmp_path / "c", str(data), shard_size=1, progress=False)
+    first = {p.name: p.read_bytes() for p in root.iterdir()}
+    for ext in ("safetensors", "json"):
+        (root / f"shard-00001.{ext}").unlink()  # an interrupted build: shard 1 never written
+    with pytest.raises(ValueError, match="incomplete"):
+        CachedLatents(root)
+    calls = []
+    real = PipelineVAE.moments
+    monkeypatch.setattr(PipelineVAE, "moments", lambda self, x: (calls.append(len(x)), real(self, x))[1])
+    build_cache(ds, teacher, root, str(data), shard_size=1, progress=False)
+    assert calls == [1]  # only the missing shard was encoded
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == first
+    items = CachedLatents(root)
+    assert len(items) == 3 and items[2]["prompt"] == "a dog"
+    assert items[1]["latent_mean"].shape == tuple(teacher.image_shape)
+    assert set(items[0]["text"]) == {"encoder_hidden_states"}
+    small = load_image_dataset(data, teacher.meta["image_size"] // 2)
+    with pytest.raises(CacheMismatch, match="resolution"):
+        build_cache(small, teacher, root, str(data), shard_size=1, progress=False)
+
+
+def test_cache_latents_needs_data(teachers, tmp_path, capsys):
+    from flashdistill.cli import main
+
+    assert main(["distill", "--teacher", str(teachers["sd"]), "--out", str(tmp_path / "r"),
+                 "--cache-latents", str(tmp_path / "c")]) == 2
+    assert "pass --data PATH" in capsys.readouterr().err

@@ -11,25 +11,34 @@ from pathlib import Path
 EPILOG_SET = "Config keys for --set (key (default): meaning):\n  "
 
 
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _int_in(low: int, high: int | None, what: str):
+    """An argparse type: an integer in [low, high) (high None: no bound), named ``what`` in errors."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < low or (high is not None and v >= high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+    return parse
 
 
-def finite_float(text: str) -> float:
+positive_int = _int_in(1, None, "a positive integer")
+non_negative_int = _int_in(0, None, "an integer >= 0")
+seed_int = _int_in(0, 2**63, "a seed in [0, 2**63)")  # what torch generators and NumPy accept
+
+
+def guidance_scale(text: str) -> float:
+    """A CFG scale in diffusers' form: a finite number >= 0 (1: no guidance, 0: unconditional)."""
     import math
 
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return v
 
 
@@ -197,6 +206,20 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _cached(dataset, teacher, args):
+    """Build (or finish) the latent cache on the main process first, with the teacher's VAE and
+    text encoders on the accelerator; every process then reads it."""
+    from accelerate import PartialState
+
+    from .data.cache import CachedLatents, build_cache
+
+    state = PartialState()
+    teacher.to(state.device)
+    with state.main_process_first():
+        build_cache(dataset, teacher, args.cache_latents, args.data, progress=state.is_main_process)
+    return CachedLatents(args.cache_latents)
+
+
 def cmd_distill(args) -> None:
     from .config import parse_overrides, read_config_file, to_dict
     from .data.digits import get_dataset
@@ -205,6 +228,8 @@ def cmd_distill(args) -> None:
 
     module = method_module(args.method)
     flags = {"full": True} if args.full else {}
+    if args.dtype:
+        flags["dtype"] = args.dtype
     cfg, preset = module.build_config(args.teacher, args.preset, read_config_file(args.config), parse_overrides(args.set), flags)
     say = print if _is_main_process() else (lambda *a, **k: None)
     say(f"method: {args.method}; preset: {preset}")
@@ -220,6 +245,11 @@ def cmd_distill(args) -> None:
             raise ValueError("--data needs a latent (VAE) teacher; the built-in teacher trains on its own dataset")
         dataset = load_image_dataset(args.data, size, args.caption_column)
         say(f"data: {len(dataset):,} captioned images from {args.data}, at {size}x{size}")
+        if args.cache_latents:
+            dataset = _cached(dataset, method.teacher, args)
+            say(f"cache: latents and text embeddings in {args.cache_latents}")
+    elif args.cache_latents:
+        raise ValueError("--cache-latents caches a --data dataset through the teacher's VAE; pass --data PATH")
     elif method.teacher.meta.get("dataset"):
         dataset = get_dataset(method.teacher.meta["dataset"], "train")
     else:
@@ -283,14 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="built-in dataset (default: digits)")
     p.add_argument("--out", required=True, help="output folder (the teacher, checkpoints, log, previews)")
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default 950)")
-    p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    p.add_argument("--seed", type=seed_int, default=None, help="seed (default 0)")
     _add_run_options(p)
     p.set_defaults(func=cmd_train_teacher)
 
     presets = sorted({name for m in METHODS for name in method_module(m).PRESETS})
-    p = sub.add_parser("distill", help="distil a teacher into a few-step student (Flash, LCM, SPLAM)",
+    p = sub.add_parser("distill", help="distil a teacher into a few-step student (Flash, LCM, SPLAM, SDXL-Lightning)",
                        description="Distil a teacher folder into a LoRA (or --full) student with --method: flash "
-                                   "(Flash Diffusion, the default), lcm (LCM / LCM-LoRA) or splam (SPLAM). "
+                                   "(Flash Diffusion, the default), lcm (LCM / LCM-LoRA), splam (SPLAM) or lightning (SDXL-Lightning). "
                                    "Runs under accelerate: 'accelerate launch --num_processes N -m flashdistill.cli distill ...' "
                                    "(on a CPU-only machine add --multi_gpu; accelerate's --cpu starts a single process). "
                                    "Config precedence: preset < --config file < --set.",
@@ -303,10 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "family; flash: 'sd' is the paper's SD1.5 setting, 'digits-long' the digits preset at 4x the steps; "
                         "splam: 'sd2' is the paper's SD2.1 setting)")
     p.add_argument("--full", action="store_true", help="train the whole student instead of a LoRA")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="dtype of the frozen teacher, text encoders and VAE (config key 'dtype', default fp32); "
+                        "trainable weights stay float32")
     p.add_argument("--data", default=None, help="captioned images for real teachers: an image folder with metadata.jsonl "
                                                 "(file_name, text), a Hugging Face datasets folder (save_to_disk), or "
                                                 "webdataset .tar shards (a file, a folder or a glob)")
     p.add_argument("--caption-column", default=None, help="caption field of --data (default: text, then caption)")
+    p.add_argument("--cache-latents", default=None, metavar="DIR",
+                   help="encode --data once with the teacher's VAE and text encoders into DIR (resumable), then "
+                        "train from it: a cached run draws the same latents as an uncached one")
     _add_run_options(p)
     p.set_defaults(func=cmd_distill)
 
@@ -319,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new or empty output folder")
     p.add_argument("--teacher", default=None, help="the run's teacher folder, if it is no longer where the run "
                                                    "recorded it (nor at the same place relative to the run)")
-    p.add_argument("--num-samples", type=int, default=500,
+    p.add_argument("--num-samples", type=non_negative_int, default=500,
                    help="digits students: samples per row of the model card's metrics (0: none; default 500)")
     p.set_defaults(func=cmd_export)
 
@@ -330,9 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "recorded it (nor at the same place relative to the run)")
     p.add_argument("--prompt", required=True, help="text prompt, e.g. 'a handwritten digit seven'")
     p.add_argument("--steps", type=positive_int, default=32, help="sampling steps (students: 1, 2 or 4)")
-    p.add_argument("--guidance", type=finite_float, default=None, help="CFG scale for teachers (default: the teacher's)")
+    p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale for teachers (default: the teacher's)")
     p.add_argument("--sampler", choices=["dpmpp_2m", "ddim", "euler", "unipc"], default=None, help="teacher solver (default dpmpp_2m)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the first image")
     p.add_argument("--num-images", type=positive_int, default=16, help="number of images")
     p.add_argument("--out", required=True, help="PNG grid to write (upscaled 8x for viewing)")
     p.add_argument("--npz", default=None, help="also save raw samples: images float32 (N,C,H,W) in [-1,1], prompts")
@@ -342,12 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score a teacher or student on the digits task (see the README for the metrics).")
     p.add_argument("--model", required=True, help="teacher folder or distillation run folder")
     p.add_argument("--steps", type=positive_int, nargs="+", default=[32], help="step counts to evaluate")
-    p.add_argument("--guidance", type=finite_float, default=None, help="CFG scale for teachers")
+    p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale for teachers")
     p.add_argument("--sampler", choices=["dpmpp_2m", "ddim", "euler", "unipc"], default=None, help="teacher solver")
     p.add_argument("--num-samples", type=positive_int, default=1000, help="generated samples per row")
     p.add_argument("--teacher", default=None, help="teacher folder for teacher_mse (its 32-step output); also the "
                                                    "run's teacher when the folder the run recorded is gone")
-    p.add_argument("--teacher-guidance", type=finite_float, default=None, help="CFG scale of the reference")
+    p.add_argument("--teacher-guidance", type=guidance_scale, default=None, help="CFG scale of the reference")
     g = p.add_argument_group("real models (FID with Inception, CLIP score; nothing is downloaded)")
     g.add_argument("--prompts", default=None, help="COCO captions JSON or a text file with one prompt per line")
     g.add_argument("--protocol", choices=["coco2017-5k", "coco2014-30k", "coco2014-10k"], default=None,
@@ -399,7 +435,11 @@ def main(argv=None) -> int:
     from .models.loading import ModelNotFound
     from .train import NonFiniteLoss, TrainingInterrupted
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    for a in sys.argv[1:] if argv is None else argv:  # argparse drops a literal '--' value and runs without it
+        if a.startswith("--") and a.endswith("=--"):
+            parser.error(f"argument {a[:-3]}: expected a value, got '--'")
+    args = parser.parse_args(argv)
     t0 = time.time()
     try:
         args.func(args)

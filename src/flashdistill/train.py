@@ -47,6 +47,8 @@ class TrainConfig:
     keep_checkpoints: int = field(2, "how many checkpoints to keep")
     sample_every: int = field(0, "steps between preview grids written to RUN/samples (0: only at the end)")
     log_every: int = field(10, "steps between lines in RUN/log.jsonl")
+    gradient_checkpointing: bool = field(False, "recompute the trainable backbones' activations during backward "
+                                                "(diffusers' enable_gradient_checkpointing): less memory, more compute")
     ema_decay: float = field(0.0, "EMA of the trainable weights (0: off; step t uses min(decay, (1+t)/(10+t))); the final model and the last preview use it")
     on_nonfinite: Literal["stop", "skip"] = field(
         "stop", "a NaN or Inf loss term: 'stop' names the term and the step and keeps the last good checkpoint; "
@@ -145,6 +147,60 @@ class DeterministicBatches:
         return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items] for k in items[0]}
 
 
+def _proc_status_gb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1e6  # kB
+    except OSError:
+        pass
+    return None
+
+
+def peak_memory_gb(device) -> float:
+    """Peak memory of this process, GB: allocated CUDA memory on a GPU, else the resident set's
+    high-water mark (Linux ``VmHWM``, which :func:`reset_peak_memory` resets; elsewhere
+    ``ru_maxrss``, since the process started; everything the process holds, libraries included)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    hwm = _proc_status_gb("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def reset_peak_memory(device) -> dict:
+    """Start a new peak (so the training peak is not the loading transient); returns what the
+    process holds now and its peak so far, GB."""
+    now = {"load_peak_gb": round(peak_memory_gb(device), 3)}
+    if torch.device(device).type == "cuda":
+        now["at_start_gb"] = round(torch.cuda.memory_allocated(device) / 1e9, 3)
+        torch.cuda.reset_peak_memory_stats(device)
+        return now
+    now["at_start_gb"] = round(_proc_status_gb("VmRSS") or 0.0, 3)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        pass
+    return now
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
+    """diffusers' gradient checkpointing on the outermost diffusers models inside ``model`` (the
+    student backbone, a discriminator's encoder copy; each switches its own sub-models); returns how
+    many were switched on."""
+    found: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(f + ".") or f == "" for f in found):
+            continue
+        if getattr(m, "_supports_gradient_checkpointing", False) and hasattr(m, "enable_gradient_checkpointing"):
+            m.enable_gradient_checkpointing()
+            found.append(name)
+    return len(found)
+
+
 def save_image_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 1) -> None:
     """Images in [-1, 1] (N, C, H, W) -> one PNG grid, nearest-upscaled ``scale`` times."""
     from PIL import Image
@@ -200,6 +256,8 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
     method.setup(acc.device)
     names = list(method.models())
     raw_models = [method.models()[n] for n in names]
+    if cfg.gradient_checkpointing and not sum(enable_gradient_checkpointing(m) for m in raw_models):
+        raise ValueError("train.gradient_checkpointing: none of the trainable models is a diffusers model that supports it")
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], **method.optimizer_settings(n))
             for n, m in zip(names, raw_models)]
     for opt in opts:
@@ -271,6 +329,8 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
     log_path = out / "log.jsonl"
     bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and acc.is_main_process), desc="train", dynamic_ncols=True)
     t0, step = time.time(), start
+    memory = {"measure": "cuda max_memory_allocated" if acc.device.type == "cuda" else "peak resident set (VmHWM)",
+              **reset_peak_memory(acc.device)}
     try:
         for n in names:
             models[n].train()
@@ -320,7 +380,8 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if not k.startswith("grad_norm")}, refresh=False)
             if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps):
                 with log_path.open("a") as f:
-                    f.write(json.dumps({"step": step, "time": round(time.time() - t0, 3), **logs}) + "\n")
+                    f.write(json.dumps({"step": step, "time": round(time.time() - t0, 3), **logs,
+                                        "peak_mem_gb": round(peak_memory_gb(acc.device), 3)}) + "\n")
             flag = torch.tensor([float(stop["signum"])], device=acc.device)
             if acc.num_processes > 1:
                 flag = acc.reduce(flag, reduction="max")
@@ -332,6 +393,9 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
             if cfg.sample_every and step % cfg.sample_every == 0:
                 preview(step)
         save(step)
+        if acc.is_main_process:  # before previews and export: the training peak
+            (out / "memory.json").write_text(json.dumps({**memory, "train_peak_gb": round(peak_memory_gb(acc.device), 3),
+                                                         "steps": step - start}, indent=2))
         for n, ema in emas.items():  # from here on the models hold their EMA weights
             ema.copy_to(acc.unwrap_model(models[n]))
         preview(step)

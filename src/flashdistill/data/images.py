@@ -15,6 +15,11 @@ Each item is ``{"image": float32 (3, R, R) in [-1, 1], "prompt": str}``: RGB, th
 resized to R (bicubic), centre-cropped. The teacher's VAE encodes images during training.
 Unreadable or corrupt images are skipped (the next readable item takes their place) and counted,
 with a warning; if most of the first items probed fail, or most reads fail, it stops with an error.
+So are images over PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, checked from the
+header before any pixel is decoded) and captions that are not UTF-8. Items rejected while listing
+(``rejected``, with a warning each): metadata lines that are not UTF-8 or not JSON objects, tar
+members with an absolute path or a ``..`` component, and the unreadable tail of a truncated shard
+(the members before it are kept).
 """
 from __future__ import annotations
 
@@ -54,9 +59,15 @@ def to_tensor(image, resolution: int) -> torch.Tensor:
 class CaptionedImages(torch.utils.data.Dataset):
     """Common skipping and counting over a format's ``_read(i) -> (PIL image, caption)``."""
 
+    rejected = 0  # items dropped while listing (a subclass counts them with reject())
+
+    def reject(self, source, why: str) -> None:
+        self.rejected += 1
+        warnings.warn(f"{source}: {why}; {self.rejected} rejected so far", stacklevel=3)
+
     def __init__(self, source: str, n: int, resolution: int):
         if n == 0:
-            raise DatasetError(f"{source}: no samples found")
+            raise DatasetError(f"{source}: no samples found" + (f" ({self.rejected} rejected)" if self.rejected else ""))
         if resolution <= 0:
             raise DatasetError(f"resolution must be > 0, got {resolution}")
         self.source, self.n, self.resolution = source, n, resolution
@@ -75,10 +86,16 @@ class CaptionedImages(torch.utils.data.Dataset):
         raise NotImplementedError
 
     def _try(self, i: int):
+        from PIL import Image
+
         self.reads += 1
         try:
-            image, caption = self._read(i)
-            image.load()
+            with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS: skipped, never decoded
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image, caption = self._read(i)
+                image.load()
+            if isinstance(caption, bytes):
+                caption = caption.decode("utf-8")
             return to_tensor(image, self.resolution), str(caption)
         except Exception as e:  # noqa: BLE001 - any decoding error means "skip this image"
             self.failures += 1
@@ -105,13 +122,19 @@ class ImageFolder(CaptionedImages):
     def __init__(self, root: Path, resolution: int, caption_column: str = "text"):
         self.root = Path(root)
         self.rows = []
-        for k, line in enumerate((self.root / "metadata.jsonl").read_text().splitlines()):
-            if not line.strip():
+        meta = self.root / "metadata.jsonl"
+        for k, raw in enumerate(meta.read_bytes().splitlines()):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                self.reject(meta, f"line {k + 1} is not UTF-8")
+                continue
             except json.JSONDecodeError as e:
-                raise DatasetError(f"{self.root / 'metadata.jsonl'}: line {k + 1} is not JSON ({e})") from None
+                raise DatasetError(f"{meta}: line {k + 1} is not JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{meta}: line {k + 1} must be a JSON object, got {type(row).__name__}")
             if "file_name" not in row or caption_column not in row:
                 raise DatasetError(f"{self.root / 'metadata.jsonl'}: line {k + 1} needs 'file_name' and "
                                    f"{caption_column!r}, got keys {sorted(row)}")
@@ -158,19 +181,31 @@ class HFDisk(CaptionedImages):
 class WebDatasetShards(CaptionedImages):
     def __init__(self, shards: list[Path], resolution: int):
         self.shards = shards
-        self.samples = []  # (shard index, image member, caption member or None)
+        self.samples = []  # (shard index, image TarInfo, caption TarInfo or None)
         for s, shard in enumerate(shards):
+            groups: dict[str, dict] = {}
             try:
-                with tarfile.open(shard) as tar:
-                    groups: dict[str, dict] = {}
-                    for m in tar.getmembers():
-                        if not m.isfile():
-                            continue
-                        folder, _, base = m.name.rpartition("/")
-                        stem, _, ext = base.partition(".")
-                        groups.setdefault(f"{folder}/{stem}", {})[ext.lower()] = m.name
+                tar = tarfile.open(shard)
             except (tarfile.TarError, OSError) as e:
                 raise DatasetError(f"{shard}: not a readable tar shard ({e})") from None
+            with tar:
+                while True:
+                    try:
+                        m = tar.next()
+                    except (tarfile.TarError, OSError) as e:  # a truncated shard: keep what came before
+                        self.reject(shard, f"unreadable after {len(groups)} samples ({type(e).__name__}: {e}); "
+                                           "the rest of this shard is skipped")
+                        break
+                    if m is None:
+                        break
+                    if not m.isfile():
+                        continue
+                    if m.name.startswith("/") or ".." in m.name.split("/"):
+                        self.reject(shard, f"member {m.name!r} has an absolute or '..' path")
+                        continue
+                    folder, _, base = m.name.rpartition("/")
+                    stem, _, ext = base.partition(".")
+                    groups.setdefault(f"{folder}/{stem}", {})[ext.lower()] = m  # TarInfo: read by offset
             for key, parts in groups.items():
                 image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
                 caption = parts.get("txt") or parts.get("json")
@@ -180,10 +215,10 @@ class WebDatasetShards(CaptionedImages):
         super().__init__(", ".join(str(s) for s in shards[:3]) + (" ..." if len(shards) > 3 else ""),
                          len(self.samples), resolution)
 
-    def _member(self, s: int, name: str) -> bytes:
+    def _member(self, s: int, member: tarfile.TarInfo) -> bytes:
         if s not in self._open:
             self._open[s] = tarfile.open(self.shards[s])
-        return self._open[s].extractfile(name).read()
+        return self._open[s].extractfile(member).read()  # by offset: no listing of a truncated shard
 
     def _read(self, i):
         from PIL import Image
@@ -191,8 +226,8 @@ class WebDatasetShards(CaptionedImages):
         s, image, caption = self.samples[i]
         text = ""
         if caption is not None:
-            raw = self._member(s, caption).decode("utf-8")
-            if caption.endswith(".json"):
+            raw = self._member(s, caption).decode("utf-8")  # not UTF-8: the item is skipped and counted
+            if caption.name.endswith(".json"):
                 obj = json.loads(raw)
                 text = obj.get("caption", obj.get("text", ""))
             else:

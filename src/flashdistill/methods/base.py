@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from ..config import field
+from ..models.adapters import swapped_weights
 from ..models.pipelines import LORA_TARGETS, teacher_family
 from ..models.student import StudentDenoiser, count_params, lcm_multistep, make_student_backbone, save_student
 from ..sample import seeded_noise
@@ -25,6 +27,9 @@ from ..train import TrainConfig
 # the UNet except conv_in, conv_out and the shared time-embedding MLP. SDXL-Lightning copies them.
 UNET_ALL_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _default_train() -> TrainConfig:
@@ -38,6 +43,9 @@ class StudentConfig:
     lora_rank: int = field(64, "LoRA rank")
     lora_alpha: float = field(0.0, "LoRA alpha (0: equal to the rank)")
     lora_targets: list[str] = field([], "module names that get a LoRA ([]: the method's default for the family, see the README)")
+    dtype: Literal["fp32", "bf16", "fp16"] = field(
+        "fp32", "dtype of the frozen weights (teacher backbone, text encoders, VAE); trainable weights (LoRA, "
+                "full student, discriminators) stay float32. bf16/fp16 halve the teacher's memory (for GPUs)")
     lr: float = field(1e-5, "AdamW learning rate of the student")
     adam_betas: list[float] = field([0.9, 0.999], "AdamW betas")
     sampler_gamma: float = field(1.0, "stochasticity of the student's multistep sampler (TCD's gamma, diffusers' "
@@ -91,7 +99,7 @@ class StudentMethod:
         from ..models.loading import load_teacher
 
         self.config = config
-        self.teacher = load_teacher(config.teacher)
+        self.teacher = load_teacher(config.teacher, dtype=DTYPES[config.dtype])
         self.schedule = self.teacher.schedule
         self.family = self.teacher.meta.get("family", "digits")
         if self.schedule.kind == "flow" and config.sampler_gamma != 1.0:
@@ -100,12 +108,14 @@ class StudentMethod:
         self.prepare()
         c = config
         self.lora_targets = list(c.lora_targets) or self.default_targets()
+        self.total = count_params(self.teacher.denoiser.backbone)[1]  # the teacher's parameter count
         with torch.random.fork_rng(devices=[]):  # initialisation is a function of the config's seed
             torch.manual_seed(c.train.seed)
             self.student = self.make_student()
+            if not c.full:  # one module: the teacher is the student's backbone with its LoRA off
+                self.teacher.denoiser.lora = False
             self.extra = self.extra_models()
         self.trainable = count_params(self.student)[0]
-        self.total = count_params(self.teacher.denoiser.backbone)[1]  # the teacher's parameter count
 
     # --- hooks for subclasses ----------------------------------------------------------
     def prepare(self) -> None:
@@ -116,6 +126,7 @@ class StudentMethod:
         return LORA_TARGETS[self.family]
 
     def make_student(self) -> torch.nn.Module:
+        """A LoRA injected into the teacher's backbone (shared) or, with ``full``, a copy."""
         c = self.config
         return make_student_backbone(self.teacher.denoiser.backbone, c.full, c.lora_rank, c.lora_alpha or None,
                                      self.lora_targets)
@@ -125,11 +136,33 @@ class StudentMethod:
         config's seed."""
         return {}
 
+    def trainable_weights(self, student=None) -> dict[str, torch.Tensor]:
+        """A detached copy of the student's trainable weights: a frozen weight set (an EMA target,
+        a finished stage) that :meth:`frozen_student` runs on the live module."""
+        return {n: p.detach().clone() for n, p in unwrap(student or self.student).named_parameters() if p.requires_grad}
+
+    def frozen_student(self, weights: dict):
+        """The context in which the student module holds ``weights`` (no-grad calls only)."""
+        return swapped_weights(unwrap(self.student), weights)
+
     def student_denoiser(self, backbone) -> StudentDenoiser:
         """The student's x0 at gamma = 1 / inference (what ``save_student`` writes)."""
         return StudentDenoiser(backbone, self.schedule)
 
     # --- loop protocol -------------------------------------------------------------------
+    def inputs(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict, dict]:
+        """A batch as (x0 in the denoiser's space, cond, uncond): images through the teacher's VAE,
+        or, from a latent cache (``--cache-latents``), a fresh sample of the cached latent
+        distribution with the same generator draws and the cached text embeddings."""
+        dev = self.device
+        if "latent_mean" in batch:
+            x0 = self.teacher.vae.from_moments(batch["latent_mean"].to(dev), batch["latent_std"].to(dev), generator)
+            cond = self.teacher.cond_from(batch["text"])
+        else:
+            x0 = self.teacher.encode(batch["image"].to(dev).float(), generator)
+            cond = self.teacher.cond(batch["prompt"])
+        return x0.to(dev), cond, self.teacher.uncond(x0.shape[0])
+
     def models(self) -> dict:
         return {"student": self.student, **self.extra}
 

@@ -30,6 +30,7 @@ from ..core.timesteps import PI_KINDS, grid_probabilities, mode_indices, phase_a
 from ..losses import denoising_loss, discriminator_loss, distillation_loss, dmd_loss, generator_adv_loss
 from ..models.denoiser import Denoiser
 from ..models.discriminator import DiscriminatorHead
+from ..models.adapters import base_copy
 from ..models.student import StudentDenoiser, make_student_backbone
 from ..sample import teacher_timesteps
 from ..train import TrainConfig
@@ -74,14 +75,21 @@ class FlashConfig(StudentConfig):
 
     def validate(self):
         super().validate()
+        if not 4 <= self.K <= 1000:  # checked before anything is sized by K
+            raise ValueError(f"K must be a multiple of 4 in [4, 1000] (points on the teacher's 1000 timesteps), got {self.K}")
         mode_indices(self.K)
         if self.pi not in PI_KINDS:
             raise ValueError(f"unknown pi {self.pi!r}; expected one of {list(PI_KINDS)}")
+        if self.pi_std <= 0:
+            raise ValueError(f"pi_std must be > 0, got {self.pi_std}")
+        if any(n < 0 for n in self.phase_steps):
+            raise ValueError(f"phase_steps must be step counts >= 0, got {self.phase_steps}")
+        phases = f"one per phase: phase_steps {self.phase_steps} makes {len(self.phase_steps) + 1}"
         if len(self.mode_weights) != len(self.phase_steps) + 1:
-            raise ValueError(f"mode_weights needs {len(self.phase_steps) + 1} rows (one per phase), got {len(self.mode_weights)}")
+            raise ValueError(f"mode_weights needs {len(self.phase_steps) + 1} rows ({phases}), got {len(self.mode_weights)}")
         for name in ("lambda_adv", "lambda_dmd"):
             if len(getattr(self, name)) != len(self.phase_steps) + 1:
-                raise ValueError(f"{name} needs {len(self.phase_steps) + 1} values (one per phase), got {getattr(self, name)}")
+                raise ValueError(f"{name} needs {len(self.phase_steps) + 1} values ({phases}), got {getattr(self, name)}")
         for w in self.mode_weights:
             grid_probabilities(self.K, "flash", w, self.pi_std)
         if not 0 <= self.guidance_min <= self.guidance_max:
@@ -153,8 +161,9 @@ class FlashDistillation(StudentMethod):
             feats = self.teacher.denoiser.encoder_features(
                 torch.zeros(1, *self.teacher.image_shape), self.grid[:1].float(), self.teacher.uncond(1))
         self.disc = DiscriminatorHead(feats.shape[1], feats.shape[-1])
-        # DMD2's fake score: the teacher plus a LoRA that learns to denoise the student's samples
-        self.fake = (make_student_backbone(self.teacher.denoiser.backbone, False, c.lora_rank, c.lora_alpha or None,
+        # DMD2's fake score: the teacher plus a LoRA that learns to denoise the student's samples;
+        # a copy of the backbone of its own (the one option that costs a second UNet)
+        self.fake = (make_student_backbone(base_copy(self.teacher.denoiser.backbone), False, c.lora_rank, c.lora_alpha or None,
                                            self.lora_targets) if self.trains_fake_score else None)
         return {"disc": self.disc, **({"fake": self.fake} if self.fake is not None else {})}
 
@@ -187,10 +196,9 @@ class FlashDistillation(StudentMethod):
 
     def step(self, batch: dict, step: int, models: dict, generator: torch.Generator):
         c, sch, dev = self.config, self.schedule, self.device
-        x0 = self.teacher.encode(batch["image"].to(dev).float(), generator).to(dev)  # latents for VAE teachers
+        x0, cond, uncond = self.inputs(batch, generator)  # latents for VAE teachers
         b = x0.shape[0]
         phase = self.phase(step)
-        cond, uncond = self.teacher.cond(batch["prompt"]), self.teacher.uncond(b)
 
         # Eq. (3): one grid index per batch; Eq. (2): teacher target from the noised real sample.
         index = int(sample_grid_index(self.probabilities(step), 1, generator))

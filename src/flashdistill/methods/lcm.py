@@ -19,7 +19,7 @@ SPLAM's multiple estimation) is an option, 1 is LCM.
 """
 from __future__ import annotations
 
-import copy
+from contextlib import nullcontext
 from dataclasses import dataclass, field as dc_field
 from typing import Literal
 
@@ -92,49 +92,44 @@ class LCMDistillation(StudentMethod):
     def prepare(self) -> None:
         self.grid = skipping_grid(self.schedule, self.config.N)
         self.grid_size = self.config.N
-        self.target_model = None
+        self.target_weights = None  # the EMA target's weights, run on the student's module
         self._target_step = None
 
     def default_targets(self) -> list[str]:
         return UNET_ALL_TARGETS if self.family in ("digits", "sd", "sdxl") else super().default_targets()
 
     def extra_models(self) -> dict:
-        if self.config.ema > 0:  # theta-: a frozen copy of the student, moved by EMA before each step
-            self._ema_names = {n for n, p in self.student.named_parameters() if p.requires_grad}
-            self.target_model = copy.deepcopy(self.student).requires_grad_(False).eval()
+        if self.config.ema > 0:  # theta-: the student's trainable weights, moved by EMA before each step
+            self.target_weights = self.trainable_weights()
         return {}
 
     # --- EMA target (method state carried by checkpoints) ------------------------------
     def state_tensors(self) -> dict:
-        if self.target_model is None:
-            return {}
-        return {n: p for n, p in self.target_model.named_parameters() if n in self._ema_names}
+        return dict(self.target_weights or {})
 
     def load_state_tensors(self, tensors: dict) -> None:
-        if self.target_model is None:
+        if self.target_weights is None:
             return
-        params = dict(self.target_model.named_parameters())
         with torch.no_grad():
             for n, v in tensors.items():
-                params[n].copy_(v)
+                self.target_weights[n].copy_(v)
 
     @torch.no_grad()
     def _update_target(self, student, step: int) -> None:
         """theta- <- mu theta- + (1 - mu) theta, once per optimizer step (before its first
         micro-batch, with the weights the previous step left)."""
-        if self.target_model is None or self._target_step == step:
+        if self.target_weights is None or self._target_step == step:
             return
         if step > 0:
             live = dict(unwrap(student).named_parameters())
-            for n, p in self.target_model.named_parameters():
-                if n in self._ema_names:
-                    p.lerp_(live[n].detach(), 1 - self.config.ema)
+            for n, p in self.target_weights.items():
+                p.lerp_(live[n].detach(), 1 - self.config.ema)
         self._target_step = step
 
     def setup(self, device) -> None:
         super().setup(device)
-        if self.target_model is not None:
-            self.target_model.to(device)
+        if self.target_weights is not None:
+            self.target_weights = {n: v.to(device) for n, v in self.target_weights.items()}
 
     # --- the step --------------------------------------------------------------------------
     @torch.no_grad()
@@ -155,8 +150,8 @@ class LCMDistillation(StudentMethod):
 
     def target(self, models: dict, x_next: torch.Tensor, t_next: torch.Tensor, cond: dict) -> torch.Tensor:
         """F_theta-(xhat_{t_n}, t_n): the EMA target, or the student itself without gradient."""
-        net = self.target_model if self.target_model is not None else unwrap(models["student"])
-        with torch.no_grad():
+        net = unwrap(models["student"])
+        with torch.no_grad(), (self.frozen_student(self.target_weights) if self.target_weights is not None else nullcontext()):
             return StudentDenoiser(net, self.schedule)(x_next, t_next, cond)
 
     def online(self, models: dict, x_t, x_next, t, t_next, cond: dict, generator) -> tuple[torch.Tensor, dict]:
@@ -166,9 +161,8 @@ class LCMDistillation(StudentMethod):
     def step(self, batch: dict, step: int, models: dict, generator: torch.Generator):
         c, sch, dev = self.config, self.schedule, self.device
         self._update_target(models["student"], step)
-        x0 = self.teacher.encode(batch["image"].to(dev).float(), generator).to(dev)
+        x0, cond, uncond = self.inputs(batch, generator)  # latents for VAE teachers
         b = x0.shape[0]
-        cond, uncond = self.teacher.cond(batch["prompt"]), self.teacher.uncond(b)
         index = torch.randint(0, c.N, (b,), generator=generator)  # per sample, as LCM
         t = self.grid[index].float().to(dev)
         t_next = next_on_grid(self.grid, index, c.teacher_steps).float().to(dev)

@@ -27,7 +27,7 @@ student stays a LoRA through every stage (the paper merges it and trains the who
 """
 from __future__ import annotations
 
-import copy
+from contextlib import nullcontext
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from ..core.schedules import append_dims, lightning_forward
 from ..core.solvers import cat_cond, cfg_model, ddim_move
 from ..core.timesteps import phase_at
 from ..losses import distillation_loss, ns_gan_discriminator_loss, ns_gan_generator_loss
+from ..models.adapters import base_copy
 from ..models.denoiser import Denoiser, X0Denoiser
 from ..models.discriminator import DiscriminatorHead
 from ..sample import teacher_timesteps
@@ -127,13 +128,12 @@ class LightningDiscriminator(nn.Module):
 
     def __init__(self, teacher_backbone: nn.Module, schedule, cond_one: dict, image_shape):
         super().__init__()
-        backbone = copy.deepcopy(teacher_backbone)
-        if getattr(backbone, "mid_block", None) is None:
-            raise ValueError(f"Lightning's discriminator copies a UNet encoder and mid block; {type(backbone).__name__} has none")
-        backbone.up_blocks = nn.ModuleList()  # never reached: the forward stops after the mid block
-        for name in ("conv_norm_out", "conv_out"):
-            if getattr(backbone, name, None) is not None:
-                setattr(backbone, name, nn.Identity())
+        if getattr(teacher_backbone, "mid_block", None) is None:
+            raise ValueError(f"Lightning's discriminator copies a UNet encoder and mid block; {type(teacher_backbone).__name__} has none")
+        # the decoder half is never reached (the forward stops after the mid block): not copied
+        backbone = base_copy(teacher_backbone, {"up_blocks": nn.ModuleList(), "conv_norm_out": nn.Identity(),
+                                                "conv_out": nn.Identity()})
+        backbone.float()  # trainable: float32 whatever the teacher's dtype
         self.encoder = Denoiser(backbone.requires_grad_(True).train(), schedule)
         with torch.no_grad():  # the head's input size, from one dry pass
             feats = self.encoder.encoder_features(torch.zeros(1, *image_shape), torch.zeros(1), cond_one)
@@ -179,7 +179,7 @@ class LightningDistillation(StudentMethod):
         c = self.config
         self.grid_size = c.teacher_steps
         self.T = self.schedule.num_train_timesteps
-        self.stage_teacher = None
+        self.stage_teacher = None  # the previous stage's trainable weights (run on the student's module)
         self.finished: dict[int, dict] = {}  # stage step count -> trainable weights at the stage's end
         self._teacher_stage = None
         self.current_stage = 0
@@ -218,7 +218,7 @@ class LightningDistillation(StudentMethod):
         k, local = self.stage_at(step)
         self.current_stage = k
         if local == 0 and k > 0:
-            self.finished[c.stages[k - 1]] = self._trainable(models["student"])
+            self.finished[c.stages[k - 1]] = self.trainable_weights(models["student"])
         reset = k > 0 and (local == 0 or self.uncond_phase(k, local) and not self.uncond_phase(k, local - 1))
         if reset:
             unwrap(models["disc"]).load_state_dict(self.disc_init)
@@ -228,20 +228,12 @@ class LightningDistillation(StudentMethod):
         return {"student": {"lr": c.mse_lr if regression else c.lr, "betas": betas, "reset": False},
                 "disc": {"lr": c.disc_lr, "betas": tuple(c.adam_betas), "reset": reset}}
 
-    def _trainable(self, student) -> dict:
-        return {n: p.detach().clone() for n, p in unwrap(student).named_parameters() if p.requires_grad}
-
     def _sync_stage_teacher(self, k: int) -> None:
-        """The frozen teacher of adversarial stage k: the student as it ended stage k - 1."""
+        """The frozen teacher of adversarial stage k: the student's weights as it ended stage k - 1,
+        run on the student's own module."""
         if k == 0 or self._teacher_stage == k:
             return
-        if self.stage_teacher is None:
-            self.stage_teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
-        weights = self.finished[self.config.stages[k - 1]]
-        params = dict(self.stage_teacher.named_parameters())
-        with torch.no_grad():
-            for n, v in weights.items():
-                params[n].copy_(v)
+        self.stage_teacher = self.finished[self.config.stages[k - 1]]
         self._teacher_stage = k
 
     def state_tensors(self) -> dict:
@@ -273,18 +265,19 @@ class LightningDistillation(StudentMethod):
         c = self.config
         if k == 0:
             model, n_from = cfg_model(self.teacher.denoiser, cond, uncond, c.guidance), c.teacher_steps
-        else:
-            net = self.stage_teacher
-            model = (lambda x, tt: self.stage_denoiser(net, k - 1)(x, tt, cond))
-            n_from = c.stages[k - 1]
+            scope = nullcontext()
+        else:  # the previous stage's weights on the student's module
+            model = (lambda x, tt: self.stage_denoiser(unwrap(self.student), k - 1)(x, tt, cond))
+            n_from, scope = c.stages[k - 1], self.frozen_student(self.stage_teacher)
         size = self.T / n_from
         x, cur = x_t, t
-        for j in range(1, n_from // c.stages[k] + 1):
-            nxt = advance(t, size * j)
-            done = cur < 0
-            moved = move_to(x, model(x, cur.clamp_min(0).float()), cur.clamp_min(0), nxt, self.schedule)
-            x = torch.where(append_dims(done, x.ndim), x, moved)
-            cur = torch.where(done, cur, nxt)
+        with scope:
+            for j in range(1, n_from // c.stages[k] + 1):
+                nxt = advance(t, size * j)
+                done = cur < 0
+                moved = move_to(x, model(x, cur.clamp_min(0).float()), cur.clamp_min(0), nxt, self.schedule)
+                x = torch.where(append_dims(done, x.ndim), x, moved)
+                cur = torch.where(done, cur, nxt)
         return x
 
     def _disc_t(self, local: int, k: int, b: int, generator) -> torch.Tensor:
@@ -296,9 +289,8 @@ class LightningDistillation(StudentMethod):
     def step(self, batch: dict, step: int, models: dict, generator: torch.Generator):
         c, sch, dev = self.config, self.schedule, self.device
         k, local = self.stage_at(step)
-        x0 = self.teacher.encode(batch["image"].to(dev).float(), generator).to(dev)
+        x0, cond, uncond = self.inputs(batch, generator)  # latents for VAE teachers
         b = x0.shape[0]
-        cond, uncond = self.teacher.cond(batch["prompt"]), self.teacher.uncond(b)
         ts = self.train_timesteps(k)
         t = ts[torch.randint(len(ts), (b,), generator=generator)].to(dev)
         t_end = advance(t, self.T / c.stages[k])
@@ -307,8 +299,8 @@ class LightningDistillation(StudentMethod):
         logs = {"stage": torch.tensor(float(k)), "t": t.mean().float()}
 
         if self.converting(k, local):  # Eqs. 27-29: the 1-step student learns to output x0
-            with torch.no_grad():
-                ref = Denoiser(self.stage_teacher, sch)(x_t, t.float(), cond)
+            with torch.no_grad(), self.frozen_student(self.stage_teacher):
+                ref = Denoiser(unwrap(models["student"]), sch)(x_t, t.float(), cond)
             out = X0Denoiser(models["student"], sch)(x_t, t.float(), cond)
             loss, l_logs = distillation_loss(out, ref, "mse")
             return [("student", loss)], {**logs, "convert": l_logs["distill"], "loss": loss.detach()}
@@ -385,7 +377,7 @@ class LightningDistillation(StudentMethod):
         out = Path(out_dir)
         student = unwrap(models["student"])
         last = self.current_stage  # the last stage trained (all of them, unless a run was cut short)
-        self.finished[c.stages[last]] = self._trainable(student)
+        self.finished[c.stages[last]] = self.trainable_weights(student)
         params = dict(student.named_parameters())
 
         def write(k: int, folder: Path, **extra) -> None:

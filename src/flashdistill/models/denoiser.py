@@ -10,23 +10,45 @@ sigma: twice the input channels) have that half dropped, as their pipelines do.
 
 Precision boundary: the input is cast to the backbone's dtype here and the output back to
 float32 here; schedule arithmetic outside stays in float32/float64.
+
+``lora=False`` makes the denoiser a view of the backbone's base weights: a LoRA student shares the
+teacher's module, and the teacher's denoiser runs it with the adapters off
+(:func:`flashdistill.models.adapters.adapter_scope`). ``None`` runs the module as it is.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
+
+from .adapters import adapter_scope
 
 
 class _StopForward(Exception):
     pass
 
 
+def _cast(cond, dtype: torch.dtype):
+    """Floating tensors of a (nested) conditioning dict in the backbone's dtype (text embeddings
+    are cached in float32; a bf16 teacher takes them in bf16)."""
+    if torch.is_tensor(cond):
+        return cond.to(dtype) if cond.is_floating_point() else cond
+    if isinstance(cond, dict):
+        return {k: _cast(v, dtype) for k, v in cond.items()}
+    return cond
+
+
 class Denoiser(nn.Module):
-    def __init__(self, backbone: nn.Module, schedule, feature_block: int = -1):
+    def __init__(self, backbone: nn.Module, schedule, feature_block: int = -1, lora: bool | None = None):
         super().__init__()
         self.backbone = backbone
         self.schedule = schedule
         self.feature_block = feature_block  # transformers: block whose output feeds the discriminator (-1: middle)
+        self.lora = lora  # False: the base weights of a backbone that carries a student's LoRA (the teacher)
+
+    def _scope(self):
+        return nullcontext() if self.lora is None else adapter_scope(self.backbone, self.lora)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -34,7 +56,8 @@ class Denoiser(nn.Module):
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The backbone's native output (eps, v or flow velocity), float32."""
-        out = self.backbone(x_t.to(self.dtype), timestep=t, **cond, return_dict=False)[0]
+        with self._scope():
+            out = self.backbone(x_t.to(self.dtype), timestep=t, **_cast(cond, self.dtype), return_dict=False)[0]
         if out.shape[1] == 2 * x_t.shape[1]:
             out = out[:, : x_t.shape[1]]
         return out.float()
@@ -70,7 +93,8 @@ class Denoiser(nn.Module):
 
         handle = self._feature_module().register_forward_hook(hook)
         try:
-            self.backbone(x_t.to(self.dtype), timestep=t, **cond, return_dict=False)
+            with self._scope():
+                self.backbone(x_t.to(self.dtype), timestep=t, **_cast(cond, self.dtype), return_dict=False)
         except _StopForward:
             pass
         finally:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from .denoiser import Denoiser, X0Denoiser
 from .model import META_FILE, Model, ModelNotFound, is_pipeline_folder, read_meta, schedule_from_config  # noqa: F401
 from .pipelines import load_pipeline_teacher
@@ -33,16 +35,18 @@ def save_teacher(out: Path, unet, schedule, meta: dict) -> None:
     (out / META_FILE).write_text(json.dumps({"kind": "teacher", **meta}, indent=2))
 
 
-def load_teacher(path: str | Path, device="cpu") -> Model:
+def load_teacher(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> Model:
+    """A teacher folder as a :class:`Model`, its weights loaded straight in ``dtype`` (no float32
+    copy on the way: the peak memory of a bf16 teacher is its bf16 size)."""
     from diffusers import UNet2DConditionModel
 
     path = Path(path)
     if is_pipeline_folder(path):
-        return load_pipeline_teacher(path, device)
+        return load_pipeline_teacher(path, device, dtype)
     meta = read_meta(path)
     if meta.get("kind") != "teacher":
         raise ModelNotFound(f"{str(path)!r} holds a {meta.get('kind')!r}, not a teacher")
-    unet = UNet2DConditionModel.from_pretrained(path / "unet").eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=dtype).eval().requires_grad_(False)
     sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     denoiser = Denoiser(unet, schedule_from_config(sched_cfg))
     text = TextEncoder(meta["text_encoder"], meta["max_length"])

@@ -75,6 +75,10 @@ class Model:
     def cond(self, prompts: list[str]) -> dict:
         return _to(self.conditioner.cond(list(prompts)), self.device)
 
+    def cond_from(self, embeddings: list[dict]) -> dict:
+        """Batched conditioning from per-prompt embeddings (a latent cache's), no text encoder."""
+        return _to(self.conditioner.stack(list(embeddings)), self.device)
+
     def uncond(self, n: int) -> dict:
         """The unconditional branch of CFG for ``n`` samples, as the model's pipeline defines it."""
         return _to(self.conditioner.uncond(n), self.device)

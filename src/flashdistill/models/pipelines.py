@@ -76,7 +76,21 @@ class PipelineVAE:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        z = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.sample(generator)
+        return self.from_moments(*self.moments(images), generator)
+
+    @torch.no_grad()
+    def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent distribution for ``images``: (mean, std), in the VAE's dtype (what
+        ``--cache-latents`` stores)."""
+        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def from_moments(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A latent sample, scaled: what diffusers' ``latent_dist.sample(generator)`` computes from
+        the same moments, then ``(z - shift) * scale``, float32."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        z = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return ((z - self.shift) * self.scale).float()
 
     @torch.no_grad()
@@ -144,12 +158,21 @@ class PipelineConditioner:
                                             "aspect_ratio": torch.tensor([[self.height / self.width]] * b)}
         return out
 
+    def encode_one(self, prompt: str) -> dict:
+        """One prompt's embeddings (flat, float32 on the CPU; what the cache holds per prompt)."""
+        return {k: v.cpu() for k, v in self._encode([prompt])[0].items()}
+
+    def stack(self, items: list[dict]) -> dict:
+        """Per-prompt embeddings (``encode_one``'s, e.g. from ``--cache-latents``) as the backbone's
+        batched keyword arguments."""
+        return self._stack(items)
+
     def cond(self, prompts: list[str]) -> dict:
         # One prompt per encoder call, so an embedding is a function of its prompt alone, not of
         # the prompts that were missing from the cache at the same time (see TextEncoder.encode).
         for q in dict.fromkeys(prompts):
             if q not in self._cache:
-                self._cache[q] = {k: v.cpu() for k, v in self._encode([q])[0].items()}
+                self._cache[q] = self.encode_one(q)
         return self._stack([self._cache[q] for q in prompts])
 
     def uncond(self, n: int) -> dict:
@@ -161,7 +184,7 @@ class PipelineConditioner:
         return self.cond([""] * n)
 
 
-def load_pipeline(path: str | Path):
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32):
     from diffusers import DiffusionPipeline
 
     family = pipeline_family(path)
@@ -171,15 +194,15 @@ def load_pipeline(path: str | Path):
     if family == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load the diffusers pipeline in {str(path)!r} offline: {e}") from e
     return pipe, family
 
 
-def load_pipeline_teacher(path: str | Path, device="cpu"):
+def load_pipeline_teacher(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
     path = Path(path)
-    pipe, family = load_pipeline(path)
+    pipe, family = load_pipeline(path, dtype)
     backbone = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
     backbone.eval().requires_grad_(False)
     schedule = schedule_from_config(dict(pipe.scheduler.config))

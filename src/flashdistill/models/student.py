@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..core.schedules import append_dims, lcm_boundary_scalings, x0_to_eps
+from .adapters import forget_layout, lora_layers
 from .denoiser import Denoiser
 
 LORA_FILE = "student_lora.safetensors"
@@ -40,22 +41,35 @@ class StudentDenoiser(Denoiser):
 
 def make_student_backbone(teacher_backbone: nn.Module, full: bool, rank: int, alpha: float | None,
                           targets: list[str]) -> nn.Module:
-    """A trainable copy of the teacher: a LoRA of ``rank`` on ``targets`` or, with ``full``, all weights."""
-    student = copy.deepcopy(teacher_backbone).train()
-    if full:
-        return student.requires_grad_(True)
-    from peft import LoraConfig
+    """The trainable student on the teacher's backbone.
 
-    student.requires_grad_(False)
+    - LoRA (``full=False``): a LoRA of ``rank`` on ``targets`` injected *into* ``teacher_backbone``
+      in place, which becomes the shared module of teacher and student: the student runs it with
+      the adapters on, the teacher (``Denoiser(..., lora=False)``) with them off. Costs the LoRA's
+      weights only. Pass :func:`~flashdistill.models.adapters.base_copy` of the backbone for a
+      separate one.
+    - ``full``: a float32 copy with every weight trainable (it must be a copy).
+
+    LoRA weights are float32 whatever the frozen weights' dtype (diffusers' ``cast_training_params``).
+    """
+    if full:
+        return copy.deepcopy(teacher_backbone).float().train().requires_grad_(True)
+    from peft import LoraConfig, inject_adapter_in_model
+
+    student = teacher_backbone.requires_grad_(False)
+    if lora_layers(student):
+        raise ValueError("this backbone already carries a LoRA; pass base_copy(backbone) for a second student")
     present = [t for t in targets if any(n == t or n.endswith("." + t) for n, _ in student.named_modules())]
     if not present:
         raise ValueError(f"none of the LoRA target modules {targets} exist in the backbone")
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=present)
     # what diffusers' add_adapter does, for backbones without the PEFT mixin too (PixArt)
-    from peft import inject_adapter_in_model
-
     inject_adapter_in_model(config, student, adapter_name="default")
-    return student
+    forget_layout(student)
+    for p in student.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return student.train()
 
 
 def fourier_features(v: torch.Tensor, dim: int, scale: float = 1000.0, zero_at_origin: bool = True) -> torch.Tensor:
@@ -71,6 +85,14 @@ def fourier_features(v: torch.Tensor, dim: int, scale: float = 1000.0, zero_at_o
     return torch.cat([arg.sin(), arg.cos() - (1.0 if zero_at_origin else 0.0)], dim=1).float()
 
 
+class _Float32Linear(nn.Linear):
+    """A trainable float32 layer inside a backbone whose frozen weights may be bf16/fp16: computes
+    in float32 and returns the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
 def add_condition_projection(backbone: nn.Module, dim: int) -> nn.Module:
     """Give a UNet a zero-initialised, trainable ``time_embedding.cond_proj`` (diffusers'
     ``time_cond_proj_dim``): ``timestep_cond`` of shape (B, dim) is projected and added to the
@@ -78,7 +100,7 @@ def add_condition_projection(backbone: nn.Module, dim: int) -> nn.Module:
     emb = getattr(backbone, "time_embedding", None)
     if emb is None or not hasattr(emb, "linear_1"):
         raise ValueError(f"{type(backbone).__name__} has no UNet time embedding to condition (time_embedding.cond_proj)")
-    emb.cond_proj = nn.Linear(dim, emb.linear_1.in_features, bias=False).to(emb.linear_1.weight)
+    emb.cond_proj = _Float32Linear(dim, emb.linear_1.in_features, bias=False).to(emb.linear_1.weight.device)
     nn.init.zeros_(emb.cond_proj.weight)
     emb.cond_proj.requires_grad_(True)
     return backbone
@@ -94,6 +116,7 @@ def fuse_lora(backbone: nn.Module) -> nn.Module:
             module.merge()
             parent, _, child = name.rpartition(".")
             setattr(backbone.get_submodule(parent) if parent else backbone, child, module.get_base_layer())
+    forget_layout(backbone)
     return backbone
 
 

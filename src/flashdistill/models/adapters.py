@@ -1,0 +1,147 @@
+"""One backbone, several weight sets (issue 14: a LoRA student costs a LoRA, not a second UNet).
+
+A LoRA student is the teacher's own module with peft LoRA layers injected in place, as diffusers'
+LCM-LoRA scripts and the Flash reference do: the teacher's forward is the same module with its
+adapters switched off (:func:`adapter_scope`); the student's forward has them on. Frozen extra
+weight sets of the student (an EMA target, a previous stage's student) are dicts of tensors swapped
+into the live parameters for a no-grad call (:func:`swapped_weights`), not module copies.
+
+This sits at the bottom of :mod:`flashdistill.models` beside :mod:`.denoiser`; it imports nothing
+of the package.
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def lora_layers(module: nn.Module) -> list[nn.Module]:
+    """The peft tuner layers (LoRA-wrapped Linear/Conv) inside ``module``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class _Layout:
+    """What :func:`adapter_scope` touches in a module, found once per structure: its LoRA layers,
+    all its submodules and those with diffusers' ``gradient_checkpointing`` flag (a walk of a
+    UNet's ~700 submodules costs milliseconds, as much as a digits teacher call)."""
+
+    def __init__(self, module: nn.Module):
+        self.modules = list(module.modules())
+        self.count = len(self.modules)
+        self.layers = lora_layers(module)
+        self.checkpointable = [m for m in self.modules if "gradient_checkpointing" in m.__dict__]
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, _Layout]" = weakref.WeakKeyDictionary()
+
+
+def forget_layout(module: nn.Module) -> None:
+    """Drop the cached layout of ``module`` (called where the structure changes: LoRA injected,
+    stripped or fused)."""
+    _LAYOUTS.pop(module, None)
+
+
+def _layout(module: nn.Module) -> _Layout:
+    """The cached layout, rebuilt when the number of submodules changed (a module added or
+    removed anywhere) or after :func:`forget_layout`."""
+    found = _LAYOUTS.get(module)
+    if found is None or found.count != sum(1 for _ in module.modules()):
+        found = _LAYOUTS[module] = _Layout(module)
+    return found
+
+
+@contextmanager
+def adapter_scope(module: nn.Module, enabled: bool):
+    """Run ``module`` with its LoRA layers on (``enabled``) or off (the base weights in eval mode:
+    the teacher, whatever mode the student's training left the shared module in).
+
+    peft's public switch (``enable_adapters``) also flips ``requires_grad`` on the adapter weights,
+    which must not happen in the middle of a training step whose student graph is live, so this
+    sets the layers' ``_disable_adapters`` flag directly and restores it on exit (peft 0.21; the
+    tests check that a disabled call equals the plain teacher bit for bit and that an enabled one
+    sees the LoRA). With gradients enabled, diffusers' gradient checkpointing is suspended for the
+    call: its recomputation would run during backward, after this scope has restored the flags.
+    """
+    layout = _layout(module)
+    if not layout.layers:
+        yield module
+        return
+    # plain attributes, written through __dict__: nn.Module.__setattr__ costs microseconds per call,
+    # milliseconds over a UNet's submodules
+    before = [m.__dict__["_disable_adapters"] for m in layout.layers]
+    modes = [m.__dict__["training"] for m in layout.modules] if module.training and not enabled else None
+    checkpointed = [m for m in layout.checkpointable if m.__dict__["gradient_checkpointing"]] \
+        if torch.is_grad_enabled() else []
+    try:
+        for m in layout.layers:
+            m.__dict__["_disable_adapters"] = not enabled
+        for m in checkpointed:
+            m.__dict__["gradient_checkpointing"] = False
+        if modes is not None:
+            for m in layout.modules:
+                m.__dict__["training"] = False
+        yield module
+    finally:
+        for m, flag in zip(layout.layers, before):
+            m.__dict__["_disable_adapters"] = flag
+        for m in checkpointed:
+            m.__dict__["gradient_checkpointing"] = True
+        if modes is not None:
+            for m, mode in zip(layout.modules, modes):
+                m.__dict__["training"] = mode
+
+
+def strip_adapters(module: nn.Module) -> nn.Module:
+    """Put every LoRA layer's base layer back in its place, dropping the adapters (no merge)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, m in list(module.named_modules()):
+        if isinstance(m, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, child, m.get_base_layer())
+    if "peft_config" in module.__dict__:  # what inject_adapter_in_model records on the model
+        del module.peft_config
+    forget_layout(module)
+    return module
+
+
+def base_copy(module: nn.Module, replace: dict[str, nn.Module] | None = None) -> nn.Module:
+    """A deep copy of ``module`` without its adapters: the teacher alone, for models that need
+    their own trainable copy (Lightning's discriminator, DMD2's trained fake score).
+
+    ``replace`` maps names of direct children to what the copy holds instead; those children are
+    never copied (Lightning's discriminator drops the decoder half of a UNet without a transient
+    copy of it)."""
+    memo = {}
+    for name, new in (replace or {}).items():
+        old = getattr(module, name, None)
+        if old is not None:
+            memo[id(old)] = new  # deepcopy returns memo[id(x)] for an object it has seen
+    return strip_adapters(copy.deepcopy(module, memo))
+
+
+@contextmanager
+def swapped_weights(module: nn.Module, weights: dict[str, torch.Tensor]):
+    """Within the scope, the parameters named in ``weights`` hold those tensors (their storage is
+    swapped in, nothing is copied); the live values are back on exit. For no-grad calls of a frozen
+    weight set on the live module: the student's EMA target, a previous stage's student."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("swapped_weights is for no-grad calls: a graph built inside would point at the swapped weights")
+    params = dict(module.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise KeyError(f"weights name no parameter of {type(module).__name__}: {unknown[:3]}")
+    live = {n: params[n].data for n in weights}
+    try:
+        for n, v in weights.items():
+            params[n].data = v
+        yield module
+    finally:
+        for n, v in live.items():
+            params[n].data = v
