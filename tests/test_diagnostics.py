@@ -6,7 +6,7 @@ import torch
 
 from flashdistill.data.digits import load_digits
 from flashdistill.diagnostics import BAD_GENERATORS, corrupt, discriminator_separation
-from flashdistill.evaluate import frechet_distance, histogram_distance, pixel_fd_floor, pixels, score
+from flashdistill.scoring import frechet_distance, histogram_distance, pixel_fd_floor, pixels, score
 from flashdistill.models.discriminator import MIN_GROUP_ELEMENTS, DiscriminatorHead, _groups
 from flashdistill.models.loading import load_model
 

@@ -6,7 +6,7 @@ import scipy.linalg
 import torch
 
 from flashdistill.data.digits import NUMBER_WORDS, PROMPT_TEMPLATES, load_digits
-from flashdistill.evaluate import (
+from flashdistill.scoring import (
     FEATURE_DIM,
     FLOOR_SUBSETS,
     eval_prompts,

@@ -127,7 +127,7 @@ def test_sampler_gamma_is_recorded_used_and_exported(tiny_teacher, tmp_path):
         lcm = lcm_multistep(model.denoiser, draws[0], ts, model.cond(["7", "3"]), model.schedule, draws[1:], gamma=1.0)
     torch.testing.assert_close(got, deterministic)
     assert not torch.allclose(deterministic, lcm)
-    from flashdistill.export import export
+    from flashdistill.exporting import export
 
     card = (export(run, tmp_path / "export") / "README.md").read_text()
     assert "gamma = 0" in card

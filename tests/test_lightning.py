@@ -119,7 +119,7 @@ def test_lightning_trains_all_stages_resumes_exactly_and_routes_by_steps(tiny_te
     from safetensors.torch import load_file
 
     from flashdistill.data.digits import get_dataset
-    from flashdistill.export import export
+    from flashdistill.exporting import export
     from flashdistill.models.loading import load_model
     from flashdistill.sample import sample
     from flashdistill.train import train

@@ -178,7 +178,7 @@ def test_method_trains_samples_and_exports(tiny_teacher, tmp_path, name):
     from diffusers import LCMScheduler
 
     from flashdistill.data.digits import get_dataset
-    from flashdistill.export import export
+    from flashdistill.exporting import export
     from flashdistill.models.loading import load_model
     from flashdistill.sample import sample
     from flashdistill.train import train

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import tiny_pipelines as tp
-from flashdistill.evaluate import frechet_distance
+from flashdistill.scoring import frechet_distance
 from flashdistill.metrics import (MetricUnavailable, clip_scorer, evaluate_real, inception_extractor, read_prompts,
                                   reference_features)
 

@@ -74,7 +74,7 @@ def test_distil_sample_export_round_trip(teachers, method_name, family, tmp_path
     import diffusers
     from safetensors.torch import load_file
 
-    from flashdistill.export import export
+    from flashdistill.exporting import export
     from flashdistill.methods import method_module
     from flashdistill.models.loading import load_model
     from flashdistill.models.student import lcm_multistep, student_timesteps
@@ -202,7 +202,7 @@ def test_lightning_stages_export_and_diffusers_euler_round_trip(teachers, family
     the toolkit's deterministic samples."""
     import diffusers
 
-    from flashdistill.export import export
+    from flashdistill.exporting import export
     from flashdistill.methods import lightning
     from flashdistill.models.loading import load_model
     from flashdistill.models.student import lcm_multistep, student_timesteps

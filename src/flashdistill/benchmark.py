@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.digits import get_dataset, prompt_for
-from .evaluate import eval_prompts, fd_floor, pixel_fd_floor, score
+from .scoring import eval_prompts, fd_floor, pixel_fd_floor, score
 from .models.loading import load_model
 from .sample import sample
 

@@ -65,138 +65,33 @@ def _method_help() -> str:
     return text
 
 
-def _load_method_config(cls, args, extra: dict):
-    from .config import load_config, merge
-
-    cfg = load_config(cls, args.config, args.set)
-    if extra:
-        from .config import from_dict, to_dict
-
-        cfg = from_dict(cls, merge(to_dict(cfg), extra))
-    return cfg
+def _summary(what: str, where, summary: dict) -> None:
+    print(f"{what} written to {where} ({summary['seconds']:.0f} s, {summary['processes']} process(es)); "
+          f"log: {where}/log.jsonl, previews: {where}/samples")
 
 
 def cmd_train_teacher(args) -> None:
-    from .config import to_dict
-    from .data.digits import get_dataset
-    from .methods.dsm import TeacherConfig, TeacherTraining
-    from .train import train
+    from . import api
+    from .config import parse_overrides
 
-    extra = {"dataset": args.dataset} if args.dataset else {}
-    train_extra = {k: v for k, v in {"steps": args.steps, "seed": args.seed}.items() if v is not None}
-    if train_extra:
-        extra["train"] = train_extra
-    cfg = _load_method_config(TeacherConfig, args, extra)
-    print(json.dumps(to_dict(cfg), indent=2))
-    if args.dry_run:
-        return
-    dataset = get_dataset(cfg.dataset, "train")
-    method = TeacherTraining(cfg)
-    n = sum(p.numel() for p in method.unet.parameters())
-    print(f"teacher UNet: {n / 1e6:.2f}M parameters; training {cfg.train.steps} steps -> {args.out}")
-    summary = train(method, dataset, args.out, resume=args.resume)
-    print(f"teacher written to {args.out} ({summary['seconds']:.0f} s)")
+    keys = {k: v for k, v in {"steps": args.steps, "seed": args.seed}.items() if v is not None}
+    run = api.train_teacher(args.out, dataset=args.dataset, config=args.config, overrides=parse_overrides(args.set),
+                            resume=args.resume, dry_run=args.dry_run, progress=not args.quiet,
+                            report_to=args.report_to, **keys)
+    if not args.dry_run:
+        _summary("teacher", args.out, run.summary)
 
 
-def cmd_sample(args) -> None:
-    import numpy as np
+def cmd_distill(args) -> None:
+    from . import api
+    from .config import parse_overrides
 
-    from .models.loading import load_model
-    from .sample import sample
-    from .train import save_image_grid
-
-    model = load_model(args.model, teacher=args.teacher)
-    prompts = [args.prompt] * args.num_images
-    seeds = [args.seed + i for i in range(args.num_images)]
-    images = sample(model, prompts, seeds, args.steps, guidance=args.guidance, sampler=args.sampler)
-    save_image_grid(images, Path(args.out), nrow=min(8, args.num_images), scale=max(1, 64 // images.shape[-1]))
-    print(f"wrote {args.out}")
-    if args.npz:
-        np.savez(args.npz, images=images.float().clamp(-1, 1).numpy().astype(np.float32), prompts=np.array(prompts))
-        print(f"wrote {args.npz}")
-
-
-def evaluate_model(model, num_samples: int, steps_list: list[int], guidance: float | None, sampler: str | None,
-                   reference=None) -> list[dict]:
-    from .evaluate import eval_prompts, score
-    from .sample import sample
-
-    prompts, labels, seeds = eval_prompts(num_samples)
-    rows = []
-    for steps in steps_list:
-        images = sample(model, prompts, seeds, steps, guidance=guidance, sampler=sampler)
-        rows.append({"steps": steps, **score(images, labels, reference)})
-    return rows
-
-
-def cmd_evaluate_real(args, model) -> None:
-    from .metrics import (PROTOCOLS, MetricUnavailable, clip_scorer, evaluate_real, inception_extractor,
-                          read_prompts, reference_features)
-
-    if not args.prompts:
-        raise ValueError("this model is not a digits model: pass --prompts FILE (COCO captions JSON or one prompt "
-                         "per line), and --reference DIR for FID")
-    n = PROTOCOLS[args.protocol] if args.protocol else args.num_samples
-    prompts = read_prompts(args.prompts, n if args.protocol else None)[:n]
-    try:
-        extractor = inception_extractor(args.inception_weights) if args.reference else None
-        scorer = clip_scorer(args.clip_model) if args.clip_model or not args.reference else None
-    except MetricUnavailable as e:
-        raise ValueError(str(e)) from None
-    reference = reference_features(args.reference, extractor) if args.reference else None
-    rows = evaluate_real(model, prompts, args.steps, args.guidance, reference, extractor, scorer)
-    for r in rows:
-        fid = "-" if r["fid"] is None else f"{r['fid']:.2f}"
-        clip = "-" if r["clip_score"] is None else f"{r['clip_score']:.2f}"
-        print(f"steps {r['steps']:>3}  FID {fid}  CLIP {clip}  ({r['num_samples']} prompts)")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"model": str(args.model), "protocol": args.protocol, "rows": rows}, indent=2))
-        print(f"wrote {args.out}")
-
-
-def _moved_teacher(run, teacher):
-    """evaluate's --teacher (the reference) also stands in for a run's teacher, but only when the
-    run's recorded teacher folder is gone: it never swaps the base of a loadable run."""
-    from .models.loading import read_meta
-    from .models.model import is_pipeline_folder
-
-    if teacher is None or is_pipeline_folder(run):
-        return None
-    meta = read_meta(Path(run))
-    return teacher if meta.get("kind") == "student" and not Path(meta["teacher"]).exists() else None
-
-
-def cmd_evaluate(args) -> None:
-    from .evaluate import eval_prompts, fd_floor, pixel_fd_floor
-    from .models.loading import load_model
-    from .sample import sample
-
-    model = load_model(args.model, teacher=_moved_teacher(args.model, args.teacher))
-    if model.meta.get("dataset") != "digits":
-        return cmd_evaluate_real(args, model)
-    ignored = [flag for flag, value in (("--prompts", args.prompts), ("--protocol", args.protocol),
-                                        ("--reference", args.reference), ("--inception-weights", args.inception_weights),
-                                        ("--clip-model", args.clip_model)) if value]
-    if ignored:
-        raise ValueError(f"{args.model} is a digits model, scored on the built-in digits metrics; "
-                         f"{', '.join(ignored)} only apply to real models: drop them")
-    reference = None
-    if args.teacher:
-        teacher = load_model(args.teacher)
-        prompts, _, seeds = eval_prompts(args.num_samples)
-        reference = sample(teacher, prompts, seeds, 32, guidance=args.teacher_guidance)
-    rows = evaluate_model(model, args.num_samples, args.steps, args.guidance, args.sampler, reference)
-    print(f"FD floor (real train digits vs test digits): {fd_floor(args.num_samples):.3f} at {args.num_samples} "
-          f"samples (all train digits: {fd_floor():.3f}); pixel FD floor {pixel_fd_floor(args.num_samples):.4f}")
-    for r in rows:
-        mse = "" if r["teacher_mse"] is None else f"  teacher_mse {r['teacher_mse']:.4f}"
-        print(f"steps {r['steps']:>3}  FD {r['fd']:.3f}  pixel FD {r['pixel_fd']:.4f}  hist {r['hist']:.4f}  "
-              f"adherence {r['adherence']:.3f}{mse}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"model": str(args.model), "num_samples": args.num_samples,
-                                              "fd_floor": fd_floor(args.num_samples),
-                                              "pixel_fd_floor": pixel_fd_floor(args.num_samples), "rows": rows}, indent=2))
-        print(f"wrote {args.out}")
+    run = api.distill(args.teacher, args.out, method=args.method, preset=args.preset, config=args.config,
+                      overrides=parse_overrides(args.set), full=args.full, dtype=args.dtype, data=args.data,
+                      caption_column=args.caption_column, cache_latents=args.cache_latents, resume=args.resume,
+                      dry_run=args.dry_run, progress=not args.quiet, report_to=args.report_to)
+    if not args.dry_run and _is_main_process():
+        _summary("student", args.out, run.summary)
 
 
 def _is_main_process() -> bool:
@@ -206,94 +101,74 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _cached(dataset, teacher, args):
-    """Build (or finish) the latent cache on the main process first, with the teacher's VAE and
-    text encoders on the accelerator; every process then reads it."""
-    from accelerate import PartialState
+def cmd_sample(args) -> None:
+    import numpy as np
 
-    from .data.cache import CachedLatents, build_cache
+    from . import api
+    from .train import save_image_grid
 
-    state = PartialState()
-    teacher.to(state.device)
-    with state.main_process_first():
-        build_cache(dataset, teacher, args.cache_latents, args.data, progress=state.is_main_process)
-    return CachedLatents(args.cache_latents)
+    model = api.load(args.model, teacher=args.teacher)
+    prompts = [args.prompt] * args.num_images
+    images = model.generate_tensor(prompts, args.steps, seed=args.seed, guidance=args.guidance, sampler=args.sampler)
+    save_image_grid(images, Path(args.out), nrow=min(8, args.num_images), scale=max(1, 64 // images.shape[-1]))
+    print(f"wrote {args.out}")
+    if args.npz:
+        np.savez(args.npz, images=images.float().clamp(-1, 1).numpy().astype(np.float32), prompts=np.array(prompts))
+        print(f"wrote {args.npz}")
 
 
-def cmd_distill(args) -> None:
-    from .config import parse_overrides, read_config_file, to_dict
-    from .data.digits import get_dataset
-    from .methods import method_module
-    from .train import train
+def cmd_evaluate(args) -> None:
+    from . import api
+    from .scoring import fd_floor, pixel_fd_floor
 
-    module = method_module(args.method)
-    flags = {"full": True} if args.full else {}
-    if args.dtype:
-        flags["dtype"] = args.dtype
-    cfg, preset = module.build_config(args.teacher, args.preset, read_config_file(args.config), parse_overrides(args.set), flags)
-    say = print if _is_main_process() else (lambda *a, **k: None)
-    say(f"method: {args.method}; preset: {preset}")
-    say(json.dumps(to_dict(cfg), indent=2))
-    if args.dry_run:
-        return
-    method = module.Method(cfg)
-    if args.data:
-        from .data.images import load_image_dataset
-
-        size = method.teacher.meta.get("image_size")
-        if size is None:
-            raise ValueError("--data needs a latent (VAE) teacher; the built-in teacher trains on its own dataset")
-        dataset = load_image_dataset(args.data, size, args.caption_column)
-        say(f"data: {len(dataset):,} captioned images from {args.data}, at {size}x{size}")
-        if args.cache_latents:
-            dataset = _cached(dataset, method.teacher, args)
-            say(f"cache: latents and text embeddings in {args.cache_latents}")
-    elif args.cache_latents:
-        raise ValueError("--cache-latents caches a --data dataset through the teacher's VAE; pass --data PATH")
-    elif method.teacher.meta.get("dataset"):
-        dataset = get_dataset(method.teacher.meta["dataset"], "train")
+    rows = api.evaluate(args.model, args.steps, args.num_samples, teacher=args.teacher, guidance=args.guidance,
+                        sampler=args.sampler, teacher_guidance=args.teacher_guidance, prompts=args.prompts,
+                        protocol=args.protocol, reference=args.reference, inception_weights=args.inception_weights,
+                        clip_model=args.clip_model, progress=not args.quiet)
+    if rows and "fid" in rows[0]:
+        for r in rows:
+            fid = "-" if r["fid"] is None else f"{r['fid']:.2f}"
+            clip = "-" if r["clip_score"] is None else f"{r['clip_score']:.2f}"
+            print(f"steps {r['steps']:>3}  FID {fid}  CLIP {clip}  ({r['num_samples']} prompts)")
+        result = {"model": str(args.model), "protocol": args.protocol, "rows": rows}
     else:
-        raise ValueError(f"the teacher {args.teacher!r} has no built-in dataset: pass --data PATH "
-                         "(image folder with metadata.jsonl, datasets folder, or webdataset .tar shards)")
-    share = 100 * method.trainable / method.total
-    extra = "".join(f"; {name}: {sum(p.numel() for p in m.parameters() if p.requires_grad):,}"
-                    for name, m in method.models().items() if name != "student")
-    say(f"student: {method.trainable:,} trainable parameters, {share:.2f}% of the teacher's {method.total:,}"
-        f" ({'full' if cfg.full else f'LoRA rank {cfg.lora_rank}'}){extra}")
-    summary = train(method, dataset, args.out, resume=args.resume)
-    say(f"student written to {args.out} ({summary['seconds']:.0f} s, {summary['processes']} process(es))")
+        print(f"FD floor (real train digits vs test digits): {fd_floor(args.num_samples):.3f} at {args.num_samples} "
+              f"samples (all train digits: {fd_floor():.3f}); pixel FD floor {pixel_fd_floor(args.num_samples):.4f}")
+        for r in rows:
+            mse = "" if r["teacher_mse"] is None else f"  teacher_mse {r['teacher_mse']:.4f}"
+            print(f"steps {r['steps']:>3}  FD {r['fd']:.3f}  pixel FD {r['pixel_fd']:.4f}  hist {r['hist']:.4f}  "
+                  f"adherence {r['adherence']:.3f}{mse}")
+        result = {"model": str(args.model), "num_samples": args.num_samples, "fd_floor": fd_floor(args.num_samples),
+                  "pixel_fd_floor": pixel_fd_floor(args.num_samples), "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
 
 
 def cmd_export(args) -> None:
-    from .evaluate import eval_prompts
-    from .export import export
-    from .models.loading import load_model, read_meta
-    from .sample import sample
+    from . import api
 
-    metrics = None
-    student = load_model(args.model, teacher=args.teacher) if read_meta(args.model).get("kind") == "student" and args.num_samples else None
-    if student is not None and student.meta.get("dataset") == "digits":  # metrics for the model card
-        teacher = load_model(student.meta["teacher"])
-        prompts, _, seeds = eval_prompts(args.num_samples)
-        reference = sample(teacher, prompts, seeds, 32)
-        rows = evaluate_model(student, args.num_samples, [1, 2, 4], None, None, reference)
-        metrics = {"rows": [{**r, "nfe": r["steps"]} for r in rows],
-                   "note": f"Digits task, {args.num_samples} samples per row (see the flashdistill README for the "
-                           f"metrics); teacher MSE against the teacher's 32-step output at w = {teacher.default_guidance:g}."}
-    out = export(args.model, args.out, metrics, teacher=args.teacher)
+    out = api.export(args.model, args.out, format=args.format, teacher=args.teacher, num_samples=args.num_samples,
+                     progress=not args.quiet)
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+
+
+def cmd_app(args) -> None:
+    from .app import launch
+
+    launch(args.model, teacher=args.teacher, port=args.port, host=args.host)
 
 
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, num_samples=args.num_samples)
+    run_demo(args.out, num_samples=args.num_samples, progress=not args.quiet)
 
 
 def cmd_benchmark(args) -> None:
     from .benchmark import run_benchmark
 
-    run_benchmark(args.preset, args.out, cache=args.cache, num_samples=args.num_samples)
+    run_benchmark(args.preset, args.out, cache=args.cache, num_samples=args.num_samples, progress=not args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,18 +221,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("export", help="write a student as files diffusers loads as is",
-                       description="Export a distillation run: pytorch_lora_weights.safetensors for "
-                                   "pipe.load_lora_weights (SD1.5/2, SDXL, SD3; PixArt and full students: the "
-                                   "fused/full backbone folder), scheduler/ (LCMScheduler or FlowMatchLCMScheduler), "
-                                   "flashdistill_sampling.json (the student's timesteps) and a model card README.md.")
+    p = sub.add_parser("export", help="write a student as files diffusers (or ComfyUI / A1111) load as is",
+                       description="Export a distillation run. --format diffusers (default): "
+                                   "pytorch_lora_weights.safetensors for pipe.load_lora_weights (SD1.5/2, SDXL, SD3; "
+                                   "PixArt and full students: the fused/full backbone folder), scheduler/ (LCMScheduler "
+                                   "or FlowMatchLCMScheduler), flashdistill_sampling.json (the student's timesteps) and "
+                                   "a model card README.md. --format kohya: one single-file LoRA (kohya naming) that "
+                                   "ComfyUI, AUTOMATIC1111 and Forge load, for LoRA students of SD1.5/2 and SDXL "
+                                   "teachers, with a note of the sampler, steps and CFG to use.")
+    p.add_argument("--format", choices=["diffusers", "kohya"], default="diffusers", help="file layout (default diffusers)")
     p.add_argument("--model", required=True, help="distillation run folder")
     p.add_argument("--out", required=True, help="new or empty output folder")
     p.add_argument("--teacher", default=None, help="the run's teacher folder, if it is no longer where the run "
                                                    "recorded it (nor at the same place relative to the run)")
     p.add_argument("--num-samples", type=non_negative_int, default=500,
                    help="digits students: samples per row of the model card's metrics (0: none; default 500)")
+    _add_quiet(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("app", help="a local web page: the student beside its teacher, same prompt and seed",
+                       description="Serve a Gradio page (pip install 'flashdistill[app]'): a prompt, a seed, the "
+                                   "student's step count and a compare switch that runs the teacher at its full steps "
+                                   "beside the student, with both latencies; the run's metrics and quality-vs-NFE plot "
+                                   "when it has them (RUN/results.json, RUN/quality_vs_nfe.png).")
+    p.add_argument("--model", required=True, help="distillation run folder (or a teacher folder)")
+    p.add_argument("--teacher", default=None, help="teacher folder (default: the one the run recorded)")
+    p.add_argument("--port", type=_int_in(1, 65536, "a port in [1, 65535]"), default=7860, help="port (default 7860)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("sample", help="generate a PNG grid (and optionally an .npz) from a teacher or a student",
                        description="Generate images. Image i uses seed S+i, so it does not depend on --num-images.")
@@ -375,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="FD, adherence and teacher MSE on the built-in digits task",
-                       description="Score a teacher or student on the digits task (see the README for the metrics).")
+                       description="Score a teacher or student on the digits task (metrics: docs/metrics.md).")
     p.add_argument("--model", required=True, help="teacher folder or distillation run folder")
     p.add_argument("--steps", type=positive_int, nargs="+", default=[32], help="step counts to evaluate")
     p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale for teachers")
@@ -384,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, help="teacher folder for teacher_mse (its 32-step output); also the "
                                                    "run's teacher when the folder the run recorded is gone")
     p.add_argument("--teacher-guidance", type=guidance_scale, default=None, help="CFG scale of the reference")
+    _add_quiet(p)
     g = p.add_argument_group("real models (FID with Inception, CLIP score; nothing is downloaded)")
     g.add_argument("--prompts", default=None, help="COCO captions JSON or a text file with one prompt per line")
     g.add_argument("--protocol", choices=["coco2017-5k", "coco2014-30k", "coco2014-10k"], default=None,
@@ -400,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "teacher and DPM-Solver++ at the same NFE; writes OUT/results.json and OUT/grid.png.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--num-samples", type=positive_int, default=1000, help="samples per metric row")
+    _add_quiet(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("benchmark", help="quality vs NFE, speed and cost; the paper's ablations at toy scale",
@@ -419,11 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "runs and presets (default runs/cache)")
     p.add_argument("--num-samples", type=positive_int, default=None,
                    help="samples per row (default: quick 500, full 2000, ablations 500)")
+    _add_quiet(p)
     p.set_defaults(func=cmd_benchmark)
     return ap
 
 
+def _add_quiet(p) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars or chatter (the summary line and "
+                                                        "errors still print; RUN/log.jsonl is unchanged)")
+
+
 def _add_run_options(p) -> None:
+    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
+                   help="also log losses, diagnostics, learning rates and preview grids to an experiment tracker "
+                        "through accelerate (tensorboard: event files under OUT/tensorboard; wandb: set WANDB_MODE=offline "
+                        "to log without a network); default none")
+    _add_quiet(p)
     p.add_argument("--config", default=None, help="YAML file with config keys (see below)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")

@@ -12,16 +12,16 @@ import torch
 
 from .benchmark import ensure_flash, ensure_teacher
 from .data.digits import prompt_for
-from .evaluate import eval_prompts, fd_floor, pixel_fd_floor, score
+from .scoring import eval_prompts, fd_floor, pixel_fd_floor, score
 from .models.loading import load_model
 from .sample import sample
 from .train import save_image_grid
 
 
-def comparison_rows(teacher, student, num_samples: int, guidance: float) -> list[dict]:
+def comparison_rows(teacher, student, num_samples: int, guidance: float, progress: bool = True) -> list[dict]:
     """Teacher at 32 steps; DPM-Solver++ with and without CFG; the student; same prompts and seeds."""
     prompts, labels, seeds = eval_prompts(num_samples)
-    reference = sample(teacher, prompts, seeds, 32, guidance=guidance, progress=True)
+    reference = sample(teacher, prompts, seeds, 32, guidance=guidance, progress=progress)
     rows = [{"method": "teacher dpmpp_2m", "steps": 32, "nfe": 64, "guidance": guidance, **score(reference, labels, reference)}]
     for steps in (1, 2, 4):
         for w, nfe in ((guidance, 2 * steps), (1.0, steps)):
@@ -53,14 +53,14 @@ def format_table(rows: list[dict], floor: float, floor_all: float, num_samples: 
     return "\n".join(lines)
 
 
-def run_demo(out: str | Path, num_samples: int = 1000) -> dict:
+def run_demo(out: str | Path, num_samples: int = 1000, progress: bool = True) -> dict:
     t0 = time.time()
     out = Path(out)
-    teacher_seconds = ensure_teacher(out / "teacher")
-    flash_seconds = ensure_flash(out / "teacher", out / "flash")
+    teacher_seconds = ensure_teacher(out / "teacher", progress=progress)
+    flash_seconds = ensure_flash(out / "teacher", out / "flash", progress=progress)
     teacher, student = load_model(out / "teacher"), load_model(out / "flash")
     guidance = teacher.default_guidance
-    rows = comparison_rows(teacher, student, num_samples, guidance)
+    rows = comparison_rows(teacher, student, num_samples, guidance, progress)
     demo_grid(teacher, student, guidance, out / "grid.png")
     floor = fd_floor(num_samples)
     result = {"fd_floor": floor, "fd_floor_all_train": fd_floor(), "teacher_train_seconds": teacher_seconds, "flash_train_seconds": flash_seconds,

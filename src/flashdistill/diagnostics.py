@@ -98,7 +98,7 @@ def _targets(teacher, K: int, guidance: tuple[float, float], split: str, num_sam
 def target_quality(teacher, K: int, guidance: tuple[float, float], num_samples: int = 1000, seed: int = 0) -> list[dict]:
     """Score the Eq. (2) target at each of the four modes of the K-grid, from train digits (cycled):
     an upper bound of what the student can learn from the distillation loss alone."""
-    from .evaluate import score
+    from .scoring import score
 
     return [{"mode": mode, "t": int(t[0]), **score(target, labels, x0)}
             for mode, t, x0, labels, _, _, target in _targets(teacher, K, guidance, "train", num_samples, seed)]
@@ -109,7 +109,7 @@ def regression_error(student, teacher, K: int, guidance: tuple[float, float], nu
                      seed: int = 1) -> list[dict]:
     """The student's one-step x0 against the Eq. (2) target on held-out (test) digits, per mode:
     its MSE, the target's own MSE to the clean digit (for scale), and the one-step outputs' scores."""
-    from .evaluate import score
+    from .scoring import score
 
     rows = []
     for mode, t, x0, labels, x_t, cond, target in _targets(teacher, K, guidance, "test", num_samples, seed):
@@ -126,7 +126,7 @@ def dmd_direction(student, teacher, guidance: tuple[float, float], num_samples: 
     t'' in each range, the DMD direction ``x0_fake - x0_real`` (fake: the student, real: the teacher
     with CFG) is compared with the pure guidance direction ``x0_cond - x0_real`` (the teacher
     without CFG): cosine near 1 and norm ratio near 1 mean DMD only adds guidance."""
-    from .evaluate import eval_prompts
+    from .scoring import eval_prompts
 
     prompts, _, _ = eval_prompts(num_samples)
     g = torch.Generator().manual_seed(seed)

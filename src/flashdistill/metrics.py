@@ -144,7 +144,7 @@ def evaluate_real(model, prompts: list[str], steps: list[int], guidance: float |
     embedded batch by batch and not kept."""
     from tqdm.auto import tqdm
 
-    from .evaluate import frechet_distance
+    from .scoring import frechet_distance
     from .sample import sample
 
     seeds = [seed + i for i in range(len(prompts))]

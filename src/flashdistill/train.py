@@ -232,8 +232,30 @@ def _record_rank_checksums(acc, models: dict, path: Path) -> None:
         path.write_text(json.dumps({"processes": acc.num_processes, "checksums": sums}, indent=2))
 
 
-def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Run ``method`` on ``dataset`` under accelerate; returns a summary dict."""
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A nested config as flat scalars for a tracker's hyperparameters (lists as text)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return out
+
+
+def _png_array(path: Path):
+    """A PNG written by :func:`save_image_grid` as an HWC uint8 RGB array (what trackers log)."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: bool = True,
+          report_to: str = "none") -> dict:
+    """Run ``method`` on ``dataset`` under accelerate; returns a summary dict. ``report_to``
+    (tensorboard, wandb or none) also sends the log lines, learning rates and preview grids to
+    that accelerate tracker."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -242,7 +264,16 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
     out = Path(out_dir)
     # cpu=True on machines without an accelerator: with it, a torchrun-style launch (accelerate
     # launch --multi_gpu --num_processes N) becomes MULTI_CPU over gloo instead of N lone processes.
-    acc = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), cpu=not _has_accelerator())
+    tracking = {}
+    if report_to != "none":
+        from accelerate.utils import ProjectConfiguration
+
+        tracking = {"log_with": report_to,
+                    "project_config": ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard"))}
+    acc = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), cpu=not _has_accelerator(), **tracking)
+    if tracking:
+        acc.init_trackers("flashdistill", config=_flat(to_dict(method.config)),
+                          init_kwargs={"wandb": {"name": out.name, "dir": str(out)}})
     acc.print(f"accelerate: {acc.num_processes} process(es), {acc.distributed_type.value}, device {acc.device}, "
               f"precision {acc.mixed_precision}")
     set_seed(cfg.seed, device_specific=False)  # identical init on every process
@@ -317,7 +348,14 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
     def preview(step: int) -> None:
         if acc.is_main_process:
             images, nrow = method.preview({n: acc.unwrap_model(m) for n, m in models.items()}, torch.Generator().manual_seed(0))
-            save_image_grid(images, out / "samples" / f"step_{step:08d}.png", nrow, scale=4)
+            path = out / "samples" / f"step_{step:08d}.png"
+            save_image_grid(images, path, nrow, scale=4)
+            for tracker in acc.trackers:  # tensorboard: a batch of NHWC images; wandb: a list
+                image = _png_array(path)
+                if tracker.name == "tensorboard":
+                    tracker.log_images({"preview": image[None]}, step=step, dataformats="NHWC")
+                else:
+                    tracker.log_images({"preview": [image]}, step=step)
 
     stop = {"signum": 0}
 
@@ -379,9 +417,12 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if not k.startswith("grad_norm")}, refresh=False)
             if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps):
+                line = {"step": step, "time": round(time.time() - t0, 3), **logs, "peak_mem_gb": round(peak_memory_gb(acc.device), 3)}
                 with log_path.open("a") as f:
-                    f.write(json.dumps({"step": step, "time": round(time.time() - t0, 3), **logs,
-                                        "peak_mem_gb": round(peak_memory_gb(acc.device), 3)}) + "\n")
+                    f.write(json.dumps(line) + "\n")
+                if tracking:
+                    acc.log({**{k: v for k, v in line.items() if k != "step"},
+                             **{f"lr/{n}": opt.param_groups[0]["lr"] for n, opt in optims.items()}}, step=step)
             flag = torch.tensor([float(stop["signum"])], device=acc.device)
             if acc.num_processes > 1:
                 flag = acc.reduce(flag, reduction="max")
@@ -405,6 +446,8 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
         acc.wait_for_everyone()
     finally:
         bar.close()
+        if tracking:
+            acc.end_training()
         for s, h in old_handlers.items():
             signal.signal(s, h)
     return {"steps": step, "seconds": time.time() - t0, "processes": acc.num_processes}

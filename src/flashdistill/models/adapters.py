@@ -33,7 +33,6 @@ class _Layout:
 
     def __init__(self, module: nn.Module):
         self.modules = list(module.modules())
-        self.count = len(self.modules)
         self.layers = lora_layers(module)
         self.checkpointable = [m for m in self.modules if "gradient_checkpointing" in m.__dict__]
 
@@ -48,10 +47,12 @@ def forget_layout(module: nn.Module) -> None:
 
 
 def _layout(module: nn.Module) -> _Layout:
-    """The cached layout, rebuilt when the number of submodules changed (a module added or
-    removed anywhere) or after :func:`forget_layout`."""
+    """The cached layout, built on first use and after :func:`forget_layout`. Not re-validated per
+    call (counting a UNet's submodules costs more than a digits teacher call): whatever changes a
+    module's structure (``make_student_backbone``, ``fuse_lora``, ``strip_adapters``,
+    ``add_condition_projection``) calls :func:`forget_layout`."""
     found = _LAYOUTS.get(module)
-    if found is None or found.count != sum(1 for _ in module.modules()):
+    if found is None:
         found = _LAYOUTS[module] = _Layout(module)
     return found
 

@@ -103,6 +103,7 @@ def add_condition_projection(backbone: nn.Module, dim: int) -> nn.Module:
     emb.cond_proj = _Float32Linear(dim, emb.linear_1.in_features, bias=False).to(emb.linear_1.weight.device)
     nn.init.zeros_(emb.cond_proj.weight)
     emb.cond_proj.requires_grad_(True)
+    forget_layout(backbone)
     return backbone
 
 

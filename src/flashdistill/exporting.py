@@ -18,6 +18,8 @@ import json
 import shutil
 from pathlib import Path
 
+FORMATS = ("diffusers", "kohya")
+KOHYA_FAMILIES = {"sd": "SD1.5 / SD2", "sdxl": "SDXL"}
 PIPELINE_CLASSES = {"digits": "StableDiffusionPipeline", "sd": "StableDiffusionPipeline",
                     "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -182,4 +184,74 @@ sampler moves with stochasticity gamma = {gamma:g} (1: LCM re-noising; 0: determ
 
 ## Metrics
 {_metrics_table(metrics)}
+"""
+
+
+def export_kohya(run: str | Path, out: str | Path, teacher: str | Path | None = None) -> Path:
+    """One single-file LoRA in kohya's naming (``lora_unet_..._to_q.lora_down.weight`` with an
+    ``alpha`` per module), the format ComfyUI, AUTOMATIC1111 and Forge load, plus ``README.md``
+    with the sampler, steps and CFG to use. The conversion is diffusers'
+    ``convert_state_dict_to_kohya``; it writes each module's alpha as its rank, so the LoRA's own
+    alpha is written back over it (the scale alpha / rank must survive the conversion)."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    from .models.loading import read_meta
+
+    run, out = Path(run), Path(out)
+    meta = read_meta(run)
+    if meta.get("kind") != "student":
+        raise ValueError(f"{str(run)!r} holds a {meta.get('kind')!r}, not a distilled student run")
+    family = meta.get("family", "digits")
+    if meta.get("stages"):
+        raise ValueError(f"{str(run)!r} keeps one student per step count ({sorted(meta['stages'], key=int)}); export "
+                         "one of its stage folders (RUN/stages/N) with --format kohya")
+    if family not in KOHYA_FAMILIES:
+        why = ("the built-in digits teacher (MiniLM text encoder, 8x8 pixels) has no counterpart in those tools"
+               if family == "digits" else
+               f"ComfyUI / A1111 / Forge load kohya LoRAs of SD1.5/2 and SDXL UNets, not {family} transformers")
+        raise ValueError(f"--format kohya: {why}; use --format diffusers")
+    if meta["full"]:
+        raise ValueError("--format kohya writes LoRAs; this is a full student: use --format diffusers (its unet/ folder)")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output folder {str(out)!r} exists and is not empty; choose a new one")
+    state, _ = _lora_state(run, meta)
+    alpha = float(meta["lora"]["alpha"])
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+    for k in [k for k in kohya if k.endswith(".alpha")]:
+        kohya[k] = torch.tensor(alpha)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{Path(meta['teacher']).name}-{meta.get('method', 'flash')}-lora.safetensors"
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(out / name),
+              metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(meta["lora"]["rank"]),
+                        "ss_network_alpha": str(alpha), "flashdistill_method": meta.get("method", "flash")})
+    (out / "README.md").write_text(kohya_note(meta, family, name))
+    return out
+
+
+def kohya_note(meta: dict, family: str, name: str) -> str:
+    """How to sample the kohya LoRA in ComfyUI / A1111 / Forge: those tools take a sampler name, a
+    step count and CFG, not a list of timesteps, so the note says what comes closest."""
+    from .methods import method_module
+
+    cls = method_module(meta.get("method", "flash")).Method
+    ts = meta["sampling"]["timesteps"]
+    counts = ", ".join(ts)
+    table = "\n".join(f"| {k} | `{v}` |" for k, v in ts.items())
+    return f"""# {cls.label} LoRA of `{Path(meta['teacher']).name}` ({KOHYA_FAMILIES[family]}), kohya format
+
+`{name}`: load it as a LoRA (ComfyUI: LoraLoader, strength 1.0; AUTOMATIC1111 / Forge: put it in
+`models/Lora` and add `<lora:{Path(name).stem}:1>` to the prompt) on the teacher's checkpoint.
+
+- Sampler: **LCM** (ComfyUI `lcm`, A1111/Forge `LCM`), scheduler `sgm_uniform` (ComfyUI) or
+  the default; **CFG 1** (the student is distilled with guidance: more CFG burns the image).
+- Steps: {counts}. The student was trained at these timesteps (out of 1000), which diffusers takes
+  as `timesteps=`; other tools space the steps themselves, which comes close but is not identical:
+
+| steps | timesteps |
+|---:|---|
+{table}
+
+For exact sampling use the diffusers export (`flashdistill export --format diffusers`).
 """

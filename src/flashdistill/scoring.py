@@ -19,7 +19,7 @@ Generated images are clamped to [-1, 1] (the data range) before the classifier. 
 cycle through the digits and the prompt templates, and sample i always uses seed ``seed + i``.
 
 The classifier's weights ship with the package (``data/digits_classifier.safetensors``) so FD is
-the same metric on every machine; ``python -m flashdistill.evaluate --build-classifier`` rebuilds
+the same metric on every machine; ``python -m flashdistill.scoring --build-classifier`` rebuilds
 them deterministically.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def classifier() -> DigitsClassifier:
     net = DigitsClassifier()
     if not CLASSIFIER_FILE.is_file():
         raise FileNotFoundError(
-            f"{CLASSIFIER_FILE} is missing; rebuild it with: python -m flashdistill.evaluate --build-classifier"
+            f"{CLASSIFIER_FILE} is missing; rebuild it with: python -m flashdistill.scoring --build-classifier"
         )
     net.load_state_dict(load_file(str(CLASSIFIER_FILE)))
     return net.eval().requires_grad_(False)
@@ -204,7 +204,7 @@ def score(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | 
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m flashdistill.evaluate", description="Maintain the digits metric.")
+    ap = argparse.ArgumentParser(prog="python -m flashdistill.scoring", description="Maintain the digits metric.")
     ap.add_argument("--build-classifier", action="store_true", help=f"retrain and write {CLASSIFIER_FILE.name}")
     args = ap.parse_args(argv)
     if args.build_classifier:

@@ -1,0 +1,417 @@
+"""The Python API; the ``flashdistill`` command line is a thin layer over it (one code path).
+
+>>> import flashdistill as fd
+>>> run = fd.distill(teacher="runs/demo/teacher", out="runs/x", method="flash", steps=340)
+>>> student = fd.load(run)
+>>> images = student.generate(["a handwritten digit seven"], steps=2, seed=0)   # PIL images
+>>> rows = fd.evaluate(run, steps=[1, 2, 4])
+>>> fd.export(run, "exported/", format="diffusers")
+
+Config keys are the ones ``--set`` takes: keyword arguments name a key of the method's config
+(``lr=1e-4``, ``K=16``) or of its ``train`` section (``steps=340``, ``batch_size=32``); nested or
+dotted keys go in ``overrides={"train.lr_warmup": 10}``. Precedence: preset < ``config`` file <
+``overrides`` < keyword arguments.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+@dataclass
+class Run:
+    """A finished (or dry-run) training: its folder, resolved config and summary. Usable wherever a
+    path is (``os.fspath(run)``, ``fd.load(run)``)."""
+
+    path: Path
+    config: dict
+    summary: dict = field(default_factory=dict)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def seconds(self) -> float | None:
+        return self.summary.get("seconds")
+
+    def load(self, **kwargs) -> "Loaded":
+        return load(self.path, **kwargs)
+
+
+def _say(progress: bool):
+    rank0 = os.environ.get("RANK", "0") == "0"  # accelerate launch: only the main process talks
+    return print if progress and rank0 else (lambda *a, **k: None)
+
+
+def _key_layer(config_class, keys: dict) -> dict:
+    """Keyword arguments -> a config layer: a key of the method's config as is, a key of its
+    ``train`` section (and not of the method's) under ``train``; dotted keys nest. Unknown keys are
+    left for the config to reject, naming them."""
+    from .train import TrainConfig
+
+    own, train_keys = set(config_class.__dataclass_fields__), set(TrainConfig.__dataclass_fields__)
+    layer: dict = {}
+    for k, v in keys.items():
+        if k not in own and k in train_keys:
+            layer.setdefault("train", {})[k] = v
+        else:
+            layer = _merge_dotted(layer, k, v)
+    return layer
+
+
+def _merge_dotted(layer: dict, key: str, value) -> dict:
+    from .config import merge
+
+    node: dict = {}
+    inner = node
+    *parents, leaf = str(key).split(".")
+    for p in parents:
+        inner = inner.setdefault(p, {})
+    inner[leaf] = value
+    return merge(layer, node)
+
+
+def _nested(overrides) -> dict:
+    """``{"train.lr": 1}`` or ``["train.lr=1"]`` -> a nested config layer."""
+    from .config import parse_overrides
+
+    if not overrides:
+        return {}
+    if isinstance(overrides, (list, tuple)):
+        return parse_overrides(list(overrides))
+    layer: dict = {}
+    for k, v in overrides.items():
+        layer = _merge_dotted(layer, k, v)
+    return layer
+
+
+def _config_layer(config) -> dict:
+    from .config import read_config_file
+
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return config
+    return read_config_file(str(config))
+
+
+def _check_report_to(report_to: str) -> str:
+    if report_to not in REPORT_TO:
+        raise ValueError(f"report_to must be one of {list(REPORT_TO)}, got {report_to!r}")
+    return report_to
+
+
+def train_teacher(out, dataset: str = "digits", config=None, overrides=None, resume: bool = False,
+                  dry_run: bool = False, progress: bool = True, report_to: str = "none", **keys) -> Run:
+    """Train the built-in SD-style teacher (``--dataset digits``) into the folder ``out``."""
+    from .config import from_dict, merge, to_dict
+    from .data.digits import get_dataset
+    from .methods.dsm import TeacherConfig, TeacherTraining
+    from .train import train
+
+    _check_report_to(report_to)
+    layer = merge(merge(merge(_config_layer(config), {"dataset": dataset} if dataset else {}), _nested(overrides)),
+                  _key_layer(TeacherConfig, keys))
+    cfg = from_dict(TeacherConfig, layer)
+    say = _say(progress)
+    say(json.dumps(to_dict(cfg), indent=2))
+    if dry_run:
+        return Run(Path(out), to_dict(cfg))
+    data = get_dataset(cfg.dataset, "train")
+    method = TeacherTraining(cfg)
+    n = sum(p.numel() for p in method.unet.parameters())
+    say(f"teacher UNet: {n / 1e6:.2f}M parameters; training {cfg.train.steps} steps -> {out}")
+    summary = train(method, data, out, resume=resume, progress=progress, report_to=report_to)
+    return Run(Path(out), to_dict(cfg), summary)
+
+
+def _cached(dataset, teacher, cache_dir, data, progress: bool):
+    """Build (or finish) the latent cache on the main process first, with the teacher's VAE and
+    text encoders on the accelerator; every process then reads it."""
+    from accelerate import PartialState
+
+    from .data.cache import CachedLatents, build_cache
+
+    state = PartialState()
+    teacher.to(state.device)
+    with state.main_process_first():
+        build_cache(dataset, teacher, cache_dir, data, progress=progress and state.is_main_process)
+    return CachedLatents(cache_dir)
+
+
+def distill(teacher, out, method: str = "flash", preset: str = "auto", config=None, overrides=None,
+            full: bool = False, dtype: str | None = None, data=None, caption_column: str | None = None,
+            cache_latents=None, resume: bool = False, dry_run: bool = False, progress: bool = True,
+            report_to: str = "none", **keys) -> Run:
+    """Distil the teacher folder ``teacher`` into a few-step student in the run folder ``out``
+    (``flashdistill distill``). ``method``: flash, lcm, splam or lightning. Runs under accelerate
+    like the CLI (``accelerate launch`` a script that calls this)."""
+    from .config import to_dict
+    from .data.digits import get_dataset
+    from .methods import method_module
+    from .train import train
+
+    _check_report_to(report_to)
+    module = method_module(method)
+    flags = {"full": True} if full else {}
+    if dtype:
+        flags["dtype"] = dtype
+    layers = (_config_layer(config), _nested(overrides), _key_layer(module.Method.config_class, keys), flags)
+    cfg, used = module.build_config(os.fspath(teacher), preset, *layers)
+    say = _say(progress)
+    say(f"method: {method}; preset: {used}")
+    say(json.dumps(to_dict(cfg), indent=2))
+    if dry_run:
+        return Run(Path(out), to_dict(cfg))
+    m = module.Method(cfg)
+    if data:
+        from .data.images import load_image_dataset
+
+        size = m.teacher.meta.get("image_size")
+        if size is None:
+            raise ValueError("data needs a latent (VAE) teacher; the built-in teacher trains on its own dataset")
+        dataset = load_image_dataset(os.fspath(data), size, caption_column)
+        say(f"data: {len(dataset):,} captioned images from {data}, at {size}x{size}")
+        if cache_latents:
+            dataset = _cached(dataset, m.teacher, os.fspath(cache_latents), os.fspath(data), progress)
+            say(f"cache: latents and text embeddings in {cache_latents}")
+    elif cache_latents:
+        raise ValueError("--cache-latents caches a --data dataset through the teacher's VAE; pass --data PATH")
+    elif m.teacher.meta.get("dataset"):
+        dataset = get_dataset(m.teacher.meta["dataset"], "train")
+    else:
+        raise ValueError(f"the teacher {os.fspath(teacher)!r} has no built-in dataset: pass --data PATH "
+                         "(image folder with metadata.jsonl, datasets folder, or webdataset .tar shards)")
+    share = 100 * m.trainable / m.total
+    extra = "".join(f"; {name}: {sum(p.numel() for p in mod.parameters() if p.requires_grad):,}"
+                    for name, mod in m.models().items() if name != "student")
+    say(f"student: {m.trainable:,} trainable parameters, {share:.2f}% of the teacher's {m.total:,}"
+        f" ({'full' if cfg.full else f'LoRA rank {cfg.lora_rank}'}){extra}")
+    summary = train(m, dataset, out, resume=resume, progress=progress, report_to=report_to)
+    return Run(Path(out), to_dict(cfg), summary)
+
+
+def _pil(images, scale: int = 1) -> list:
+    """Images in [-1, 1] (N, C, H, W) -> PIL images (greyscale for one channel), rounded as the
+    PNG grids of ``flashdistill sample`` are; ``scale``: nearest-neighbour upscaling."""
+    from PIL import Image
+
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to("cpu").byte().permute(0, 2, 3, 1).numpy()
+    out = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in x]
+    return [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in out] if scale > 1 else out
+
+
+class Loaded:
+    """A teacher or a student, ready to generate (``fd.load``). ``model`` is the internal
+    :class:`~flashdistill.models.model.Model` the CLI and the metrics use."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def path(self) -> Path:
+        return Path(self.model.path)
+
+    @property
+    def meta(self) -> dict:
+        return self.model.meta
+
+    @property
+    def is_student(self) -> bool:
+        return self.model.meta.get("kind") == "student"
+
+    @property
+    def step_counts(self) -> list[int]:
+        """The step counts a student samples with (its own timesteps); teachers: any."""
+        if not self.is_student:
+            return []
+        counts = set(int(k) for k in self.model.sampling.get("timesteps", {}))
+        counts |= set(int(k) for k in self.model.meta.get("stages", {}) or {})
+        return sorted(counts)
+
+    @property
+    def default_steps(self) -> int:
+        counts = self.step_counts
+        return (2 if 2 in counts else counts[0]) if counts else 32
+
+    def generate_tensor(self, prompts, steps: int | None = None, seed: int = 0, guidance: float | None = None,
+                        sampler: str | None = None):
+        """Images in [-1, 1], float32 (N, C, H, W); image i uses seed ``seed + i`` (as ``sample``)."""
+        from .sample import sample
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty: pass a prompt or a list of prompts")
+        seeds = [int(seed) + i for i in range(len(prompts))]
+        return sample(self.model, prompts, seeds, steps or self.default_steps, guidance=guidance, sampler=sampler)
+
+    def generate(self, prompts, steps: int | None = None, seed: int = 0, guidance: float | None = None,
+                 sampler: str | None = None, scale: int = 1) -> list:
+        """PIL images, one per prompt (a string is one prompt). Students sample with their own
+        few-step sampler and no CFG (``steps`` default 2); teachers with ``sampler`` and CFG
+        ``guidance`` (default 32 steps of DPM-Solver++ at the teacher's scale)."""
+        return _pil(self.generate_tensor(prompts, steps, seed, guidance, sampler), scale)
+
+    def pipeline_kwargs(self, steps: int) -> dict:
+        """Keyword arguments of the diffusers pipeline call that sample this student with ``steps``
+        steps: its own timesteps (``sigmas`` for SD3), guidance off."""
+        from .models.student import student_timesteps
+
+        ts = student_timesteps(self._stage(steps).sampling, steps)
+        kw = {"num_inference_steps": steps, "guidance_scale": 1.0}
+        if self.meta.get("family") == "sd3":
+            kw["sigmas"] = (ts / 1000).tolist()
+        else:
+            kw["timesteps"] = ts.long().tolist()
+        if self.meta.get("family") == "pixart":
+            kw["use_resolution_binning"] = False
+        return kw
+
+    def _stage(self, steps: int | None):
+        from .sample import stage_model
+
+        return stage_model(self.model, steps) if steps else self.model
+
+    def pipeline(self, steps: int | None = None):
+        """The stock diffusers pipeline of a pipeline teacher (SD1.5/2, SDXL, PixArt, SD3) with this
+        student fused in and its few-step scheduler set; call it with ``**pipeline_kwargs(steps)``.
+        Runs with one student per step count (SDXL-Lightning) need ``steps``."""
+        from .models.student import scheduler_class
+
+        family = self.meta.get("family", "digits")
+        pipe = getattr(self.model.conditioner, "pipe", None)
+        if pipe is None:
+            raise ValueError(f"{str(self.path)!r} is a {family} model, not a diffusers pipeline (the built-in digits "
+                             "teacher pairs its UNet with a MiniLM text encoder): use .generate()")
+        if self.meta.get("stages") and steps is None:
+            raise ValueError(f"{str(self.path)!r} keeps one student per step count {self.step_counts}: pass steps")
+        if not self.is_student:
+            return pipe
+        model = self._stage(steps)
+        setattr(pipe, "transformer" if family in ("pixart", "sd3") else "unet", model.denoiser.backbone)
+        config = model.meta["scheduler_config"]
+        pipe.scheduler = scheduler_class(config).from_config(config)
+        return pipe
+
+
+def load(path, teacher=None, device: str = "cpu") -> Loaded:
+    """A teacher folder (built-in or diffusers pipeline) or a distillation run; ``teacher``: the
+    run's teacher folder when it is no longer where the run recorded it."""
+    from .models.loading import load_model
+
+    return Loaded(load_model(os.fspath(path), device=device, teacher=None if teacher is None else os.fspath(teacher)))
+
+
+def _moved_teacher(run, teacher):
+    """evaluate's ``teacher`` (the reference) also stands in for a run's teacher, but only when the
+    run's recorded teacher folder is gone: it never swaps the base of a loadable run."""
+    from .models.loading import read_meta
+    from .models.model import is_pipeline_folder
+
+    if teacher is None or is_pipeline_folder(run):
+        return None
+    meta = read_meta(Path(run))
+    return teacher if meta.get("kind") == "student" and not Path(meta["teacher"]).exists() else None
+
+
+def score_digits(model, num_samples: int, steps: list[int], guidance: float | None = None, sampler: str | None = None,
+                 reference=None, progress: bool = False) -> list[dict]:
+    """FD, pixel FD, histogram distance, adherence (and teacher MSE against ``reference``) of
+    ``model`` on the digits prompts, one row per step count."""
+    from tqdm.auto import tqdm
+
+    from .scoring import eval_prompts, score
+    from .sample import sample
+
+    prompts, labels, seeds = eval_prompts(num_samples)
+    rows = []
+    for n in tqdm(steps, desc="evaluate", disable=not progress, unit="row"):
+        images = sample(model, prompts, seeds, n, guidance=guidance, sampler=sampler)
+        rows.append({"steps": n, **score(images, labels, reference)})
+    return rows
+
+
+def evaluate(model, steps=(1, 2, 4), num_samples: int = 1000, teacher=None, guidance: float | None = None,
+             sampler: str | None = None, teacher_guidance: float | None = None, prompts=None, protocol=None,
+             reference=None, inception_weights=None, clip_model=None, progress: bool = False) -> list[dict]:
+    """Score a teacher or a run, one row (a dict) per step count.
+
+    Digits models: FD, pixel FD, histogram distance and adherence on ``num_samples`` digits prompts
+    (and ``teacher_mse`` against ``teacher``'s 32-step output). Real models: FID against the
+    ``reference`` image folder and CLIP score on ``prompts`` (local weights only)."""
+    from .models.loading import load_model
+
+    steps = [steps] if isinstance(steps, int) else list(steps)
+    path = os.fspath(model)
+    teacher = None if teacher is None else os.fspath(teacher)
+    m = load_model(path, teacher=_moved_teacher(path, teacher))
+    if m.meta.get("dataset") != "digits":
+        return _evaluate_real(m, steps, num_samples, guidance, prompts, protocol, reference, inception_weights, clip_model)
+    ignored = [name for name, value in (("--prompts", prompts), ("--protocol", protocol), ("--reference", reference),
+                                        ("--inception-weights", inception_weights), ("--clip-model", clip_model)) if value]
+    if ignored:
+        raise ValueError(f"{path} is a digits model, scored on the built-in digits metrics; "
+                         f"{', '.join(ignored)} only apply to real models: drop them")
+    ref = None
+    if teacher:
+        from .scoring import eval_prompts
+        from .sample import sample
+
+        t = load_model(teacher)
+        p, _, seeds = eval_prompts(num_samples)
+        ref = sample(t, p, seeds, 32, guidance=teacher_guidance, progress=progress)
+    return score_digits(m, num_samples, steps, guidance, sampler, ref, progress)
+
+
+def _evaluate_real(model, steps, num_samples, guidance, prompts, protocol, reference, inception_weights, clip_model):
+    from .metrics import (PROTOCOLS, MetricUnavailable, clip_scorer, evaluate_real, inception_extractor,
+                          read_prompts, reference_features)
+
+    if not prompts:
+        raise ValueError("this model is not a digits model: pass --prompts FILE (COCO captions JSON or one prompt "
+                         "per line), and --reference DIR for FID")
+    n = PROTOCOLS[protocol] if protocol else num_samples
+    texts = read_prompts(os.fspath(prompts), n if protocol else None)[:n]
+    try:
+        extractor = inception_extractor(inception_weights) if reference else None
+        scorer = clip_scorer(clip_model) if clip_model or not reference else None
+    except MetricUnavailable as e:
+        raise ValueError(str(e)) from None
+    feats = reference_features(os.fspath(reference), extractor) if reference else None
+    return evaluate_real(model, texts, steps, guidance, feats, extractor, scorer)
+
+
+def export(run, out, format: str = "diffusers", teacher=None, num_samples: int = 500, progress: bool = False) -> Path:
+    """Write a run as files other tools load: ``diffusers`` (``pipe.load_lora_weights``, a scheduler
+    config and a model card; digits runs get metrics from ``num_samples`` samples per row) or
+    ``kohya`` (one ``.safetensors`` LoRA for ComfyUI / A1111 / Forge, SD1.5 and SDXL teachers)."""
+    from .exporting import FORMATS, export as export_diffusers, export_kohya
+    from .models.loading import load_model, read_meta
+
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    run, teacher = os.fspath(run), None if teacher is None else os.fspath(teacher)
+    if format == "kohya":
+        return export_kohya(run, out, teacher=teacher)
+    metrics = None
+    if read_meta(Path(run)).get("kind") == "student" and num_samples:
+        student = load_model(run, teacher=teacher)
+        if student.meta.get("dataset") == "digits":  # metrics for the model card
+            from .scoring import eval_prompts
+            from .sample import sample
+
+            t = load_model(student.meta["teacher"])
+            p, _, seeds = eval_prompts(num_samples)
+            ref = sample(t, p, seeds, 32)
+            rows = score_digits(student, num_samples, [1, 2, 4], reference=ref, progress=progress)
+            metrics = {"rows": [{**r, "nfe": r["steps"]} for r in rows],
+                       "note": f"Digits task, {num_samples} samples per row (see the flashdistill README for the "
+                               f"metrics); teacher MSE against the teacher's 32-step output at w = {t.default_guidance:g}."}
+    return export_diffusers(run, out, metrics, teacher=teacher)
