@@ -6,6 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,8 +70,6 @@ def test_cli_and_api_give_the_same_student(tiny_teacher, tmp_path, capsys):
     npz = tmp_path / "s.npz"
     assert main(["sample", "--model", str(run), "--prompt", "a handwritten digit one", "--steps", "2", "--seed", "5",
                  "--num-images", "3", "--out", str(tmp_path / "s.png"), "--npz", str(npz)]) == 0
-    import numpy as np
-
     ref = np.load(npz)["images"]
     pil = fd.load(run).generate(["a handwritten digit one"] * 3, steps=2, seed=5)
     want = np.round((ref.clip(-1, 1) + 1) * 127.5).astype(np.uint8)[:, 0]
@@ -81,8 +80,10 @@ def test_teacher_and_student_loading_and_errors(tiny_teacher, tmp_path):
     import flashdistill as fd
 
     teacher = fd.load(tiny_teacher)
-    assert not teacher.is_student and teacher.default_steps == 32
-    assert len(teacher.generate("a handwritten digit two", steps=2)) == 1
+    assert not teacher.is_student and teacher.default_steps == 32 and teacher.step_counts == []
+    (image,) = teacher.generate("a handwritten digit two", steps=2, seed=4)  # a string is one prompt
+    x = teacher.generate_tensor(["a handwritten digit two"], steps=2, seed=4)[0, 0]
+    assert np.array_equal(np.asarray(image), ((x.clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
     with pytest.raises(ValueError, match="prompts is empty"):
         teacher.generate([])
     with pytest.raises(ValueError, match="not a diffusers pipeline"):
@@ -135,6 +136,7 @@ def test_pipeline_is_the_stock_diffusers_pipeline_with_the_student_fused(sd_run)
 
 def test_kohya_export_round_trips_to_the_same_weights(sd_run, tmp_path, capsys):
     import diffusers
+    from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors.torch import load_file
 
     from flashdistill.cli import main
@@ -150,10 +152,12 @@ def test_kohya_export_round_trips_to_the_same_weights(sd_run, tmp_path, capsys):
     own = load_file(str(Path(run) / "student" / "student_lora.safetensors"))
     downs = {k: v for k, v in kohya.items() if k.endswith("lora_down.weight")}
     assert len(downs) == sum(k.endswith("lora_A.weight") for k in own)
-    # back through diffusers' own kohya reader: the same LoRA matrices and scale
+    # back through diffusers' own kohya reader: the same matrices, module for module, and alpha
     state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(files[0]))
-    back = {k: v for k, v in state.items() if "lora" in k}
-    assert sorted(v.sum().item() for v in back.values()) == pytest.approx(sorted(v.sum().item() for v in own.values()))
+    back = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    assert back.keys() == own.keys()
+    assert all(torch.equal(back[k], own[k]) for k in own)
+    assert set(alphas.values()) == {4.0} and len(alphas) == len(downs)
     # and loaded into the stock pipeline, fused: the same UNet as our fused student
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(teacher), safety_checker=None, requires_safety_checker=False)
     pipe.load_lora_weights(str(files[0]))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPORT_TO = ("none", "tensorboard", "wandb")
+TEACHER_STEPS = 32  # a teacher's "full" sampling: the reference of teacher MSE, the default of generate()
 
 
 @dataclass
@@ -45,50 +46,39 @@ class Run:
         return load(self.path, **kwargs)
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (set before accelerate starts), else True."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _say(progress: bool):
-    rank0 = os.environ.get("RANK", "0") == "0"  # accelerate launch: only the main process talks
-    return print if progress and rank0 else (lambda *a, **k: None)
+    """print on the main process unless ``progress`` is off."""
+    return print if progress and is_main_process() else (lambda *a, **k: None)
 
 
 def _key_layer(config_class, keys: dict) -> dict:
     """Keyword arguments -> a config layer: a key of the method's config as is, a key of its
     ``train`` section (and not of the method's) under ``train``; dotted keys nest. Unknown keys are
     left for the config to reject, naming them."""
+    from .config import set_dotted
     from .train import TrainConfig
 
     own, train_keys = set(config_class.__dataclass_fields__), set(TrainConfig.__dataclass_fields__)
     layer: dict = {}
     for k, v in keys.items():
-        if k not in own and k in train_keys:
-            layer.setdefault("train", {})[k] = v
-        else:
-            layer = _merge_dotted(layer, k, v)
+        set_dotted(layer, f"train.{k}" if k not in own and k in train_keys else k, v)
     return layer
-
-
-def _merge_dotted(layer: dict, key: str, value) -> dict:
-    from .config import merge
-
-    node: dict = {}
-    inner = node
-    *parents, leaf = str(key).split(".")
-    for p in parents:
-        inner = inner.setdefault(p, {})
-    inner[leaf] = value
-    return merge(layer, node)
 
 
 def _nested(overrides) -> dict:
     """``{"train.lr": 1}`` or ``["train.lr=1"]`` -> a nested config layer."""
-    from .config import parse_overrides
+    from .config import parse_overrides, set_dotted
 
-    if not overrides:
-        return {}
     if isinstance(overrides, (list, tuple)):
         return parse_overrides(list(overrides))
     layer: dict = {}
-    for k, v in overrides.items():
-        layer = _merge_dotted(layer, k, v)
+    for k, v in (overrides or {}).items():
+        set_dotted(layer, str(k), v)
     return layer
 
 
@@ -108,9 +98,10 @@ def _check_report_to(report_to: str) -> str:
     return report_to
 
 
-def train_teacher(out, dataset: str = "digits", config=None, overrides=None, resume: bool = False,
+def train_teacher(out, dataset: str | None = None, config=None, overrides=None, resume: bool = False,
                   dry_run: bool = False, progress: bool = True, report_to: str = "none", **keys) -> Run:
-    """Train the built-in SD-style teacher (``--dataset digits``) into the folder ``out``."""
+    """Train the built-in SD-style teacher into the folder ``out`` (``dataset``: default the config's,
+    ``digits``)."""
     from .config import from_dict, merge, to_dict
     from .data.digits import get_dataset
     from .methods.dsm import TeacherConfig, TeacherTraining
@@ -239,7 +230,7 @@ class Loaded:
     @property
     def default_steps(self) -> int:
         counts = self.step_counts
-        return (2 if 2 in counts else counts[0]) if counts else 32
+        return (2 if 2 in counts else counts[0]) if counts else TEACHER_STEPS
 
     def generate_tensor(self, prompts, steps: int | None = None, seed: int = 0, guidance: float | None = None,
                         sampler: str | None = None):
@@ -321,6 +312,16 @@ def _moved_teacher(run, teacher):
     return teacher if meta.get("kind") == "student" and not Path(meta["teacher"]).exists() else None
 
 
+def teacher_reference(teacher, num_samples: int, guidance: float | None = None, progress: bool = False):
+    """The teacher's 32-step samples on the digits evaluation prompts and seeds: what teacher MSE
+    is measured against."""
+    from .sample import sample
+    from .scoring import eval_prompts
+
+    prompts, _, seeds = eval_prompts(num_samples)
+    return sample(teacher, prompts, seeds, TEACHER_STEPS, guidance=guidance, progress=progress)
+
+
 def score_digits(model, num_samples: int, steps: list[int], guidance: float | None = None, sampler: str | None = None,
                  reference=None, progress: bool = False) -> list[dict]:
     """FD, pixel FD, histogram distance, adherence (and teacher MSE against ``reference``) of
@@ -359,14 +360,7 @@ def evaluate(model, steps=(1, 2, 4), num_samples: int = 1000, teacher=None, guid
     if ignored:
         raise ValueError(f"{path} is a digits model, scored on the built-in digits metrics; "
                          f"{', '.join(ignored)} only apply to real models: drop them")
-    ref = None
-    if teacher:
-        from .scoring import eval_prompts
-        from .sample import sample
-
-        t = load_model(teacher)
-        p, _, seeds = eval_prompts(num_samples)
-        ref = sample(t, p, seeds, 32, guidance=teacher_guidance, progress=progress)
+    ref = teacher_reference(load_model(teacher), num_samples, teacher_guidance, progress) if teacher else None
     return score_digits(m, num_samples, steps, guidance, sampler, ref, progress)
 
 
@@ -404,12 +398,8 @@ def export(run, out, format: str = "diffusers", teacher=None, num_samples: int =
     if read_meta(Path(run)).get("kind") == "student" and num_samples:
         student = load_model(run, teacher=teacher)
         if student.meta.get("dataset") == "digits":  # metrics for the model card
-            from .scoring import eval_prompts
-            from .sample import sample
-
             t = load_model(student.meta["teacher"])
-            p, _, seeds = eval_prompts(num_samples)
-            ref = sample(t, p, seeds, 32)
+            ref = teacher_reference(t, num_samples, progress=progress)
             rows = score_digits(student, num_samples, [1, 2, 4], reference=ref, progress=progress)
             metrics = {"rows": [{**r, "nfe": r["steps"]} for r in rows],
                        "note": f"Digits task, {num_samples} samples per row (see the flashdistill README for the "

@@ -17,7 +17,8 @@ import os
 import time
 from pathlib import Path
 
-TEACHER_STEPS = 32
+from .api import TEACHER_STEPS
+
 DISPLAY_SIZE = 256  # small images (digits: 8x8) are shown nearest-upscaled to about this size
 ELEM = {"prompt": "prompt", "seed": "seed", "steps": "steps", "compare": "compare", "generate": "generate",
         "student": "student-image", "teacher": "teacher-image", "latency": "latency", "metrics": "metrics"}
@@ -62,18 +63,17 @@ METRIC_HEADERS = ["method", "steps", "NFE", "FD", "pixel FD", "adherence", "teac
 def score_run(student, teacher, num_samples: int = 200) -> tuple[dict, Path]:
     """Digits runs without stored metrics: the student at its step counts and DPM-Solver++ on the
     teacher at the same NFE, against the teacher's 32-step samples; writes the plot next to the run."""
+    from .api import score_digits, teacher_reference
     from .scoring import eval_prompts, score
-    from .sample import sample
 
-    prompts, labels, seeds = eval_prompts(num_samples)
-    reference = sample(teacher.model, prompts, seeds, TEACHER_STEPS)
+    reference = teacher_reference(teacher.model, num_samples)  # TEACHER_STEPS at the teacher's CFG
     rows = [{"method": "teacher dpmpp_2m", "steps": TEACHER_STEPS, "nfe": 2 * TEACHER_STEPS,
-             **score(reference, labels, reference)}]
-    for n in student.step_counts:
-        rows.append({"method": "student", "steps": n, "nfe": n, **score(sample(student.model, prompts, seeds, n), labels, reference)})
-        if n > 1 and n % 2 == 0:
-            rows.append({"method": "teacher dpmpp_2m", "steps": n // 2, "nfe": n,
-                         **score(sample(teacher.model, prompts, seeds, n // 2), labels, reference)})
+             **score(reference, eval_prompts(num_samples)[1], reference)}]
+    rows += [{"method": "student", "nfe": r["steps"], **r}
+             for r in score_digits(student.model, num_samples, student.step_counts, reference=reference)]
+    half = [n // 2 for n in student.step_counts if n > 1 and n % 2 == 0]  # the teacher at the same NFE
+    rows += [{"method": "teacher dpmpp_2m", "nfe": 2 * r["steps"], **r}
+             for r in score_digits(teacher.model, num_samples, half, reference=reference)]
     plot = plot_rows(rows, Path(student.path) / "app_quality_vs_nfe.png")
     return {"rows": rows, "num_samples": num_samples}, plot
 

@@ -78,7 +78,7 @@ def cmd_train_teacher(args) -> None:
     run = api.train_teacher(args.out, dataset=args.dataset, config=args.config, overrides=parse_overrides(args.set),
                             resume=args.resume, dry_run=args.dry_run, progress=not args.quiet,
                             report_to=args.report_to, **keys)
-    if not args.dry_run:
+    if not args.dry_run and api.is_main_process():
         _summary("teacher", args.out, run.summary)
 
 
@@ -90,15 +90,8 @@ def cmd_distill(args) -> None:
                       overrides=parse_overrides(args.set), full=args.full, dtype=args.dtype, data=args.data,
                       caption_column=args.caption_column, cache_latents=args.cache_latents, resume=args.resume,
                       dry_run=args.dry_run, progress=not args.quiet, report_to=args.report_to)
-    if not args.dry_run and _is_main_process():
+    if not args.dry_run and api.is_main_process():
         _summary("student", args.out, run.summary)
-
-
-def _is_main_process() -> bool:
-    """Rank 0 under torchrun/accelerate launch (set before accelerate starts), else True."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_sample(args) -> None:
@@ -323,7 +316,9 @@ def _add_quiet(p) -> None:
 
 
 def _add_run_options(p) -> None:
-    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
+    from .api import REPORT_TO
+
+    p.add_argument("--report-to", choices=list(REPORT_TO), default="none",
                    help="also log losses, diagnostics, learning rates and preview grids to an experiment tracker "
                         "through accelerate (tensorboard: event files under OUT/tensorboard; wandb: set WANDB_MODE=offline "
                         "to log without a network); default none")

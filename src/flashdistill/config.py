@@ -99,6 +99,18 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def set_dotted(layer: dict, key: str, value) -> dict:
+    """Set ``a.b.c`` in the nested dict ``layer`` (in place; returns it)."""
+    node = layer
+    *parents, leaf = key.strip().split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key.strip()}: {p!r} was already set to a value, not a section")
+    node[leaf] = value
+    return layer
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """``["a.b=1", "c=[1,2]"]`` -> nested dict; values are parsed as YAML scalars/lists."""
     out: dict = {}
@@ -106,16 +118,11 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {pair!r}: {p!r} was already set to a value, not a section")
         try:
-            node[leaf] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {key.strip()}: {raw!r} is not a YAML value ({_yaml_problem(e)})") from None
+        set_dotted(out, key, value)
     return out
 
 

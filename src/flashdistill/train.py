@@ -201,8 +201,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
     return len(found)
 
 
-def save_image_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 1) -> None:
-    """Images in [-1, 1] (N, C, H, W) -> one PNG grid, nearest-upscaled ``scale`` times."""
+def save_image_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 1):
+    """Images in [-1, 1] (N, C, H, W) -> one PNG grid, nearest-upscaled ``scale`` times; returns
+    the grid as a PIL image."""
     from PIL import Image
 
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
@@ -218,6 +219,7 @@ def save_image_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 1)
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+    return img
 
 
 def _record_rank_checksums(acc, models: dict, path: Path) -> None:
@@ -241,14 +243,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
     return out
-
-
-def _png_array(path: Path):
-    """A PNG written by :func:`save_image_grid` as an HWC uint8 RGB array (what trackers log)."""
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -346,12 +340,13 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
         acc.wait_for_everyone()
 
     def preview(step: int) -> None:
+        import numpy as np
+
         if acc.is_main_process:
             images, nrow = method.preview({n: acc.unwrap_model(m) for n, m in models.items()}, torch.Generator().manual_seed(0))
-            path = out / "samples" / f"step_{step:08d}.png"
-            save_image_grid(images, path, nrow, scale=4)
+            grid = save_image_grid(images, out / "samples" / f"step_{step:08d}.png", nrow, scale=4)
+            image = np.asarray(grid.convert("RGB")) if acc.trackers else None  # HWC uint8
             for tracker in acc.trackers:  # tensorboard: a batch of NHWC images; wandb: a list
-                image = _png_array(path)
                 if tracker.name == "tensorboard":
                     tracker.log_images({"preview": image[None]}, step=step, dataformats="NHWC")
                 else:
