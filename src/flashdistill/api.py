@@ -232,23 +232,37 @@ class Loaded:
         counts = self.step_counts
         return (2 if 2 in counts else counts[0]) if counts else TEACHER_STEPS
 
+    @property
+    def task(self) -> str:
+        """``t2i``, or the conditional task: ``inpaint``, ``sr`` or ``sketch``."""
+        return self.model.task.name
+
+    def condition(self, image=None, mask=None, sketch=None, noise_level: int = 0, n: int = 1) -> dict | None:
+        """A conditional model's condition from images (PIL images, or paths of image files; any
+        size, converted to grey and resized), repeated ``n`` times: inpaint takes ``image`` and
+        ``mask`` (white = repaint), sr the low-resolution ``image`` (and ``noise_level``, the
+        low-res noise augmentation, 0..999), sketch a stroke map ``sketch`` (white = stroke)."""
+        return condition_from_images(self.model, image, mask, sketch, noise_level, n)
+
     def generate_tensor(self, prompts, steps: int | None = None, seed: int = 0, guidance: float | None = None,
-                        sampler: str | None = None):
-        """Images in [-1, 1], float32 (N, C, H, W); image i uses seed ``seed + i`` (as ``sample``)."""
+                        sampler: str | None = None, condition: dict | None = None):
+        """Images in [-1, 1], float32 (N, C, H, W); image i uses seed ``seed + i`` (as ``sample``).
+        Conditional models take ``condition`` (see :meth:`condition`), one item per prompt."""
         from .sample import sample
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("prompts is empty: pass a prompt or a list of prompts")
         seeds = [int(seed) + i for i in range(len(prompts))]
-        return sample(self.model, prompts, seeds, steps or self.default_steps, guidance=guidance, sampler=sampler)
+        return sample(self.model, prompts, seeds, steps or self.default_steps, guidance=guidance, sampler=sampler,
+                      condition=condition)
 
     def generate(self, prompts, steps: int | None = None, seed: int = 0, guidance: float | None = None,
-                 sampler: str | None = None, scale: int = 1) -> list:
+                 sampler: str | None = None, scale: int = 1, condition: dict | None = None) -> list:
         """PIL images, one per prompt (a string is one prompt). Students sample with their own
         few-step sampler and no CFG (``steps`` default 2); teachers with ``sampler`` and CFG
         ``guidance`` (default 32 steps of DPM-Solver++ at the teacher's scale)."""
-        return _pil(self.generate_tensor(prompts, steps, seed, guidance, sampler), scale)
+        return _pil(self.generate_tensor(prompts, steps, seed, guidance, sampler, condition), scale)
 
     def pipeline_kwargs(self, steps: int) -> dict:
         """Keyword arguments of the diffusers pipeline call that sample this student with ``steps``
@@ -292,6 +306,54 @@ class Loaded:
         return pipe
 
 
+def _grey(image, size: int, what: str):
+    """An image file or PIL image as a (1, 1, size, size) tensor in [0, 1] (box-resampled)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if image is None:
+        raise ValueError(f"missing {what}")
+    if not isinstance(image, Image.Image):
+        if not Path(os.fspath(image)).is_file():
+            raise ValueError(f"{what} {str(image)!r} is not a file")
+        try:
+            image = Image.open(os.fspath(image))
+            image.load()
+        except Exception as e:
+            raise ValueError(f"{what} {str(image)!r} is not a readable image: {e}") from None
+    grey = image.convert("L").resize((size, size), Image.Resampling.BOX)
+    return torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)[None, None]
+
+
+def condition_from_images(model, image=None, mask=None, sketch=None, noise_level: int = 0, n: int = 1) -> dict | None:
+    """The condition of a conditional model from user images (see :meth:`Loaded.condition`);
+    None for text-to-image models, which take no image."""
+    import torch
+
+    task = model.task.name
+    size = model.image_shape[-1]
+    given = {k for k, v in (("image", image), ("mask", mask), ("sketch", sketch)) if v is not None}
+    wanted = {"t2i": set(), "inpaint": {"image", "mask"}, "sr": {"image"}, "sketch": {"sketch"}}[task]
+    if given != wanted:
+        need = ", ".join(f"--{k}" for k in sorted(wanted)) or "no image"
+        from .tasks import article
+
+        raise ValueError(f"{str(model.path)!r} is {article(task)} {task!r} model: it takes {need}, got "
+                         f"{', '.join(f'--{k}' for k in sorted(given)) or 'none'}")
+    if not 0 <= int(noise_level) <= 999:
+        raise ValueError(f"noise_level must be in [0, 999], got {noise_level}")
+    if task == "t2i":
+        return None
+    rep = lambda x: x.expand(n, *x.shape[1:]).clone()  # noqa: E731
+    if task == "inpaint":
+        return {"image": rep(_grey(image, size, "--image") * 2 - 1), "mask": rep((_grey(mask, size, "--mask") > 0.5).float())}
+    if task == "sr":
+        low = _grey(image, size // model.task.factor, "--image") * 2 - 1
+        return {"low_res": rep(low), "noise_level": torch.full((n,), int(noise_level), dtype=torch.long)}
+    return {"sketch": rep((_grey(sketch, size, "--sketch") > 0.5).float())}
+
+
 def load(path, teacher=None, device: str = "cpu") -> Loaded:
     """A teacher folder (built-in or diffusers pipeline) or a distillation run; ``teacher``: the
     run's teacher folder when it is no longer where the run recorded it."""
@@ -312,30 +374,46 @@ def _moved_teacher(run, teacher):
     return teacher if meta.get("kind") == "student" and not Path(meta["teacher"]).exists() else None
 
 
-def teacher_reference(teacher, num_samples: int, guidance: float | None = None, progress: bool = False):
-    """The teacher's 32-step samples on the digits evaluation prompts and seeds: what teacher MSE
-    is measured against."""
-    from .sample import sample
-    from .scoring import eval_prompts
+def _eval_inputs(model, num_samples: int):
+    """Prompts, labels, seeds, condition and true images of the digits evaluation (condition and
+    truth None for text-to-image models)."""
+    from .scoring import eval_prompts, eval_set
 
-    prompts, _, seeds = eval_prompts(num_samples)
-    return sample(teacher, prompts, seeds, TEACHER_STEPS, guidance=guidance, progress=progress)
+    if model.task.keys:
+        return eval_set(num_samples, model.task)
+    return (*eval_prompts(num_samples), None, None)
+
+
+def teacher_reference(teacher, num_samples: int, guidance: float | None = None, progress: bool = False):
+    """The teacher's 32-step samples on the digits evaluation prompts and seeds (and conditions):
+    what teacher MSE is measured against."""
+    from .sample import sample
+
+    prompts, _, seeds, condition, _ = _eval_inputs(teacher, num_samples)
+    return sample(teacher, prompts, seeds, TEACHER_STEPS, guidance=guidance, progress=progress, condition=condition)
 
 
 def score_digits(model, num_samples: int, steps: list[int], guidance: float | None = None, sampler: str | None = None,
                  reference=None, progress: bool = False) -> list[dict]:
     """FD, pixel FD, histogram distance, adherence (and teacher MSE against ``reference``) of
-    ``model`` on the digits prompts, one row per step count."""
+    ``model`` on the digits prompts, one row per step count; conditional models also get their
+    task's consistency metrics and the per-condition diversity (docs/metrics.md)."""
     from tqdm.auto import tqdm
 
-    from .scoring import eval_prompts, score
+    from .scoring import diversity, diversity_set, score
     from .sample import sample
 
-    prompts, labels, seeds = eval_prompts(num_samples)
+    task = model.task
+    prompts, labels, seeds, condition, truth = _eval_inputs(model, num_samples)
     rows = []
     for n in tqdm(steps, desc="evaluate", disable=not progress, unit="row"):
-        images = sample(model, prompts, seeds, n, guidance=guidance, sampler=sampler)
-        rows.append({"steps": n, **score(images, labels, reference)})
+        images = sample(model, prompts, seeds, n, guidance=guidance, sampler=sampler, condition=condition)
+        row = {"steps": n, **score(images, labels, reference)}
+        if task.keys:
+            d_prompts, d_seeds, d_condition = diversity_set(task)
+            spread = sample(model, d_prompts, d_seeds, n, guidance=guidance, sampler=sampler, condition=d_condition)
+            row.update({"task": task.name, **task.metrics(images, condition, truth), "diversity": diversity(spread)})
+        rows.append(row)
     return rows
 
 
@@ -392,6 +470,9 @@ def export(run, out, format: str = "diffusers", teacher=None, num_samples: int =
     if format not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
     run, teacher = os.fspath(run), None if teacher is None else os.fspath(teacher)
+    if read_meta(Path(run)).get("conditioning") == "controlnet":
+        raise ValueError(f"{run} is a CoDi run: its student is a ControlNet ({run}/controlnet, loadable with diffusers' "
+                         "ControlNetModel.from_pretrained) plus a UNet LoRA, and export does not write that pair yet")
     if format == "kohya":
         return export_kohya(run, out, teacher=teacher)
     metrics = None

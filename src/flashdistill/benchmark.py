@@ -148,13 +148,14 @@ def flash_config(teacher: Path, overrides: dict | None = None):
 # the package version) is a new cache entry, so edited code trains anew instead of reusing a stale run.
 TEACHER_SOURCES = ("methods/dsm.py", "models/unet.py", "models/text.py", "models/denoiser.py", "core/schedules.py",
                    "core/solvers.py", "data/digits.py", "train.py", "checkpoint.py", "config.py", "models/model.py",
-                   "models/loading.py")
+                   "models/loading.py", "tasks.py")
 STUDENT_SOURCES = TEACHER_SOURCES + ("methods/base.py", "losses.py", "core/timesteps.py", "models/student.py",
                                      "models/discriminator.py", "models/pipelines.py", "sample.py")
 FLASH_SOURCES = STUDENT_SOURCES + ("methods/flash.py",)
 METHOD_SOURCES = {"flash": FLASH_SOURCES, "lcm": STUDENT_SOURCES + ("methods/lcm.py",),
                   "splam": STUDENT_SOURCES + ("methods/lcm.py", "methods/splam.py"),
-                  "lightning": STUDENT_SOURCES + ("methods/lightning.py",)}
+                  "lightning": STUDENT_SOURCES + ("methods/lightning.py",),
+                  "codi": STUDENT_SOURCES + ("methods/codi.py", "models/controlled.py")}
 
 
 def source_hash(files: tuple[str, ...]) -> str:

@@ -74,7 +74,8 @@ def cmd_train_teacher(args) -> None:
     from . import api
     from .config import parse_overrides
 
-    keys = {k: v for k, v in {"steps": args.steps, "seed": args.seed}.items() if v is not None}
+    keys = {k: v for k, v in {"steps": args.steps, "seed": args.seed, "task": args.task, "base": args.base}.items()
+            if v is not None}
     run = api.train_teacher(args.out, dataset=args.dataset, config=args.config, overrides=parse_overrides(args.set),
                             resume=args.resume, dry_run=args.dry_run, progress=not args.quiet,
                             report_to=args.report_to, **keys)
@@ -96,14 +97,19 @@ def cmd_distill(args) -> None:
 
 def cmd_sample(args) -> None:
     import numpy as np
+    import torch
 
     from . import api
     from .train import save_image_grid
 
     model = api.load(args.model, teacher=args.teacher)
     prompts = [args.prompt] * args.num_images
-    images = model.generate_tensor(prompts, args.steps, seed=args.seed, guidance=args.guidance, sampler=args.sampler)
-    save_image_grid(images, Path(args.out), nrow=min(8, args.num_images), scale=max(1, 64 // images.shape[-1]))
+    condition = model.condition(args.image, args.mask, args.sketch, args.noise_level, len(prompts))
+    images = model.generate_tensor(prompts, args.steps, seed=args.seed, guidance=args.guidance, sampler=args.sampler,
+                                   condition=condition)
+    if condition is not None:  # the condition first, as the model saw it
+        images = torch.cat([model.model.task.show(condition)[:1], images])
+    save_image_grid(images, Path(args.out), nrow=min(8, len(images)), scale=max(1, 64 // images.shape[-1]))
     print(f"wrote {args.out}")
     if args.npz:
         np.savez(args.npz, images=images.float().clamp(-1, 1).numpy().astype(np.float32), prompts=np.array(prompts))
@@ -113,6 +119,7 @@ def cmd_sample(args) -> None:
 def cmd_evaluate(args) -> None:
     from . import api
     from .scoring import fd_floor, pixel_fd_floor
+    from .tasks import TASK_METRICS
 
     rows = api.evaluate(args.model, args.steps, args.num_samples, teacher=args.teacher, guidance=args.guidance,
                         sampler=args.sampler, teacher_guidance=args.teacher_guidance, prompts=args.prompts,
@@ -129,8 +136,9 @@ def cmd_evaluate(args) -> None:
               f"samples (all train digits: {fd_floor():.3f}); pixel FD floor {pixel_fd_floor(args.num_samples):.4f}")
         for r in rows:
             mse = "" if r["teacher_mse"] is None else f"  teacher_mse {r['teacher_mse']:.4f}"
+            extra = "".join(f"  {k} {r[k]:.4f}" for k in (*TASK_METRICS, "diversity") if k in r)
             print(f"steps {r['steps']:>3}  FD {r['fd']:.3f}  pixel FD {r['pixel_fd']:.4f}  hist {r['hist']:.4f}  "
-                  f"adherence {r['adherence']:.3f}{mse}")
+                  f"adherence {r['adherence']:.3f}{mse}{extra}")
         result = {"model": str(args.model), "num_samples": args.num_samples, "fd_floor": fd_floor(args.num_samples),
                   "pixel_fd_floor": pixel_fd_floor(args.num_samples), "rows": rows}
     if args.out:
@@ -159,6 +167,11 @@ def cmd_demo(args) -> None:
 
 
 def cmd_benchmark(args) -> None:
+    if args.preset == "conditional":
+        from .conditional_benchmark import run_conditional
+
+        run_conditional(args.out, cache=args.cache, num_samples=args.num_samples, progress=not args.quiet)
+        return
     from .benchmark import run_benchmark
 
     run_benchmark(args.preset, args.out, cache=args.cache, num_samples=args.num_samples, progress=not args.quiet)
@@ -179,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "conditioned on MiniLM text embeddings, and save it as a diffusers-format folder.",
                        epilog=_config_help(TeacherConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=None, help="built-in dataset (default: digits)")
+    p.add_argument("--task", choices=["t2i", "inpaint", "sr", "sketch"], default=None,
+                   help="t2i (default): text-to-image; inpaint: box masks; sr: x2 super-resolution from 4x4; "
+                        "sketch: a T2I-Adapter on stroke maps over the frozen teacher --base")
+    p.add_argument("--base", default=None, help="--task sketch: the text-to-image teacher folder the adapter steers")
     p.add_argument("--out", required=True, help="output folder (the teacher, checkpoints, log, previews)")
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default 950)")
     p.add_argument("--seed", type=seed_int, default=None, help="seed (default 0)")
@@ -256,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=positive_int, default=16, help="number of images")
     p.add_argument("--out", required=True, help="PNG grid to write (upscaled 8x for viewing)")
     p.add_argument("--npz", default=None, help="also save raw samples: images float32 (N,C,H,W) in [-1,1], prompts")
+    g = p.add_argument_group("conditional models (inpaint, sr, sketch teachers and their students); the grid "
+                             "starts with the condition")
+    g.add_argument("--image", default=None, help="inpaint: the image to repaint; sr: the low-resolution image "
+                                                 "(any size: resized to half the model's)")
+    g.add_argument("--mask", default=None, help="inpaint: the mask image, white = repaint")
+    g.add_argument("--sketch", default=None, help="sketch: the stroke map, white = stroke")
+    g.add_argument("--noise-level", type=_int_in(0, 999, "an integer in [0, 999]"), default=0,
+                   help="sr: noise augmentation of the low-res (class label), default 0")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="FD, adherence and teacher MSE on the built-in digits task",
@@ -299,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "beside DPM-Solver++ and UniPC (about 20 min). Writes OUT/results.json, "
                                    "OUT/report.md, OUT/grid.png and OUT/quality_vs_nfe.png (ablations: "
                                    "OUT/ablations.png). Trained models are cached in --cache and reused.")
-    p.add_argument("--preset", choices=["quick", "full", "ablations", "methods"], default="quick", help="what to run (default quick)")
+    p.add_argument("--preset", choices=["quick", "full", "ablations", "methods", "conditional"], default="quick",
+                   help="what to run (default quick; conditional: Flash on the inpaint, sr and sketch teachers)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cache", default="runs/cache", help="folder of trained teachers and students, reused across "
                                                          "runs and presets (default runs/cache)")

@@ -26,8 +26,11 @@ def teacher_timesteps(schedule, steps: int, spacing: str = "trailing") -> torch.
 @torch.no_grad()
 def sample_teacher(model, prompts: list[str], seeds: list[int], steps: int, guidance: float,
                    sampler: str = "dpmpp_2m", spacing: str = "trailing", batch_size: int = 256,
-                   progress: bool = False) -> torch.Tensor:
-    """Teacher samples in [-1, 1] (not clamped), float32 (N, C, H, W)."""
+                   progress: bool = False, condition: dict | None = None) -> torch.Tensor:
+    """Teacher samples in [-1, 1] (not clamped), float32 (N, C, H, W). ``condition``: a conditional
+    teacher's spatial condition, one item per prompt, in both CFG branches."""
+    from .tasks import index
+
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     solve = get_sampler(sampler)
@@ -36,7 +39,8 @@ def sample_teacher(model, prompts: list[str], seeds: list[int], steps: int, guid
     for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc=f"teacher {sampler} {steps} steps", leave=False):
         p, s = prompts[i: i + batch_size], seeds[i: i + batch_size]
         x = seeded_noise(model.image_shape, s).to(model.device)
-        m = cfg_model(model.denoiser, model.cond(p), model.uncond(len(p)), guidance)
+        spatial = model.spatial(index(condition, slice(i, i + batch_size)), len(p), torch.Generator().manual_seed(int(s[0]) + 7919))
+        m = cfg_model(model.denoiser, model.cond(p, spatial), model.uncond(len(p), spatial), guidance)
         out.append(solve(m, x, ts, model.schedule).cpu())
     return torch.cat(out)
 
@@ -58,17 +62,19 @@ def stage_model(model, steps: int):
 @torch.no_grad()
 def sample(model, prompts: list[str], seeds: list[int], steps: int, guidance: float | None = None,
            sampler: str | None = None, batch_size: int = 256, progress: bool = False,
-           decode: bool = True) -> torch.Tensor:
+           decode: bool = True, condition: dict | None = None) -> torch.Tensor:
     """Samples from a teacher (solver + CFG) or a student run (its own few-step sampler, no CFG);
-    images in [-1, 1] (latent models: decoded by the VAE unless ``decode=False``)."""
+    images in [-1, 1] (latent models: decoded by the VAE unless ``decode=False``). Conditional models
+    (inpaint, sr, sketch) take ``condition``, a dict of tensors with one item per prompt (see
+    :mod:`flashdistill.tasks`)."""
     if steps <= 0:
         raise ValueError(f"steps must be > 0, got {steps}")
     if model.meta.get("kind") == "student":
         from .models.student import sample_student
 
         model = stage_model(model, steps)
-        x = sample_student(model, prompts, seeds, steps, batch_size=batch_size)
+        x = sample_student(model, prompts, seeds, steps, batch_size=batch_size, condition=condition)
     else:
         x = sample_teacher(model, prompts, seeds, steps, model.default_guidance if guidance is None else guidance,
-                           sampler or "dpmpp_2m", batch_size=batch_size, progress=progress)
+                           sampler or "dpmpp_2m", batch_size=batch_size, progress=progress, condition=condition)
     return model.decode(x.to(model.device)).cpu() if decode else x

@@ -14,6 +14,13 @@
 - **Adherence**: the classifier's accuracy on generated images against the digit the prompt asked for.
 - **Teacher fidelity** (``teacher_mse``): mean over samples of the per-sample MSE between a model's
   output and the teacher's 32-step output from the same noise and prompt.
+- **Conditional tasks** (inpaint, sr, sketch; :mod:`flashdistill.tasks`): sample i is conditioned on
+  test digit ``i mod 360`` (its mask, low-res or stroke map, made with a fixed seed; no full masks,
+  no low-res noise) with a prompt for its label. Besides the rows above: the task's consistency
+  metrics (inpaint: ``unmasked_mse`` and ``masked_mse`` of the raw output against the truth; sr:
+  ``consistency``, the MSE of the 2x2-pooled output against the low-res, and ``psnr``; sketch:
+  ``stroke_f1``) and ``diversity``, the pixel std over 8 seeds of the same condition, averaged over
+  the first 50 conditions (0 for a model that ignores its noise).
 
 Generated images are clamped to [-1, 1] (the data range) before the classifier. Evaluation prompts
 cycle through the digits and the prompt templates, and sample i always uses seed ``seed + i``.
@@ -184,6 +191,46 @@ def eval_prompts(n: int, seed: int = 0) -> tuple[list[str], torch.Tensor, list[i
     labels = torch.arange(n) % 10
     prompts = [prompt_for(int(d), (i // 10) % len(PROMPT_TEMPLATES)) for i, d in enumerate(labels)]
     return prompts, labels, [seed + i for i in range(n)]
+
+
+COND_SEED = 1234  # masks of the conditional evaluation set
+DIVERSITY_CONDITIONS, DIVERSITY_SEEDS = 50, 8
+
+
+def eval_set(n: int, task, seed: int = 0) -> tuple[list[str], torch.Tensor, list[int], dict, torch.Tensor]:
+    """A conditional task's evaluation set: sample i takes test digit ``i mod 360`` (its label's
+    prompt, template cycling) and that digit's condition; returns prompts, labels, seeds ``seed + i``,
+    the condition and the true images."""
+    test = load_digits("test")
+    idx = torch.arange(n) % len(test.labels)
+    truth, labels = test.images[idx], test.labels[idx]
+    prompts = [prompt_for(int(d), i % len(PROMPT_TEMPLATES)) for i, d in enumerate(labels)]
+    condition = task.make(truth, torch.Generator().manual_seed(COND_SEED), train=False)
+    return prompts, labels, [seed + i for i in range(n)], condition, truth
+
+
+def diversity_set(task, seed: int = 0) -> tuple[list[str], list[int], dict]:
+    """The first ``DIVERSITY_CONDITIONS`` evaluation conditions, each ``DIVERSITY_SEEDS`` times
+    (condition-major), with seeds of their own."""
+    prompts, _, _, condition, _ = eval_set(DIVERSITY_CONDITIONS, task)
+    rep = torch.arange(DIVERSITY_CONDITIONS).repeat_interleave(DIVERSITY_SEEDS)
+    return ([prompts[int(i)] for i in rep], [seed + 10**6 + i for i in range(len(rep))],
+            {k: v[rep] for k, v in condition.items()})
+
+
+def diversity(images: torch.Tensor) -> float:
+    """Mean over conditions of the per-pixel std (in [0, 1]) across the seeds of one condition."""
+    x = pixels(images).reshape(DIVERSITY_CONDITIONS, DIVERSITY_SEEDS, -1)
+    return float(x.std(1, ddof=1).mean())
+
+
+def retrieval_row(task, num_samples: int) -> dict:
+    """The nearest-neighbour retrieval yardstick of a conditional task: for each evaluation
+    condition, the train digit that fits it best (inpaint: pasted into the repaint region), scored
+    like a model's row (its diversity is 0: it ignores the noise)."""
+    _, labels, _, condition, truth = eval_set(num_samples, task)
+    images = task.retrieve(condition, load_digits("train").images)
+    return {"task": task.name, **score(images, labels), **task.metrics(images, condition, truth), "diversity": 0.0}
 
 
 def score(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None) -> dict:

@@ -30,9 +30,14 @@ __all__ = ["SAMPLERS", "cfg_model", "ddim", "ddim_move", "dpmpp_2m", "euler", "f
 
 
 def cat_cond(a, b):
-    """Concatenate tensors (recursing into dicts) along dim 0; non-tensor values are taken from ``a``."""
+    """Concatenate tensors (recursing into dicts and lists, e.g. T2I-Adapter residuals) along dim 0;
+    other values are taken from ``a``."""
     if torch.is_tensor(a):
         return torch.cat([a, b])
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            raise ValueError(f"cond/uncond lists differ in length: {len(a)} vs {len(b)}")
+        return [cat_cond(x, y) for x, y in zip(a, b)]
     if isinstance(a, dict):
         if a.keys() != b.keys():
             raise ValueError(f"cond/uncond keys differ: {sorted(a)} vs {sorted(b)}")

@@ -60,6 +60,13 @@ def load_digits(split: str = "train") -> DigitsSplit:
     return DigitsSplit(torch.from_numpy(images[pick]), torch.from_numpy(data.target[pick]).long())
 
 
+def first_of_each_class(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first image of each digit 0..9 in ``split``: (10, 1, 8, 8) images and their labels."""
+    data = load_digits(split)
+    idx = torch.stack([torch.nonzero(data.labels == d)[0, 0] for d in range(10)])
+    return data.images[idx], data.labels[idx]
+
+
 class DigitsDataset(torch.utils.data.Dataset):
     """Every (image, prompt template) pair is one item ``{"image", "prompt", "label"}``, so an
     epoch sees each digit under each phrasing and item i is deterministic."""

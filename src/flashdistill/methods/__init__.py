@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-METHODS = ("flash", "lcm", "splam", "lightning")
+METHODS = ("flash", "lcm", "splam", "lightning", "codi")
 
 
 def method_module(name: str):

@@ -83,6 +83,45 @@ def unwrap(m):
     return getattr(m, "module", m)
 
 
+class EMATarget:
+    """A consistency target theta-: an EMA of the student's trainable weights, run on the live
+    module (:meth:`StudentMethod.frozen_student`) and carried by checkpoints (the loop's
+    ``state_tensors`` protocol). LCM and CoDi mix it in; ``target_decay`` is the EMA's mu."""
+
+    target_weights: dict | None = None
+    _target_step: int | None = None
+
+    @property
+    def target_decay(self) -> float:
+        raise NotImplementedError
+
+    def state_tensors(self) -> dict:
+        return dict(self.target_weights or {})
+
+    def load_state_tensors(self, tensors: dict) -> None:
+        if self.target_weights is None:
+            return
+        with torch.no_grad():
+            for n, v in tensors.items():
+                self.target_weights[n].copy_(v)
+
+    def target_to(self, device) -> None:
+        if self.target_weights is not None:
+            self.target_weights = {n: v.to(device) for n, v in self.target_weights.items()}
+
+    @torch.no_grad()
+    def update_target(self, student, step: int) -> None:
+        """theta- <- mu theta- + (1 - mu) theta, once per optimizer step (before its first
+        micro-batch, with the weights the previous step left)."""
+        if self.target_weights is None or self._target_step == step:
+            return
+        if step > 0:
+            live = dict(unwrap(student).named_parameters())
+            for n, p in self.target_weights.items():
+                p.lerp_(live[n].detach(), 1 - self.target_decay)
+        self._target_step = step
+
+
 class StudentMethod:
     """Base of the distillation methods. Subclasses set ``name`` and ``title`` and define ``step``,
     ``sampling`` (the timesteps per step count) and ``grid_size`` (the scheduler's
@@ -102,6 +141,7 @@ class StudentMethod:
         self.teacher = load_teacher(config.teacher, dtype=DTYPES[config.dtype])
         self.schedule = self.teacher.schedule
         self.family = self.teacher.meta.get("family", "digits")
+        self.check_task()
         if self.schedule.kind == "flow" and config.sampler_gamma != 1.0:
             raise ValueError(f"sampler_gamma {config.sampler_gamma} needs a VP teacher: diffusers has no TCD-style "
                              "scheduler for flow matching, so an export could not sample like the run; use 1.0")
@@ -121,6 +161,12 @@ class StudentMethod:
     def prepare(self) -> None:
         """After the teacher is loaded, before the models are built: grids, and a one-line
         ValueError when the method does not apply to this teacher."""
+
+    def check_task(self) -> None:
+        """Conditional teachers (inpaint, sr, sketch) build their condition from the batch's pixels."""
+        if self.teacher.task.keys and self.teacher.vae is not None:
+            raise ValueError(f"task {self.teacher.task.name!r} on a latent teacher is not supported yet: the built-in "
+                             "conditional tasks work in pixel space (digits teachers)")
 
     def default_targets(self) -> list[str]:
         return LORA_TARGETS[self.family]
@@ -153,15 +199,19 @@ class StudentMethod:
     def inputs(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict, dict]:
         """A batch as (x0 in the denoiser's space, cond, uncond): images through the teacher's VAE,
         or, from a latent cache (``--cache-latents``), a fresh sample of the cached latent
-        distribution with the same generator draws and the cached text embeddings."""
+        distribution with the same generator draws and the cached text embeddings. Conditional
+        teachers: the spatial condition (made from the batch's images as the teacher was trained:
+        random masks, noise-augmented low-res, stroke maps) joins cond and uncond alike, so every
+        teacher, student, DMD and discriminator call sees it."""
         dev = self.device
         if "latent_mean" in batch:
             x0 = self.teacher.vae.from_moments(batch["latent_mean"].to(dev), batch["latent_std"].to(dev), generator)
             cond = self.teacher.cond_from(batch["text"])
-        else:
-            x0 = self.teacher.encode(batch["image"].to(dev).float(), generator)
-            cond = self.teacher.cond(batch["prompt"])
-        return x0.to(dev), cond, self.teacher.uncond(x0.shape[0])
+            return x0.to(dev), cond, self.teacher.uncond(x0.shape[0])
+        x0 = self.teacher.encode(batch["image"].to(dev).float(), generator)
+        task = self.teacher.task
+        spatial = self.teacher.spatial(task.make(batch["image"], generator), x0.shape[0], generator) if task.keys else {}
+        return x0.to(dev), self.teacher.cond(batch["prompt"], spatial), self.teacher.uncond(x0.shape[0], spatial)
 
     def models(self) -> dict:
         return {"student": self.student, **self.extra}
@@ -183,15 +233,38 @@ class StudentMethod:
             return [prompt_for(d) for d in range(10)]
         return ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at sunset"]
 
+    def blank_uncond(self, n: int = 1) -> dict:
+        """An unconditional cond for ``n`` samples, with the spatial condition of a blank image for
+        conditional teachers: what dry passes (shapes of discriminator heads) run on."""
+        task = self.teacher.task
+        if not task.keys:
+            return self.teacher.uncond(n)
+        blank = -torch.ones(n, *self.teacher.image_shape)
+        return self.teacher.uncond(n, self.teacher.spatial(task.make(blank, torch.Generator().manual_seed(0), train=False), n))
+
+    def preview_cond(self, prompts: list[str]) -> tuple[dict, list[torch.Tensor]]:
+        """The preview prompts' cond and, for conditional teachers, the first row of the grid: the
+        conditions (of the first test digit of each class, in the prompts' order)."""
+        task = self.teacher.task
+        if not task.keys:
+            return self.teacher.cond(prompts), []
+        from ..data.digits import first_of_each_class
+
+        images, _ = first_of_each_class("test")
+        images = images[torch.arange(len(prompts)) % len(images)]
+        condition = task.make(images, torch.Generator().manual_seed(0), train=False)
+        spatial = self.teacher.spatial(condition, len(prompts), torch.Generator().manual_seed(0))
+        return self.teacher.cond(prompts, spatial), [task.show(condition)]
+
     @torch.no_grad()
     def preview(self, models: dict, generator: torch.Generator):
-        """Rows: the student at each of its step counts; columns: the preview prompts; fixed seeds."""
+        """Rows: the student at each of its step counts (conditional teachers: the conditions
+        first); columns: the preview prompts; fixed seeds."""
         student = self.student_denoiser(models["student"])
         was = models["student"].training
         models["student"].eval()
         prompts = self.preview_prompts()
-        cond = self.teacher.cond(prompts)
-        rows = []
+        cond, rows = self.preview_cond(prompts)
         for n, ts in self.sampling()["timesteps"].items():
             noises = [seeded_noise(self.teacher.image_shape, [1000 * k + i for i in range(len(prompts))]).to(self.device)
                       for k in range(int(n))]

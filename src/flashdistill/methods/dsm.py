@@ -1,6 +1,12 @@
 """Teacher training by denoising score matching (DDPM, Ho et al. 2020; the paper's Eq. 1 with
 lambda(t) = 1): the built-in SD-style teacher learns to predict eps (or v) with prompt dropout,
-so that classifier-free guidance works at sampling time."""
+so that classifier-free guidance works at sampling time.
+
+Conditional teachers (``task``, see :mod:`flashdistill.tasks`): ``inpaint`` and ``sr`` train a UNet
+with the spatial condition joined to its input (and, for sr, noise levels as class labels);
+``sketch`` trains only a T2I-Adapter on a frozen text-to-image teacher (``base``), with the cubic
+timestep sampling of T2I-Adapter (Mou et al. 2024), which favours the early, structure-setting
+steps. Prompt dropout drops the prompt only; the spatial condition is always there."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field as dc_field
@@ -13,11 +19,12 @@ from ..config import field
 from ..core.schedules import VPSchedule
 from ..data.digits import prompt_for
 from ..models.denoiser import Denoiser
-from ..models.loading import save_teacher
+from ..models.loading import load_teacher, save_teacher
 from ..models.text import MINILM, TextEncoder
-from ..models.unet import build_unet, digits_unet_config
+from ..models.unet import build_unet, digits_adapter_config, digits_unet_config
 from ..sample import seeded_noise, teacher_timesteps
 from ..core.solvers import cfg_model, dpmpp_2m
+from ..tasks import TASKS, get_task
 from ..train import TrainConfig
 
 
@@ -28,6 +35,11 @@ def _teacher_train_defaults() -> TrainConfig:
 @dataclass
 class TeacherConfig:
     dataset: str = field("digits", "built-in dataset to train on")
+    task: Literal["t2i", "inpaint", "sr", "sketch"] = field(
+        "t2i", "t2i: text-to-image; inpaint: box masks (input [x_t, mask, masked image]); sr: x2 from 4x4 "
+               "(input [x_t, low-res], noise level as class label); sketch: a T2I-Adapter on stroke maps, "
+               "trained on the frozen teacher given by base")
+    base: str = field("", "sketch: the text-to-image teacher folder the adapter is trained on (frozen)")
     channels: list[int] = field([32, 64], "UNet block widths")
     beta_schedule: Literal["scaled_linear", "linear"] = field("scaled_linear", "noise schedule (SD uses scaled_linear)")
     prediction_type: Literal["epsilon", "v_prediction"] = field("epsilon", "what the UNet predicts")
@@ -41,6 +53,13 @@ class TeacherConfig:
     def validate(self):
         if self.dataset != "digits":
             raise ValueError(f"unknown dataset {self.dataset!r}; expected one of ['digits']")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {list(TASKS)}")
+        if self.task == "sketch" and not self.base:
+            raise ValueError("task sketch trains a T2I-Adapter on a frozen text-to-image teacher: pass --base DIR "
+                             "(e.g. the folder of 'flashdistill train-teacher --out runs/teacher')")
+        if self.base and self.task != "sketch":
+            raise ValueError(f"base is for task sketch (the adapter's frozen teacher), not {self.task!r}")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         if self.lr <= 0:
@@ -52,14 +71,36 @@ class TeacherConfig:
 class TeacherTraining:
     def __init__(self, config: TeacherConfig):
         self.config = config
+        self.task = get_task(config.task)
+        self.adapter = None
+        if config.task == "sketch":  # the adapter learns; the teacher it steers is frozen
+            base = load_teacher(config.base)
+            if base.meta.get("dataset") != config.dataset or base.task.name != "t2i":
+                raise ValueError(f"base {config.base!r} must be a text-to-image {config.dataset} teacher, "
+                                 f"got task {base.task.name!r} on {base.meta.get('dataset')!r}")
+            self.schedule, self.text, self.unet = base.schedule, base.conditioner, base.denoiser.backbone
+            self.base_meta = base.meta
+            channels = self.unet.config.block_out_channels
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.train.seed)
+                from diffusers import T2IAdapter
+
+                self.adapter = T2IAdapter(**digits_adapter_config(tuple(channels)))
+            return
         self.schedule = VPSchedule(beta_schedule=config.beta_schedule, prediction_type=config.prediction_type)
         self.text = TextEncoder(MINILM, config.text_max_length)
+        self.base_meta = {}
         with torch.random.fork_rng(devices=[]):  # initialisation is a function of the config's seed
             torch.manual_seed(config.train.seed)
-            self.unet = build_unet(digits_unet_config(self.text.hidden_size, tuple(config.channels)))
+            self.unet = build_unet(digits_unet_config(self.text.hidden_size, tuple(config.channels),
+                                                      self.task.extra_channels, self.task.class_embeds))
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        return self.adapter if self.adapter is not None else self.unet
 
     def models(self) -> dict:
-        return {"unet": self.unet}
+        return {"adapter": self.adapter} if self.adapter is not None else {"unet": self.unet}
 
     def optimizer_settings(self, name: str) -> dict:
         return {"lr": self.config.lr, "weight_decay": self.config.weight_decay}
@@ -72,36 +113,68 @@ class TeacherTraining:
 
     def setup(self, device) -> None:
         self.device = device
+        self.unet.to(device)
 
     def _cond(self, prompts: list[str]) -> dict:
         return {"encoder_hidden_states": self.text.encode(prompts).to(self.device)}
+
+    def _spatial(self, condition: dict, models: dict, generator) -> dict:
+        condition = {k: v.to(self.device) for k, v in condition.items()}
+        return self.task.kwargs(condition, models.get("adapter"), 1.0, generator)
+
+    def _timesteps(self, b: int, generator) -> torch.Tensor:
+        n = self.schedule.num_train_timesteps
+        if self.adapter is not None:  # T2I-Adapter's cubic sampling: t = (1 - u^3) T
+            u = torch.rand(b, generator=generator)
+            return ((1 - u ** 3) * n).long().clamp(0, n - 1)
+        return torch.randint(0, n, (b,), generator=generator)
 
     def step(self, batch: dict, step: int, models: dict, generator: torch.Generator):
         x0 = batch["image"].to(self.device)
         b = x0.shape[0]
         drop = torch.rand(b, generator=generator) < self.config.prompt_dropout
         prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
-        t = torch.randint(0, self.schedule.num_train_timesteps, (b,), generator=generator).to(self.device)
+        spatial = self._spatial(self.task.make(batch["image"], generator), models, generator)
+        t = self._timesteps(b, generator).to(self.device)
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         x_t = self.schedule.add_noise(x0, noise, t)
         target = self.schedule.from_x0(x0, x_t, t)
-        denoiser = Denoiser(models["unet"], self.schedule)
-        loss = F.mse_loss(denoiser.predict(x_t, t, self._cond(prompts)), target)
-        return [("unet", loss)], {"loss": loss.detach()}
+        denoiser = Denoiser(models.get("unet", self.unet), self.schedule)
+        loss = F.mse_loss(denoiser.predict(x_t, t, {**self._cond(prompts), **spatial}), target)
+        return [(next(iter(models)), loss)], {"loss": loss.detach()}
 
     @torch.no_grad()
     def preview(self, models: dict, generator: torch.Generator):
-        unet = models["unet"]
-        was_training = unet.training
-        unet.eval()
-        prompts = [prompt_for(d) for _ in range(4) for d in range(10)]
+        """Text-to-image: 4 rows of the ten digits. Conditional: the conditions of ten test digits,
+        then 3 rows of samples for them."""
+        trained = next(iter(models.values()))
+        was_training = trained.training
+        trained.eval()
+        unet = models.get("unet", self.unet)
+        rows = 4
+        spatial, shown = {}, []
+        if self.task.keys:
+            from ..data.digits import first_of_each_class
+
+            images, labels = first_of_each_class("test")
+            condition = self.task.make(images, torch.Generator().manual_seed(0), train=False)
+            shown = [self.task.show(condition).to(self.device)]
+            rows = 3
+            one = self._spatial(condition, models, torch.Generator().manual_seed(0))
+            spatial = {k: (torch.cat([v] * rows) if torch.is_tensor(v) else [torch.cat([f] * rows) for f in v])
+                       for k, v in one.items()}
+        prompts = [prompt_for(d) for _ in range(rows) for d in range(10)]
         x = seeded_noise((1, 8, 8), list(range(len(prompts)))).to(self.device)
-        m = cfg_model(Denoiser(unet, self.schedule), self._cond(prompts), self._cond([""] * len(prompts)), self.config.preview_guidance)
+        m = cfg_model(Denoiser(unet, self.schedule), {**self._cond(prompts), **spatial},
+                      {**self._cond([""] * len(prompts)), **spatial}, self.config.preview_guidance)
         images = dpmpp_2m(m, x, teacher_timesteps(self.schedule, 32), self.schedule)
-        unet.train(was_training)
-        return images, 10
+        trained.train(was_training)
+        return torch.cat([*shown, images]), 10
 
     def finalize(self, out_dir, models: dict) -> None:
         meta = {"text_encoder": MINILM, "max_length": self.config.text_max_length, "dataset": self.config.dataset,
-                "image_shape": [1, 8, 8], "default_guidance": self.config.preview_guidance}
-        save_teacher(out_dir, models["unet"], self.schedule, meta)
+                "image_shape": [1, 8, 8], "default_guidance": self.config.preview_guidance, "task": self.task.name}
+        if self.adapter is not None:
+            meta.update(max_length=self.base_meta["max_length"], base=str(self.config.base), adapter_scale=1.0)
+        save_teacher(out_dir, self.unet if self.adapter is not None else models["unet"], self.schedule, meta,
+                     adapter=models.get("adapter"))

@@ -159,7 +159,7 @@ class FlashDistillation(StudentMethod):
         c = self.config
         with torch.no_grad():  # the discriminator head's input shape, from one dry pass
             feats = self.teacher.denoiser.encoder_features(
-                torch.zeros(1, *self.teacher.image_shape), self.grid[:1].float(), self.teacher.uncond(1))
+                torch.zeros(1, *self.teacher.image_shape), self.grid[:1].float(), self.blank_uncond(1))
         self.disc = DiscriminatorHead(feats.shape[1], feats.shape[-1])
         # DMD2's fake score: the teacher plus a LoRA that learns to denoise the student's samples;
         # a copy of the backbone of its own (the one option that costs a second UNet)

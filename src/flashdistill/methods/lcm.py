@@ -32,7 +32,7 @@ from ..losses import consistency_loss
 from ..models.student import StudentDenoiser
 from ..train import TrainConfig
 from . import base
-from .base import UNET_ALL_TARGETS, StudentConfig, StudentMethod, unwrap
+from .base import UNET_ALL_TARGETS, EMATarget, StudentConfig, StudentMethod, unwrap
 
 
 def _lcm_train_defaults() -> TrainConfig:
@@ -83,7 +83,7 @@ def build_config(teacher, preset: str = "auto", *layers: dict) -> tuple[LCMConfi
     return base.build_config(LCMConfig, PRESETS, teacher, preset, *layers)
 
 
-class LCMDistillation(StudentMethod):
+class LCMDistillation(EMATarget, StudentMethod):
     name = "lcm"
     label = "LCM-LoRA"
     title = "Latent Consistency Distillation (LCM / LCM-LoRA, Luo et al. 2023)"
@@ -92,8 +92,6 @@ class LCMDistillation(StudentMethod):
     def prepare(self) -> None:
         self.grid = skipping_grid(self.schedule, self.config.N)
         self.grid_size = self.config.N
-        self.target_weights = None  # the EMA target's weights, run on the student's module
-        self._target_step = None
 
     def default_targets(self) -> list[str]:
         return UNET_ALL_TARGETS if self.family in ("digits", "sd", "sdxl") else super().default_targets()
@@ -103,33 +101,13 @@ class LCMDistillation(StudentMethod):
             self.target_weights = self.trainable_weights()
         return {}
 
-    # --- EMA target (method state carried by checkpoints) ------------------------------
-    def state_tensors(self) -> dict:
-        return dict(self.target_weights or {})
-
-    def load_state_tensors(self, tensors: dict) -> None:
-        if self.target_weights is None:
-            return
-        with torch.no_grad():
-            for n, v in tensors.items():
-                self.target_weights[n].copy_(v)
-
-    @torch.no_grad()
-    def _update_target(self, student, step: int) -> None:
-        """theta- <- mu theta- + (1 - mu) theta, once per optimizer step (before its first
-        micro-batch, with the weights the previous step left)."""
-        if self.target_weights is None or self._target_step == step:
-            return
-        if step > 0:
-            live = dict(unwrap(student).named_parameters())
-            for n, p in self.target_weights.items():
-                p.lerp_(live[n].detach(), 1 - self.config.ema)
-        self._target_step = step
+    @property
+    def target_decay(self) -> float:
+        return self.config.ema
 
     def setup(self, device) -> None:
         super().setup(device)
-        if self.target_weights is not None:
-            self.target_weights = {n: v.to(device) for n, v in self.target_weights.items()}
+        self.target_to(device)
 
     # --- the step --------------------------------------------------------------------------
     @torch.no_grad()
@@ -160,7 +138,7 @@ class LCMDistillation(StudentMethod):
 
     def step(self, batch: dict, step: int, models: dict, generator: torch.Generator):
         c, sch, dev = self.config, self.schedule, self.device
-        self._update_target(models["student"], step)
+        self.update_target(models["student"], step)
         x0, cond, uncond = self.inputs(batch, generator)  # latents for VAE teachers
         b = x0.shape[0]
         index = torch.randint(0, c.N, (b,), generator=generator)  # per sample, as LCM

@@ -188,7 +188,7 @@ class LightningDistillation(StudentMethod):
         return UNET_ALL_TARGETS if self.family in ("digits", "sd", "sdxl") else super().default_targets()
 
     def extra_models(self) -> dict:
-        self.disc = LightningDiscriminator(self.teacher.denoiser.backbone, self.schedule, self.teacher.uncond(1),
+        self.disc = LightningDiscriminator(self.teacher.denoiser.backbone, self.schedule, self.blank_uncond(1),
                                            self.teacher.image_shape)
         self.disc_init = {k: v.detach().clone() for k, v in self.disc.state_dict().items()}
         return {"disc": self.disc}
@@ -364,9 +364,10 @@ class LightningDistillation(StudentMethod):
         ts = torch.tensor(next(iter(self.sampling_for(k)["timesteps"].values())), dtype=torch.float64)
         noises = [seeded_noise(self.teacher.image_shape, [1000 * j + i for i in range(len(prompts))]).to(self.device)
                   for j in range(len(ts))]
-        x0 = lcm_multistep(self.stage_denoiser(models["student"], k), noises[0], ts, self.teacher.cond(prompts),
+        cond, shown = self.preview_cond(prompts)
+        x0 = lcm_multistep(self.stage_denoiser(models["student"], k), noises[0], ts, cond,
                            self.schedule, noises[1:], gamma=0.0)
-        return self.teacher.decode(x0).cpu(), len(prompts)
+        return torch.cat([*shown, self.teacher.decode(x0).cpu()]), len(prompts)
 
     def finalize(self, out_dir, models: dict) -> None:
         """RUN/stages/<n>/ holds the student of every stage (each a complete student folder); RUN

@@ -22,6 +22,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from ..tasks import CONCAT
 from .adapters import adapter_scope
 
 
@@ -31,12 +32,27 @@ class _StopForward(Exception):
 
 def _cast(cond, dtype: torch.dtype):
     """Floating tensors of a (nested) conditioning dict in the backbone's dtype (text embeddings
-    are cached in float32; a bf16 teacher takes them in bf16)."""
+    are cached in float32; a bf16 teacher takes them in bf16). Lists (T2I-Adapter residuals) come
+    back as new lists of new tensors: the UNet pops from that list and adds to its tensors in place,
+    so every call gets its own copy (diffusers' adapter pipelines clone them per step)."""
     if torch.is_tensor(cond):
         return cond.to(dtype) if cond.is_floating_point() else cond
     if isinstance(cond, dict):
         return {k: _cast(v, dtype) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return [v.to(dtype).clone() if torch.is_tensor(v) else _cast(v, dtype) for v in cond]
     return cond
+
+
+def backbone_call(x_t: torch.Tensor, cond: dict, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    """The backbone's sample and keyword arguments: a spatial condition under ``concat`` joins x_t
+    along channels after it (inpainting: ``[x_t, mask, masked]``; super-resolution: ``[x_t, low_res]``)."""
+    kwargs = _cast(cond, dtype)
+    concat = kwargs.pop(CONCAT, None)
+    x = x_t.to(dtype)
+    if concat is not None:
+        x = torch.cat([x, concat.to(x.device)], 1)
+    return x, kwargs
 
 
 class Denoiser(nn.Module):
@@ -56,8 +72,9 @@ class Denoiser(nn.Module):
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The backbone's native output (eps, v or flow velocity), float32."""
+        x, kwargs = backbone_call(x_t, cond, self.dtype)
         with self._scope():
-            out = self.backbone(x_t.to(self.dtype), timestep=t, **_cast(cond, self.dtype), return_dict=False)[0]
+            out = self.backbone(x, timestep=t, **kwargs, return_dict=False)[0]
         if out.shape[1] == 2 * x_t.shape[1]:
             out = out[:, : x_t.shape[1]]
         return out.float()
@@ -92,9 +109,10 @@ class Denoiser(nn.Module):
             raise _StopForward
 
         handle = self._feature_module().register_forward_hook(hook)
+        x, kwargs = backbone_call(x_t, cond, self.dtype)
         try:
             with self._scope():
-                self.backbone(x_t.to(self.dtype), timestep=t, **_cast(cond, self.dtype), return_dict=False)
+                self.backbone(x, timestep=t, **kwargs, return_dict=False)
         except _StopForward:
             pass
         finally:

@@ -26,11 +26,17 @@ from .student import FULL_DIR, LORA_FILE, StudentDenoiser, fuse_lora, make_stude
 from .text import TextEncoder
 
 
-def save_teacher(out: Path, unet, schedule, meta: dict) -> None:
+ADAPTER_DIR = "adapter"
+
+
+def save_teacher(out: Path, unet, schedule, meta: dict, adapter=None) -> None:
+    """``adapter``: a sketch teacher's T2I-Adapter, written to ``adapter/`` beside ``unet/``."""
     from diffusers import DPMSolverMultistepScheduler
 
     out = Path(out)
     unet.save_pretrained(out / "unet", safe_serialization=True)
+    if adapter is not None:
+        adapter.save_pretrained(out / ADAPTER_DIR, safe_serialization=True)
     DPMSolverMultistepScheduler(**schedule.to_diffusers_config()).save_pretrained(out / "scheduler")
     (out / META_FILE).write_text(json.dumps({"kind": "teacher", **meta}, indent=2))
 
@@ -50,7 +56,12 @@ def load_teacher(path: str | Path, device="cpu", dtype: torch.dtype = torch.floa
     sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     denoiser = Denoiser(unet, schedule_from_config(sched_cfg))
     text = TextEncoder(meta["text_encoder"], meta["max_length"])
-    return Model(denoiser, text, meta, path).to(device)
+    adapter = None
+    if (path / ADAPTER_DIR).is_dir():
+        from diffusers import T2IAdapter
+
+        adapter = T2IAdapter.from_pretrained(path / ADAPTER_DIR, dtype=dtype).eval().requires_grad_(False)
+    return Model(denoiser, text, meta, path, adapter=adapter).to(device)
 
 
 def load_model(path: str | Path, device="cpu", teacher: str | Path | None = None) -> Model:
@@ -96,6 +107,8 @@ def load_student(path, device="cpu", fuse: bool = True, teacher: str | Path | No
     teacher = load_teacher(teacher_dir, device="cpu")
     if meta["full"]:
         backbone = type(teacher.denoiser.backbone).from_pretrained(path / "student" / FULL_DIR)
+    elif meta.get("lora") is None:  # PE-CoDi: the teacher's UNet, steered by its ControlNet
+        backbone = teacher.denoiser.backbone
     else:
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -107,6 +120,12 @@ def load_student(path, device="cpu", fuse: bool = True, teacher: str | Path | No
             raise RuntimeError(f"LoRA weights do not match the student: unexpected {result.unexpected_keys[:5]}")
         if fuse:
             fuse_lora(backbone)
+    if meta.get("conditioning") == "controlnet":  # CoDi: the UNet and its trained ControlNet, one backbone
+        from diffusers import ControlNetModel
+
+        from .controlled import CONTROLNET_DIR, ControlledUNet
+
+        backbone = ControlledUNet(backbone, ControlNetModel.from_pretrained(path / CONTROLNET_DIR))
     backbone.eval().requires_grad_(False)
     sampling = meta["sampling"]
     if sampling.get("prediction") == "sample":  # the backbone outputs x0 (Lightning's 1-step stage)
@@ -116,4 +135,4 @@ def load_student(path, device="cpu", fuse: bool = True, teacher: str | Path | No
     else:
         denoiser = StudentDenoiser(backbone, teacher.schedule)
     return Model(denoiser, teacher.conditioner, {**teacher.meta, **meta, "kind": "student"}, path,
-                 sampling=meta["sampling"], vae=teacher.vae).to(device)
+                 sampling=meta["sampling"], vae=teacher.vae, adapter=teacher.adapter).to(device)

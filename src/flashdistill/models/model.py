@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..core.schedules import FlowSchedule, VPSchedule
+from ..tasks import get_task
 from .denoiser import Denoiser
 
 META_FILE = "flashdistill.json"
@@ -36,6 +37,8 @@ def _to(x, device):
         return x.to(device)
     if isinstance(x, dict):
         return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to(v, device) for v in x]
     return x
 
 
@@ -46,6 +49,9 @@ class Model:
     ``conditioner`` has ``cond(prompts) -> dict`` and ``uncond(n) -> dict`` (the backbone's keyword
     arguments besides x_t and t); ``vae`` (latent models only) has ``encode(images, generator)`` and
     ``decode(latents)``. ``image_shape`` is the shape the denoiser works on (latents for VAE models).
+    Conditional models (``meta["task"]``: inpaint, sr, sketch; see :mod:`flashdistill.tasks`) take
+    a spatial condition beside the prompts, identical in both CFG branches; ``adapter`` is a sketch
+    model's frozen T2I-Adapter.
     """
 
     denoiser: Denoiser
@@ -54,6 +60,7 @@ class Model:
     path: Path
     sampling: dict = field(default_factory=dict)  # student runs: timesteps and sampler settings
     vae: object | None = None
+    adapter: torch.nn.Module | None = None
 
     @property
     def schedule(self):
@@ -72,16 +79,39 @@ class Model:
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
-    def cond(self, prompts: list[str]) -> dict:
-        return _to(self.conditioner.cond(list(prompts)), self.device)
+    @property
+    def task(self):
+        """The model's :class:`~flashdistill.tasks.Task` (text-to-image unless its folder names one)."""
+        return get_task(self.meta.get("task"))
+
+    @torch.no_grad()
+    def spatial(self, condition: dict | None, n: int, generator: torch.Generator | None = None) -> dict:
+        """The backbone's keyword arguments for a spatial condition of ``n`` samples (checked
+        against the task; {} for text-to-image). Computed once per batch and shared by every call."""
+        task = self.task
+        condition = task.check(condition, n)
+        if not condition:
+            return {}
+        condition = _to(condition, self.device)
+        if self.meta.get("conditioning") == "controlnet":  # CoDi: the condition image goes to the ControlNet
+            from ..tasks import CONTROL
+
+            return {CONTROL: task.control(condition)}
+        scale = float(self.meta.get("adapter_scale", 1.0))
+        return task.kwargs(condition, self.adapter, scale, generator)
+
+    def cond(self, prompts: list[str], spatial: dict | None = None) -> dict:
+        """The prompts' conditioning, joined by ``spatial`` (from :meth:`spatial`)."""
+        return {**_to(self.conditioner.cond(list(prompts)), self.device), **(spatial or {})}
 
     def cond_from(self, embeddings: list[dict]) -> dict:
         """Batched conditioning from per-prompt embeddings (a latent cache's), no text encoder."""
         return _to(self.conditioner.stack(list(embeddings)), self.device)
 
-    def uncond(self, n: int) -> dict:
-        """The unconditional branch of CFG for ``n`` samples, as the model's pipeline defines it."""
-        return _to(self.conditioner.uncond(n), self.device)
+    def uncond(self, n: int, spatial: dict | None = None) -> dict:
+        """The unconditional branch of CFG for ``n`` samples, as the model's pipeline defines it;
+        the spatial condition stays (CFG guides the prompt only)."""
+        return {**_to(self.conditioner.uncond(n), self.device), **(spatial or {})}
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> what the denoiser works on (identity without a VAE)."""
@@ -95,6 +125,8 @@ class Model:
         self.denoiser.to(device)
         if self.vae is not None:
             self.vae.to(device)
+        if self.adapter is not None:
+            self.adapter.to(device)
         if hasattr(self.conditioner, "to") and not isinstance(self.conditioner, torch.nn.Module):
             self.conditioner.to(device)  # pipeline text encoders (the built-in MiniLM stays on the CPU)
         return self

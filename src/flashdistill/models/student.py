@@ -145,7 +145,7 @@ def save_student(out: Path, backbone: nn.Module, meta: dict) -> None:
     meta = {**meta, "teacher_relative": os.path.relpath(Path(meta["teacher"]).resolve(), out.resolve())}
     if meta["full"]:
         backbone.save_pretrained(out / "student" / FULL_DIR, safe_serialization=True)
-    else:
+    elif meta.get("lora") is not None:  # (PE-CoDi keeps the teacher's UNet: no weights of its own)
         from peft.utils import get_peft_model_state_dict
 
         state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(backbone).items()}
@@ -202,15 +202,20 @@ def student_timesteps(sampling: dict, steps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_student(model, prompts: list[str], seeds: list[int], steps: int, batch_size: int = 256) -> torch.Tensor:
-    """Per-sample seeded: sample i's initial and re-noising noise all come from seed_i's generator."""
+def sample_student(model, prompts: list[str], seeds: list[int], steps: int, batch_size: int = 256,
+                   condition: dict | None = None) -> torch.Tensor:
+    """Per-sample seeded: sample i's initial and re-noising noise all come from seed_i's generator.
+    ``condition``: a conditional model's spatial condition, one item per prompt."""
+    from ..tasks import index
+
     ts = student_timesteps(model.sampling, steps)
     out = []
     for i in range(0, len(prompts), batch_size):
         p, s = prompts[i: i + batch_size], seeds[i: i + batch_size]
+        spatial = model.spatial(index(condition, slice(i, i + batch_size)), len(p), torch.Generator().manual_seed(int(s[0]) + 7919))
         gens = [torch.Generator().manual_seed(int(k)) for k in s]
         draws = [torch.stack([torch.randn(model.image_shape, generator=g) for g in gens]) for _ in range(len(ts))]
         x = draws[0].to(model.device)
-        out.append(lcm_multistep(model.denoiser, x, ts, model.cond(p), model.schedule, draws[1:],
+        out.append(lcm_multistep(model.denoiser, x, ts, model.cond(p, spatial), model.schedule, draws[1:],
                                  gamma=model.sampling.get("gamma", 1.0)).cpu())
     return torch.cat(out)

@@ -1,0 +1,202 @@
+"""CoDi: conditional diffusion distillation (Mei et al., CVPR 2024). From a plain text-to-image
+teacher, learn a conditional task (``task``: inpaint, sr, sketch) and few-step sampling at once.
+
+- Conditional adaptation (Eq. 12): a conditional encoder copied from the teacher's encoder and mid
+  block, joined to the frozen UNet's skip connections through zero-initialised convolutions (a
+  diffusers ``ControlNetModel.from_unet``, as the public code does), so at step 0 the adapted model
+  is the teacher.
+- Conditional consistency (Eq. 13-15): with one t per batch on the N-point grid and s = t - T/N,
+  ``z_t = a_t x + s_t eps``; the ODE step of the *adapted* model with its EMA weights and the true
+  noise, ``zhat_s = a_s xhat(z_t, t, c) + s_s eps`` (Eq. 14); then
+  ``L = d_eps(F_eps^-(zhat_s, s, c), F_eps(z_t, t, c)) + beta * d_x(x, F_x(z_t, t, c))`` (Eq. 15), where F
+  are LCM boundary-scaled predictions and ^- marks the EMA target.
+- CoDi trains the adapter and the UNet (here a LoRA of it, or ``full``); PE-CoDi (``pe``) only the adapter.
+
+Where the public JAX code departs from the paper, a flag chooses and the default follows the paper:
+``ode_eps`` (true: Eq. 14; model: the code's default DDIM step with the model's eps),
+``consistency`` (eps: Eq. 15's noise space; x: the code's default), ``ode_weights`` (ema: the adapted
+model's EMA; initial: the weights at initialisation, which the code's closure keeps), ``t_per``
+(batch: one t per batch, the paper's Sec. 5.2 finding; sample: the code's).
+Sampling: the boundary-scaled x at each of the LCM grid's timesteps with the deterministic DDIM move
+in between (the public pipeline's update), no CFG.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..config import field
+from ..core.schedules import append_dims, lcm_boundary_scalings
+from ..core.timesteps import lcm_inference_timesteps, next_on_grid, skipping_grid
+from ..models.controlled import CONTROLNET_DIR, ControlledUNet, controlnet_for
+from ..models.denoiser import Denoiser
+from ..models.student import save_student
+from ..tasks import CONTROL, article, get_task
+from ..train import TrainConfig
+from . import base
+from .base import UNET_ALL_TARGETS, EMATarget, StudentConfig, StudentMethod, unwrap
+
+
+
+def _codi_train_defaults() -> TrainConfig:
+    return TrainConfig(steps=20000, batch_size=4, checkpoint_every=1000, sample_every=1000)
+
+
+@dataclass
+class CoDiConfig(StudentConfig):
+    task: Literal["inpaint", "sr", "sketch"] = field("sr", "the conditional task to learn (its condition from the batch's images)")
+    pe: bool = field(False, "PE-CoDi: train only the conditional encoder (the UNet stays the teacher's)")
+    N: int = field(50, "points of the timestep grid; s = t - T // N")
+    beta: float = field(1.0, "weight of the signal-space guidance d_x(x, F_x) (Eq. 15)")
+    target_ema: float = field(0.999, "EMA decay of the target weights theta- (the public code's default)")
+    ode_eps: Literal["true", "model"] = field("true", "noise of the ODE step: the true eps (Eq. 14, paper) or the "
+                                                      "model's eps_hat (a DDIM step, the public code's default)")
+    consistency: Literal["eps", "x"] = field("eps", "consistency space: noise (Eq. 15, paper) or x (the code's default)")
+    ode_weights: Literal["ema", "initial"] = field("ema", "weights of the adapted model in the ODE step: its EMA "
+                                                         "(paper) or those at initialisation (the code's closure)")
+    t_per: Literal["batch", "sample"] = field("batch", "one t per batch (paper, Sec. 5.2) or per sample (the code)")
+    train: TrainConfig = dc_field(default_factory=_codi_train_defaults, metadata={"help": "training loop"})
+
+    def validate(self):
+        super().validate()
+        if not 2 <= self.N <= 1000:
+            raise ValueError(f"N must be in [2, 1000], got {self.N}")
+        if not 0.0 <= self.target_ema < 1.0:
+            raise ValueError(f"target_ema must be in [0, 1), got {self.target_ema}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+
+
+PRESETS = {
+    "sd": {"lr": 1e-5},
+    # The built-in teacher: notes' toy settings (adapter lr 2e-4..5e-4, EMA 0.99-0.995 for a run of a
+    # few thousand steps); the student samples with the deterministic move (sampler_gamma 0).
+    "digits": {"lora_rank": 8, "lr": 5e-4, "target_ema": 0.99, "sampler_gamma": 0.0,
+               "train": {"steps": 600, "batch_size": 32, "checkpoint_every": 200, "sample_every": 200, "ema_decay": 0.99}},
+}
+
+
+def build_config(teacher, preset: str = "auto", *layers: dict) -> tuple[CoDiConfig, str]:
+    return base.build_config(CoDiConfig, PRESETS, teacher, preset, *layers)
+
+
+class CoDiDistillation(EMATarget, StudentMethod):
+    name = "codi"
+    label = "CoDi"
+    title = "Conditional Diffusion Distillation (CoDi, Mei et al. 2024)"
+    config_class = CoDiConfig
+
+    def prepare(self) -> None:
+        c = self.config
+        if self.teacher.task.keys:
+            raise ValueError(f"CoDi learns the condition itself: pass a text-to-image teacher, not "
+                             f"{article(self.teacher.task.name)} {self.teacher.task.name!r} one")
+        if self.schedule.kind != "vp" or self.teacher.vae is not None or self.family != "digits":
+            raise ValueError("CoDi is implemented for the built-in digits teachers (pixel space, VP schedule)")
+        self.task = get_task(c.task)
+        self.grid = skipping_grid(self.schedule, c.N)
+        self.grid_size = c.N
+
+    def default_targets(self) -> list[str]:
+        return UNET_ALL_TARGETS
+
+    def make_student(self) -> torch.nn.Module:
+        """The adapted model: the conditional encoder (from the teacher's base weights, before any
+        LoRA goes in) steering the UNet, which carries a LoRA (CoDi), is trained whole (``full``), or
+        stays the teacher's (PE-CoDi)."""
+        teacher_unet = self.teacher.denoiser.backbone
+        controlnet = controlnet_for(teacher_unet, self.task.control_channels).float().requires_grad_(True)
+        unet = teacher_unet if self.config.pe else super().make_student()
+        return ControlledUNet(unet, controlnet)
+
+    def extra_models(self) -> dict:
+        self.initial = self.trainable_weights()  # ode_weights = initial: the public code's ODE step
+        self.target_weights = {n: v.clone() for n, v in self.initial.items()}  # theta-
+        return {}
+
+    @property
+    def target_decay(self) -> float:
+        return self.config.target_ema
+
+    def setup(self, device) -> None:
+        super().setup(device)
+        self.initial = {n: v.to(device) for n, v in self.initial.items()}
+        self.target_to(device)
+
+    # --- the step --------------------------------------------------------------------------
+    def scaled(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F_x, F_eps): the LCM boundary scalings applied to the x0 prediction and to the eps it
+        implies, ``c_skip(t) x_t + c_out(t) {x0, eps}`` (the public code's definitions)."""
+        a, s = (append_dims(f(t.double()), x_t.ndim).float() for f in (self.schedule.alpha, self.schedule.sigma))
+        eps = (x_t - a * x0) / s
+        c_skip, c_out = (append_dims(v, x_t.ndim).float() for v in lcm_boundary_scalings(t))
+        return c_skip * x_t + c_out * x0, c_skip * x_t + c_out * eps
+
+    def ode_step(self, student, z_t, t, s, noise, cond) -> torch.Tensor:
+        """Eq. 14: ``zhat_s = a_s xhat(z_t, t, c) + s_s eps`` with the adapted model (its EMA, or
+        its initial weights) and the true noise (or, ``ode_eps = model``, the model's eps: DDIM)."""
+        c, sch = self.config, self.schedule
+        with torch.no_grad(), self.frozen_student(self.target_weights if c.ode_weights == "ema" else self.initial):
+            x_hat = Denoiser(unwrap(student), sch)(z_t, t, cond)
+        a_t, s_t = (append_dims(f(t.double()), z_t.ndim).float() for f in (sch.alpha, sch.sigma))
+        a_s, s_s = (append_dims(f(s.double()), z_t.ndim).float() for f in (sch.alpha, sch.sigma))
+        eps = noise if c.ode_eps == "true" else (z_t - a_t * x_hat) / s_t
+        return a_s * x_hat + s_s * eps
+
+    def loss(self, fx, feps, fx_target, feps_target, x0) -> tuple[torch.Tensor, dict]:
+        """Eq. 15: consistency in noise space (or x space) plus beta times the signal-space guidance."""
+        c = self.config
+        consistency = ((feps - feps_target) ** 2 if c.consistency == "eps" else (fx - fx_target) ** 2).mean()
+        guide = ((fx - x0) ** 2).mean()
+        return consistency + c.beta * guide, {"consistency": consistency.detach(), "guidance": guide.detach()}
+
+    def step(self, batch: dict, step: int, models: dict, generator: torch.Generator):
+        c, sch, dev = self.config, self.schedule, self.device
+        student = models["student"]
+        self.update_target(student, step)
+        x0, text, _ = self.inputs(batch, generator)
+        b = x0.shape[0]
+        condition = self.task.make(batch["image"], generator)
+        cond = {**text, CONTROL: self.task.control(condition).to(dev)}
+        index = torch.randint(0, c.N, (1 if c.t_per == "batch" else b,), generator=generator).expand(b)
+        t = self.grid[index].float().to(dev)
+        s = next_on_grid(self.grid, index, 1).float().to(dev)
+        noise = torch.randn(x0.shape, generator=generator).to(dev)
+        z_t = sch.add_noise(x0, noise, t)
+        z_s = self.ode_step(student, z_t, t, s, noise, cond)
+        with torch.no_grad(), self.frozen_student(self.target_weights):
+            fx_target, feps_target = self.scaled(z_s, Denoiser(unwrap(student), sch)(z_s, s, cond), s)
+        fx, feps = self.scaled(z_t, Denoiser(student, sch)(z_t, t, cond), t)
+        loss, logs = self.loss(fx, feps, fx_target, feps_target, x0)
+        return [("student", loss)], {**logs, "loss": loss.detach(), "t": t.mean()}
+
+    # --- outputs -------------------------------------------------------------------------
+    def sampling(self) -> dict:
+        ts = {str(n): self._timesteps(lcm_inference_timesteps(self.grid, n)) for n in (1, 2, 4) if n <= self.config.N}
+        return {"timesteps": ts, "sampler": "lcm_multistep", "gamma": self.config.sampler_gamma, "guidance": None,
+                "boundary": {"sigma_data": 0.5, "timestep_scaling": 10.0}}
+
+    def preview_cond(self, prompts: list[str]) -> tuple[dict, list[torch.Tensor]]:
+        from ..data.digits import first_of_each_class
+
+        images, _ = first_of_each_class("test")
+        images = images[torch.arange(len(prompts)) % len(images)]
+        condition = self.task.make(images, torch.Generator().manual_seed(0), train=False)
+        return ({**self.teacher.cond(prompts), CONTROL: self.task.control(condition).to(self.device)},
+                [self.task.show(condition)])
+
+    def run_meta(self, sampling: dict, scheduler_config: dict, **extra) -> dict:
+        meta = super().run_meta(sampling, scheduler_config, task=self.task.name, conditioning="controlnet", **extra)
+        return {**meta, "lora": None} if self.config.pe else meta
+
+    def finalize(self, out_dir, models: dict) -> None:
+        out = Path(out_dir)
+        student = unwrap(models["student"])
+        save_student(out, student.unet, self.run_meta(self.sampling(), self.scheduler_config()))
+        student.controlnet.save_pretrained(out / CONTROLNET_DIR, safe_serialization=True)
+
+
+Method = CoDiDistillation

@@ -1,0 +1,44 @@
+"""A UNet steered by a ControlNet, as one backbone (CoDi's adapted model, Eq. 12).
+
+``ControlledUNet(unet, controlnet)(x_t, t, encoder_hidden_states=..., controlnet_cond=c)`` runs the
+ControlNet on the same x_t, t and text, then the UNet with the ControlNet's down and mid residuals
+(diffusers' ``down_block_additional_residuals`` / ``mid_block_additional_residual``). The residuals
+depend on x_t and t, so they are computed afresh at every call, as diffusers' ControlNet pipelines
+do at every step. A ControlNet made by ``ControlNetModel.from_unet`` has zero-initialised output
+convolutions: until it trains, the pair is exactly the UNet. Being one module, the pair is a
+backbone like any other: :class:`~flashdistill.models.denoiser.Denoiser`, the training loop, its
+EMA and its checkpoints see the UNet's LoRA and the ControlNet together.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CONTROLNET_DIR = "controlnet"  # a CoDi run's ControlNet, beside student/
+
+
+class ControlledUNet(nn.Module):
+    def __init__(self, unet: nn.Module, controlnet: nn.Module):
+        super().__init__()
+        self.unet, self.controlnet = unet, controlnet
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                controlnet_cond: torch.Tensor, return_dict: bool = False, **kwargs):
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                                    controlnet_cond=controlnet_cond.to(sample.dtype), return_dict=False, **kwargs)
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         down_block_additional_residuals=list(down), mid_block_additional_residual=mid,
+                         return_dict=False, **kwargs)
+
+
+def controlnet_for(unet: nn.Module, channels: int) -> nn.Module:
+    """A ControlNet copied from ``unet``'s encoder and mid block, zero convolutions out, taking a
+    ``channels``-channel condition image at the UNet's resolution (one conditioning conv, no
+    downsampling: the digits' 8x8)."""
+    from diffusers import ControlNetModel
+
+    return ControlNetModel.from_unet(unet, conditioning_channels=channels, conditioning_embedding_out_channels=(16,))
