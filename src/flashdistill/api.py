@@ -334,7 +334,7 @@ def condition_from_images(model, image=None, mask=None, sketch=None, noise_level
     task = model.task.name
     size = model.image_shape[-1]
     given = {k for k, v in (("image", image), ("mask", mask), ("sketch", sketch)) if v is not None}
-    wanted = {"t2i": set(), "inpaint": {"image", "mask"}, "sr": {"image"}, "sketch": {"sketch"}}[task]
+    wanted = set(model.task.inputs)
     if given != wanted:
         need = ", ".join(f"--{k}" for k in sorted(wanted)) or "no image"
         from .tasks import article

@@ -142,10 +142,6 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 STUDENTS = ("flash student", "codi student", "pe-codi student")
 
 
@@ -181,6 +177,8 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 def report(result: dict) -> str:
+    from .benchmark import _fmt
+
     lines = [f"# Conditional benchmark ({result['date']})", "",
              f"{result['num_samples']} samples per row (conditions from the test digits), teacher w = "
              f"{result['teacher_guidance']:g}; {result['wall_seconds'] / 60:.1f} min in all.", ""]

@@ -43,6 +43,7 @@ class Task:
     extra_channels = 0  # channels of ``concat``
     class_embeds = 0  # size of the backbone's class embedding (sr: noise levels)
     keys: tuple[str, ...] = ()  # the condition's tensors
+    inputs: tuple[str, ...] = ()  # what a user gives (sample --image / --mask / --sketch)
     metric_names: tuple[str, ...] = ()
 
     def make(self, images: torch.Tensor, generator: torch.Generator, train: bool = True) -> dict:
@@ -75,7 +76,7 @@ class Task:
             return {}
         if not condition or set(condition) != set(self.keys):
             raise ValueError(f"this is {article(self.name)} {self.name!r} model: it needs the condition {list(self.keys)}, got "
-                             f"{sorted(condition or {})} ({HOW[self.name]})")
+                             f"{sorted(condition or {})} (sample {' '.join(f'--{k} FILE' for k in self.inputs)})")
         for k, v in condition.items():
             if v.shape[0] != n:
                 raise ValueError(f"condition {k!r} holds {v.shape[0]} items for {n} prompts")
@@ -97,6 +98,7 @@ class Inpaint(Task):
     name = "inpaint"
     extra_channels = 2
     keys = ("mask", "image")
+    inputs = ("image", "mask")
     metric_names = ("unmasked_mse", "masked_mse")
     full_mask_p = 0.1  # training: the whole image masked (plain generation), as diffusers' mask_full_image
 
@@ -143,8 +145,11 @@ class Inpaint(Task):
         return condition["image"].float() * (1 - mask) + best * mask
 
 
-# diffusers' x4 upscaler noise-augments its low-res input with DDPMScheduler(linear, 1e-4..0.02)
-_LOW_RES_ALPHAS = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+def low_res_schedule():
+    """diffusers' x4 upscaler noise-augments its low-res input with DDPMScheduler(linear, 1e-4..0.02)."""
+    from .core.schedules import VPSchedule
+
+    return VPSchedule(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
 
 class SuperResolution(Task):
@@ -152,6 +157,7 @@ class SuperResolution(Task):
     extra_channels = 1
     class_embeds = 1000  # as diffusers' upscaler UNet (num_class_embeds=1000, class_labels = noise_level)
     keys = ("low_res", "noise_level")
+    inputs = ("image",)
     metric_names = ("consistency", "psnr")
     factor = 2
     max_noise_level = 250  # training: half the batch at 0, the rest U{1..max}
@@ -170,9 +176,9 @@ class SuperResolution(Task):
         low = condition["low_res"].float()
         level = condition["noise_level"].long().to(low.device)
         if bool((level > 0).any()):
-            a = _LOW_RES_ALPHAS.to(low.device)[level.clamp(0, 999)].float().view(-1, 1, 1, 1)
             noise = torch.randn(low.shape, generator=generator).to(low.device)
-            low = torch.where(level.view(-1, 1, 1, 1) > 0, a.sqrt() * low + (1 - a).sqrt() * noise, low)
+            noised = low_res_schedule().add_noise(low, noise, level.clamp(0, 999).float())
+            low = torch.where(level.view(-1, 1, 1, 1) > 0, noised, low)
         return {CONCAT: F.interpolate(low, scale_factor=self.factor, mode="nearest"), "class_labels": level}
 
     control_channels = 1
@@ -207,6 +213,7 @@ def strokes(images: torch.Tensor) -> torch.Tensor:
 class Sketch(Task):
     name = "sketch"
     keys = ("sketch",)
+    inputs = ("sketch",)
     metric_names = ("stroke_f1",)
 
     def make(self, images, generator, train=True):
@@ -241,8 +248,6 @@ class Sketch(Task):
 
 
 _TASKS = {"t2i": Task(), "inpaint": Inpaint(), "sr": SuperResolution(), "sketch": Sketch()}
-HOW = {"t2i": "", "inpaint": "sample --image IMG --mask MASK", "sr": "sample --image LOW_RES",
-       "sketch": "sample --sketch STROKES"}
 
 
 TASK_METRICS = tuple(m for t in _TASKS.values() for m in t.metric_names)
@@ -254,6 +259,15 @@ def get_task(name: str | None) -> Task:
     if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; expected one of {list(TASKS)}")
     return _TASKS[name]
+
+
+def preview_condition(task: Task, n: int = 10) -> dict:
+    """The condition of the first test digit of each class, cycled to ``n`` items (fixed seed):
+    what every preview grid of a conditional model shows."""
+    from .data.digits import first_of_each_class
+
+    images, _ = first_of_each_class("test")
+    return task.make(images[torch.arange(n) % len(images)], torch.Generator().manual_seed(0), train=False)
 
 
 def article(word: str) -> str:

@@ -21,6 +21,7 @@ from ..models.adapters import swapped_weights
 from ..models.pipelines import LORA_TARGETS, teacher_family
 from ..models.student import StudentDenoiser, count_params, lcm_multistep, make_student_backbone, save_student
 from ..sample import seeded_noise
+from ..tasks import preview_condition
 from ..train import TrainConfig
 
 # LCM-LoRA's targets (diffusers' train_lcm_distill_lora_sd_wds.py): every conv and linear layer of
@@ -209,8 +210,7 @@ class StudentMethod:
             cond = self.teacher.cond_from(batch["text"])
             return x0.to(dev), cond, self.teacher.uncond(x0.shape[0])
         x0 = self.teacher.encode(batch["image"].to(dev).float(), generator)
-        task = self.teacher.task
-        spatial = self.teacher.spatial(task.make(batch["image"], generator), x0.shape[0], generator) if task.keys else {}
+        spatial = self.teacher.spatial(self.teacher.task.make(batch["image"], generator), x0.shape[0], generator)
         return x0.to(dev), self.teacher.cond(batch["prompt"], spatial), self.teacher.uncond(x0.shape[0], spatial)
 
     def models(self) -> dict:
@@ -248,11 +248,7 @@ class StudentMethod:
         task = self.teacher.task
         if not task.keys:
             return self.teacher.cond(prompts), []
-        from ..data.digits import first_of_each_class
-
-        images, _ = first_of_each_class("test")
-        images = images[torch.arange(len(prompts)) % len(images)]
-        condition = task.make(images, torch.Generator().manual_seed(0), train=False)
+        condition = preview_condition(task, len(prompts))
         spatial = self.teacher.spatial(condition, len(prompts), torch.Generator().manual_seed(0))
         return self.teacher.cond(prompts, spatial), [task.show(condition)]
 

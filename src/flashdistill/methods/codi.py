@@ -29,12 +29,13 @@ from typing import Literal
 import torch
 
 from ..config import field
-from ..core.schedules import append_dims, lcm_boundary_scalings
+from ..core.schedules import append_dims, lcm_boundary_scalings, x0_to_eps
+from ..core.solvers import ddim_move
 from ..core.timesteps import lcm_inference_timesteps, next_on_grid, skipping_grid
 from ..models.controlled import CONTROLNET_DIR, ControlledUNet, controlnet_for
 from ..models.denoiser import Denoiser
 from ..models.student import save_student
-from ..tasks import CONTROL, article, get_task
+from ..tasks import CONTROL, article, get_task, preview_condition
 from ..train import TrainConfig
 from . import base
 from .base import UNET_ALL_TARGETS, EMATarget, StudentConfig, StudentMethod, unwrap
@@ -130,21 +131,19 @@ class CoDiDistillation(EMATarget, StudentMethod):
     def scaled(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(F_x, F_eps): the LCM boundary scalings applied to the x0 prediction and to the eps it
         implies, ``c_skip(t) x_t + c_out(t) {x0, eps}`` (the public code's definitions)."""
-        a, s = (append_dims(f(t.double()), x_t.ndim).float() for f in (self.schedule.alpha, self.schedule.sigma))
-        eps = (x_t - a * x0) / s
+        a, s = (append_dims(f(t.double()), x_t.ndim) for f in (self.schedule.alpha, self.schedule.sigma))
+        eps = x0_to_eps(x0, x_t, a, s)
         c_skip, c_out = (append_dims(v, x_t.ndim).float() for v in lcm_boundary_scalings(t))
         return c_skip * x_t + c_out * x0, c_skip * x_t + c_out * eps
 
     def ode_step(self, student, z_t, t, s, noise, cond) -> torch.Tensor:
         """Eq. 14: ``zhat_s = a_s xhat(z_t, t, c) + s_s eps`` with the adapted model (its EMA, or
-        its initial weights) and the true noise (or, ``ode_eps = model``, the model's eps: DDIM)."""
+        its initial weights) and the true noise; ``ode_eps = model``: the DDIM move with the eps the
+        model implies (the public code's default)."""
         c, sch = self.config, self.schedule
         with torch.no_grad(), self.frozen_student(self.target_weights if c.ode_weights == "ema" else self.initial):
             x_hat = Denoiser(unwrap(student), sch)(z_t, t, cond)
-        a_t, s_t = (append_dims(f(t.double()), z_t.ndim).float() for f in (sch.alpha, sch.sigma))
-        a_s, s_s = (append_dims(f(s.double()), z_t.ndim).float() for f in (sch.alpha, sch.sigma))
-        eps = noise if c.ode_eps == "true" else (z_t - a_t * x_hat) / s_t
-        return a_s * x_hat + s_s * eps
+        return sch.add_noise(x_hat, noise, s) if c.ode_eps == "true" else ddim_move(z_t, x_hat, t, s, sch)
 
     def loss(self, fx, feps, fx_target, feps_target, x0) -> tuple[torch.Tensor, dict]:
         """Eq. 15: consistency in noise space (or x space) plus beta times the signal-space guidance."""
@@ -180,11 +179,7 @@ class CoDiDistillation(EMATarget, StudentMethod):
                 "boundary": {"sigma_data": 0.5, "timestep_scaling": 10.0}}
 
     def preview_cond(self, prompts: list[str]) -> tuple[dict, list[torch.Tensor]]:
-        from ..data.digits import first_of_each_class
-
-        images, _ = first_of_each_class("test")
-        images = images[torch.arange(len(prompts)) % len(images)]
-        condition = self.task.make(images, torch.Generator().manual_seed(0), train=False)
+        condition = preview_condition(self.task, len(prompts))
         return ({**self.teacher.cond(prompts), CONTROL: self.task.control(condition).to(self.device)},
                 [self.task.show(condition)])
 

@@ -24,7 +24,7 @@ from ..models.text import MINILM, TextEncoder
 from ..models.unet import build_unet, digits_adapter_config, digits_unet_config
 from ..sample import seeded_noise, teacher_timesteps
 from ..core.solvers import cfg_model, dpmpp_2m
-from ..tasks import TASKS, get_task
+from ..tasks import TASKS, get_task, preview_condition
 from ..train import TrainConfig
 
 
@@ -95,10 +95,6 @@ class TeacherTraining:
             self.unet = build_unet(digits_unet_config(self.text.hidden_size, tuple(config.channels),
                                                       self.task.extra_channels, self.task.class_embeds))
 
-    @property
-    def trained(self) -> torch.nn.Module:
-        return self.adapter if self.adapter is not None else self.unet
-
     def models(self) -> dict:
         return {"adapter": self.adapter} if self.adapter is not None else {"unet": self.unet}
 
@@ -154,15 +150,11 @@ class TeacherTraining:
         rows = 4
         spatial, shown = {}, []
         if self.task.keys:
-            from ..data.digits import first_of_each_class
-
-            images, labels = first_of_each_class("test")
-            condition = self.task.make(images, torch.Generator().manual_seed(0), train=False)
-            shown = [self.task.show(condition).to(self.device)]
             rows = 3
-            one = self._spatial(condition, models, torch.Generator().manual_seed(0))
-            spatial = {k: (torch.cat([v] * rows) if torch.is_tensor(v) else [torch.cat([f] * rows) for f in v])
-                       for k, v in one.items()}
+            condition = preview_condition(self.task)
+            shown = [self.task.show(condition).to(self.device)]
+            repeated = {k: torch.cat([v] * rows) for k, v in condition.items()}
+            spatial = self._spatial(repeated, models, torch.Generator().manual_seed(0))
         prompts = [prompt_for(d) for _ in range(rows) for d in range(10)]
         x = seeded_noise((1, 8, 8), list(range(len(prompts)))).to(self.device)
         m = cfg_model(Denoiser(unet, self.schedule), {**self._cond(prompts), **spatial},
