@@ -170,6 +170,24 @@ def test_kohya_export_round_trips_to_the_same_weights(sd_run, tmp_path, capsys):
     assert any(not torch.equal(v, w) for v, w in zip(fused.values(), load_model(teacher).denoiser.backbone.state_dict().values()))
 
 
+def test_a_kohya_lora_stacks_on_the_sd_teacher_as_the_student_it_came_from(sd_run, tmp_path):
+    """--extra-lora takes LoRA files from other tools (kohya naming, read by diffusers' loader):
+    the teacher with the student's kohya export stacked is the fused student."""
+    from flashdistill.cli import main
+    from flashdistill.models.loading import load_model
+
+    teacher, run = sd_run
+    assert main(["export", "--model", str(run), "--out", str(tmp_path / "k"), "--format", "kohya"]) == 0
+    kohya = next((tmp_path / "k").glob("*.safetensors"))
+    stacked = load_model(teacher, extra_loras=[(kohya, 1.0)])
+    assert stacked.meta["extra_loras"] == [{"path": str(kohya), "scale": 1.0}] and "style" not in stacked.meta
+    fused = load_model(run).denoiser.backbone.state_dict()
+    mine = stacked.denoiser.backbone.state_dict()
+    assert mine.keys() == fused.keys()
+    for k, v in fused.items():
+        torch.testing.assert_close(mine[k], v, rtol=1e-5, atol=1e-6)
+
+
 def test_kohya_export_refuses_what_those_tools_cannot_load(tiny_teacher, tmp_path):
     import flashdistill as fd
 

@@ -329,3 +329,131 @@ def test_cache_latents_needs_data(teachers, tmp_path, capsys):
     assert main(["distill", "--teacher", str(teachers["sd"]), "--out", str(tmp_path / "r"),
                  "--cache-latents", str(tmp_path / "c")]) == 2
     assert "pass --data PATH" in capsys.readouterr().err
+
+
+# --- conditional pipelines (issue 13): StableDiffusionInpaintPipeline, StableDiffusionAdapterPipeline --
+CONDITIONAL = {"sd-inpaint": ("StableDiffusionInpaintPipeline", "inpaint"),
+               "sd-adapter": ("StableDiffusionAdapterPipeline", "sketch"),
+               "sd-controlnet": ("StableDiffusionControlNetPipeline", "sketch")}
+
+
+@pytest.fixture(scope="module")
+def conditional_teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("conditional")
+    return {f: tp.build(f, root / f) for f in CONDITIONAL}
+
+
+def _condition(task, n=2, rgb=False):
+    """Our condition and the stock pipeline's keyword arguments for the same input (``rgb``: the
+    1-channel sketch as the RGB image an RGB ControlNet takes)."""
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(n, 3, tp.IMAGE_SIZE, tp.IMAGE_SIZE, generator=g) * 2 - 1
+    mask = torch.zeros(n, 1, tp.IMAGE_SIZE, tp.IMAGE_SIZE)
+    mask[0, :, 4:12, 2:10] = 1
+    mask[1:, :, 8:, :] = 1
+    if task == "inpaint":
+        return {"image": image, "mask": mask}, {"image": (image + 1) / 2, "mask_image": mask}
+    return {"sketch": mask}, {"image": mask.expand(-1, 3, -1, -1) if rgb else mask}
+
+
+def _stock(path, family):
+    import diffusers
+
+    return getattr(diffusers, CONDITIONAL[family][0]).from_pretrained(str(path), safety_checker=None,
+                                                                      requires_safety_checker=False)
+
+
+@pytest.mark.parametrize("family", CONDITIONAL)
+def test_conditional_pipeline_teacher_matches_the_stock_pipeline_with_cfg(conditional_teachers, family):
+    """The call contracts: inpaint's 9-channel UNet gets [x_t, mask, masked-image latents] (the VAE
+    draw from the pipeline's generator), the adapter pipeline's UNet the adapter's features (cloned
+    per call), identical in both CFG branches: our DDIM + CFG equals the stock pipeline."""
+    import diffusers
+
+    from flashdistill.core.solvers import cfg_model, ddim
+    from flashdistill.models.loading import load_model
+    from flashdistill.sample import teacher_timesteps
+
+    task = CONDITIONAL[family][1]
+    model = load_model(conditional_teachers[family])
+    assert model.task.name == task and model.image_shape == (4, 8, 8) and model.pixel_shape == (3, 16, 16)
+    pipe = _stock(conditional_teachers[family], family)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                         set_alpha_to_one=True, clip_sample=False)
+    (cond, inputs), prompts, w, lat = _condition(task, rgb="controlnet" in family), ["a cat", "a red car"], 3.0, _noise(model, 2, 0)
+    ref = pipe(prompts, **inputs, num_inference_steps=4, guidance_scale=w, latents=lat.clone(),
+               generator=torch.Generator().manual_seed(7), output_type="latent").images
+    spatial = model.spatial(cond, 2, torch.Generator().manual_seed(7))
+    if task == "inpaint":
+        assert spatial["concat"].shape == (2, 5, 8, 8)
+    elif "controlnet" in family:  # the condition image; the ControlNet runs inside every backbone call
+        assert spatial["controlnet_cond"].shape == (2, 1, 16, 16)
+    else:
+        assert [f.shape for f in spatial["down_intrablock_additional_residuals"]] == [(2, 16, 8, 8), (2, 32, 4, 4)]
+    with torch.no_grad():
+        ours = ddim(cfg_model(model.denoiser, model.cond(prompts, spatial), model.uncond(2, spatial), w), lat,
+                    teacher_timesteps(model.schedule, 4), model.schedule)
+        other = model.spatial({k: v.flip(0) for k, v in cond.items()}, 2, torch.Generator().manual_seed(7))
+        swapped = ddim(cfg_model(model.denoiser, model.cond(prompts, other), model.uncond(2, other), w), lat,
+                       teacher_timesteps(model.schedule, 4), model.schedule)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert (swapped - ours).abs().max() > 1e-3  # the condition steers the teacher
+
+
+@pytest.mark.parametrize("family", CONDITIONAL)
+def test_conditional_pipeline_flash_export_round_trip(conditional_teachers, family, tmp_path):
+    """Flash on the pipeline (conditions made from each batch's images), then the exported LoRA in
+    the stock pipeline with the exported LCMScheduler reproduces our sampler at 1, 2 and 4 steps."""
+    import diffusers
+
+    import flashdistill as fd
+    from flashdistill.models.loading import load_model
+    from flashdistill.models.student import lcm_multistep, student_timesteps
+
+    pipe_name, task = CONDITIONAL[family]
+    teacher = conditional_teachers[family]
+    data = _image_folder(tmp_path / "data")
+    run = fd.distill(teacher, tmp_path / "run", data=data, lr=1e-2, progress=False,
+                     overrides={"K": 8, "phase_steps": [1, 1, 1], "train": {"steps": 3, "batch_size": 2,
+                                                                           "checkpoint_every": 3}})
+    student = load_model(run)
+    assert student.task.name == task and student.meta["pipeline"] == pipe_name
+    (cond, inputs), prompts = _condition(task, rgb="controlnet" in family), ["a cat", "a red car"]
+    images = fd.load(run).generate_tensor(prompts, 2, seed=1, condition=cond)
+    assert images.shape == (2, 3, tp.IMAGE_SIZE, tp.IMAGE_SIZE) and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="--cache-latents keeps latents, not images"):
+        fd.distill(teacher, tmp_path / "cached", data=data, cache_latents=tmp_path / "cache", progress=False)
+
+    out = fd.export(run, tmp_path / "export")
+    assert pipe_name in (out / "README.md").read_text()
+    pipe = _stock(teacher, family)
+    if task == "sketch":  # the adapter pipeline has no LoRA loader mixin: the UNet's own loader
+        pipe.unet.load_lora_adapter(str(out), weight_name="pytorch_lora_weights.safetensors", prefix="unet")
+    else:
+        pipe.load_lora_weights(out)
+    pipe.scheduler = diffusers.LCMScheduler.from_pretrained(out, subfolder="scheduler")
+    for n in (1, 2, 4):
+        ts = student_timesteps(student.sampling, n)
+        lat = _noise(student, 2, 5)
+        ref = pipe(prompts, **inputs, num_inference_steps=n, timesteps=ts.long().tolist(), guidance_scale=1.0,
+                   latents=lat.clone(), generator=torch.Generator().manual_seed(7), output_type="latent").images
+        g = torch.Generator().manual_seed(7)  # inpaint: the masked image's latent first, then the re-noising
+        spatial = student.spatial(cond, 2, g)
+        noises = [torch.randn(lat.shape, generator=g) for _ in range(n)]
+        with torch.no_grad():
+            ours = lcm_multistep(student.denoiser, lat, ts, student.cond(prompts, spatial), student.schedule, noises)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item() + 1e-6)
+    if task != "inpaint":
+        return
+    from PIL import Image
+
+    from flashdistill.cli import main
+
+    Image.new("RGB", (40, 40), (200, 30, 60)).save(tmp_path / "photo.png")
+    box = Image.new("L", (40, 40), 0)
+    box.paste(255, (10, 10, 30, 30))
+    box.save(tmp_path / "mask.png")
+    assert main(["sample", "--model", str(run), "--prompt", "a cat", "--steps", "2", "--num-images", "2", "--image",
+                 str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "g.png")]) == 0
+    grid = Image.open(tmp_path / "g.png")
+    assert grid.mode == "RGB" and grid.size[0] >= 3 * tp.IMAGE_SIZE  # the condition, then two samples

@@ -57,12 +57,12 @@ def vae(latent_channels: int = 4, shift: float | None = None, scale: float = 0.1
                          norm_num_groups=8, sample_size=IMAGE_SIZE, scaling_factor=scale, **kw).eval()
 
 
-def unet(cross: int, sdxl: bool = False, prediction_type: str = "epsilon"):
+def unet(cross: int, sdxl: bool = False, prediction_type: str = "epsilon", in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     kw = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
               projection_class_embeddings_input_dim=6 * 8 + 32) if sdxl else {}
-    return UNet2DConditionModel(sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+    return UNet2DConditionModel(sample_size=IMAGE_SIZE // 2, in_channels=in_channels, out_channels=4, layers_per_block=1,
                                 block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross,
                                 attention_head_dim=4, norm_num_groups=8, **kw).eval()
@@ -75,7 +75,8 @@ def _seeded(fn, seed):
 
 
 def build(family: str, out: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Write a tiny ``family`` pipeline (sd, sdxl, pixart, sd3) to ``out`` and return it."""
+    """Write a tiny ``family`` pipeline (sd, sd-inpaint, sd-adapter, sd-controlnet, sdxl, pixart, sd3) to ``out``
+    and return it."""
     import diffusers
 
     def make():
@@ -84,6 +85,30 @@ def build(family: str, out: Path, prediction_type: str = "epsilon", seed: int = 
         if family == "sd":
             return diffusers.StableDiffusionPipeline(
                 vae=vae(), text_encoder=clip_text(), tokenizer=clip_tokenizer(), unet=unet(32),
+                scheduler=diffusers.DDIMScheduler(**sd_sched), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
+        if family == "sd-inpaint":  # the 9-channel inpainting UNet: [latents, mask, masked image latents]
+            return diffusers.StableDiffusionInpaintPipeline(
+                vae=vae(), text_encoder=clip_text(), tokenizer=clip_tokenizer(), unet=unet(32, in_channels=9),
+                scheduler=diffusers.DDIMScheduler(**sd_sched), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
+        if family == "sd-adapter":  # a T2I-Adapter on a 1-channel sketch: features at 8x8 and 4x4
+            adapter = diffusers.T2IAdapter(in_channels=1, channels=[16, 32], num_res_blocks=1, downscale_factor=2,
+                                           adapter_type="full_adapter")
+            return diffusers.StableDiffusionAdapterPipeline(
+                vae=vae(), text_encoder=clip_text(), tokenizer=clip_tokenizer(), unet=unet(32), adapter=adapter.eval(),
+                scheduler=diffusers.DDIMScheduler(**sd_sched), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
+        if family == "sd-controlnet":  # an RGB ControlNet with one stride-2 layer (16 px -> 8x8 latents)
+            base = unet(32)
+            controlnet = diffusers.ControlNetModel.from_unet(base, conditioning_channels=3,
+                                                             conditioning_embedding_out_channels=(16, 32))
+            with torch.no_grad():  # away from the zero initialisation, so that the condition steers
+                for m in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                          controlnet.controlnet_cond_embedding.conv_out]:
+                    m.weight.normal_(0, 0.2)
+            return diffusers.StableDiffusionControlNetPipeline(
+                vae=vae(), text_encoder=clip_text(), tokenizer=clip_tokenizer(), unet=base, controlnet=controlnet.eval(),
                 scheduler=diffusers.DDIMScheduler(**sd_sched), safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False)
         if family == "sdxl":

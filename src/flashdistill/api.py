@@ -170,6 +170,9 @@ def distill(teacher, out, method: str = "flash", preset: str = "auto", config=No
             raise ValueError("data needs a latent (VAE) teacher; the built-in teacher trains on its own dataset")
         dataset = load_image_dataset(os.fspath(data), size, caption_column)
         say(f"data: {len(dataset):,} captioned images from {data}, at {size}x{size}")
+        if cache_latents and m.teacher.task.keys:
+            raise ValueError(f"--cache-latents keeps latents, not images, and this {m.teacher.task.name} teacher makes "
+                             "its condition from each batch's images: drop --cache-latents")
         if cache_latents:
             dataset = _cached(dataset, m.teacher, os.fspath(cache_latents), os.fspath(data), progress)
             say(f"cache: latents and text embeddings in {cache_latents}")
@@ -300,14 +303,17 @@ class Loaded:
         if not self.is_student:
             return pipe
         model = self._stage(steps)
-        setattr(pipe, "transformer" if family in ("pixart", "sd3") else "unet", model.denoiser.backbone)
+        from .models.adapters import lora_root
+
+        setattr(pipe, "transformer" if family in ("pixart", "sd3") else "unet", lora_root(model.denoiser.backbone))
         config = model.meta["scheduler_config"]
         pipe.scheduler = scheduler_class(config).from_config(config)
         return pipe
 
 
-def _grey(image, size: int, what: str):
-    """An image file or PIL image as a (1, 1, size, size) tensor in [0, 1] (box-resampled)."""
+def _grey(image, size: int, what: str, channels: int = 1):
+    """An image file or PIL image as a (1, channels, size, size) tensor in [0, 1] (box-resampled;
+    1 channel: grey, 3: RGB)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -322,8 +328,9 @@ def _grey(image, size: int, what: str):
             image.load()
         except Exception as e:
             raise ValueError(f"{what} {str(image)!r} is not a readable image: {e}") from None
-    grey = image.convert("L").resize((size, size), Image.Resampling.BOX)
-    return torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)[None, None]
+    pixels = np.asarray(image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BOX),
+                        dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels.reshape(size, size, channels)).permute(2, 0, 1)[None]
 
 
 def condition_from_images(model, image=None, mask=None, sketch=None, noise_level: int = 0, n: int = 1) -> dict | None:
@@ -332,7 +339,7 @@ def condition_from_images(model, image=None, mask=None, sketch=None, noise_level
     import torch
 
     task = model.task.name
-    size = model.image_shape[-1]
+    channels, size = model.pixel_shape[0], model.pixel_shape[-1]
     given = {k for k, v in (("image", image), ("mask", mask), ("sketch", sketch)) if v is not None}
     wanted = set(model.task.inputs)
     if given != wanted:
@@ -347,19 +354,22 @@ def condition_from_images(model, image=None, mask=None, sketch=None, noise_level
         return None
     rep = lambda x: x.expand(n, *x.shape[1:]).clone()  # noqa: E731
     if task == "inpaint":
-        return {"image": rep(_grey(image, size, "--image") * 2 - 1), "mask": rep((_grey(mask, size, "--mask") > 0.5).float())}
+        return {"image": rep(_grey(image, size, "--image", channels) * 2 - 1),
+                "mask": rep((_grey(mask, size, "--mask") > 0.5).float())}
     if task == "sr":
         low = _grey(image, size // model.task.factor, "--image") * 2 - 1
         return {"low_res": rep(low), "noise_level": torch.full((n,), int(noise_level), dtype=torch.long)}
     return {"sketch": rep((_grey(sketch, size, "--sketch") > 0.5).float())}
 
 
-def load(path, teacher=None, device: str = "cpu") -> Loaded:
-    """A teacher folder (built-in or diffusers pipeline) or a distillation run; ``teacher``: the
-    run's teacher folder when it is no longer where the run recorded it."""
+def load(path, teacher=None, device: str = "cpu", extra_loras=()) -> Loaded:
+    """A teacher folder (built-in or diffusers pipeline), a distillation run or a LoRA folder;
+    ``teacher``: the run's teacher folder when it is no longer where the run recorded it;
+    ``extra_loras``: (LoRA, scale) pairs stacked on the model (a style LoRA on a student)."""
     from .models.loading import load_model
 
-    return Loaded(load_model(os.fspath(path), device=device, teacher=None if teacher is None else os.fspath(teacher)))
+    return Loaded(load_model(os.fspath(path), device=device, teacher=None if teacher is None else os.fspath(teacher),
+                             extra_loras=[(os.fspath(p), float(s)) for p, s in extra_loras]))
 
 
 def _moved_teacher(run, teacher):
@@ -394,10 +404,11 @@ def teacher_reference(teacher, num_samples: int, guidance: float | None = None, 
 
 
 def score_digits(model, num_samples: int, steps: list[int], guidance: float | None = None, sampler: str | None = None,
-                 reference=None, progress: bool = False) -> list[dict]:
+                 reference=None, progress: bool = False, style: str | None = None) -> list[dict]:
     """FD, pixel FD, histogram distance, adherence (and teacher MSE against ``reference``) of
     ``model`` on the digits prompts, one row per step count; conditional models also get their
-    task's consistency metrics and the per-condition diversity (docs/metrics.md)."""
+    task's consistency metrics and the per-condition diversity (docs/metrics.md). ``style``: score
+    against that style's test split (default: the style of the model's LoRA, if any)."""
     from tqdm.auto import tqdm
 
     from .scoring import diversity, diversity_set, score
@@ -408,7 +419,7 @@ def score_digits(model, num_samples: int, steps: list[int], guidance: float | No
     rows = []
     for n in tqdm(steps, desc="evaluate", disable=not progress, unit="row"):
         images = sample(model, prompts, seeds, n, guidance=guidance, sampler=sampler, condition=condition)
-        row = {"steps": n, **score(images, labels, reference)}
+        row = {"steps": n, **score(images, labels, reference, style=style or model.meta.get("style", "none"))}
         if task.keys:
             d_prompts, d_seeds, d_condition = diversity_set(task)
             spread = sample(model, d_prompts, d_seeds, n, guidance=guidance, sampler=sampler, condition=d_condition)
@@ -419,18 +430,21 @@ def score_digits(model, num_samples: int, steps: list[int], guidance: float | No
 
 def evaluate(model, steps=(1, 2, 4), num_samples: int = 1000, teacher=None, guidance: float | None = None,
              sampler: str | None = None, teacher_guidance: float | None = None, prompts=None, protocol=None,
-             reference=None, inception_weights=None, clip_model=None, progress: bool = False) -> list[dict]:
+             reference=None, inception_weights=None, clip_model=None, extra_loras=(),
+             progress: bool = False) -> list[dict]:
     """Score a teacher or a run, one row (a dict) per step count.
 
     Digits models: FD, pixel FD, histogram distance and adherence on ``num_samples`` digits prompts
     (and ``teacher_mse`` against ``teacher``'s 32-step output). Real models: FID against the
-    ``reference`` image folder and CLIP score on ``prompts`` (local weights only)."""
+    ``reference`` image folder and CLIP score on ``prompts`` (local weights only). ``extra_loras``:
+    (LoRA, scale) pairs stacked on the model; a style LoRA's digits rows are scored against that
+    style's test set (``fd``, ``pixel_fd``, ``hist``), with ``fd_unstyled`` and ``ink`` beside."""
     from .models.loading import load_model
 
     steps = [steps] if isinstance(steps, int) else list(steps)
     path = os.fspath(model)
     teacher = None if teacher is None else os.fspath(teacher)
-    m = load_model(path, teacher=_moved_teacher(path, teacher))
+    m = load_model(path, teacher=_moved_teacher(path, teacher), extra_loras=[(os.fspath(p), float(s)) for p, s in extra_loras])
     if m.meta.get("dataset") != "digits":
         return _evaluate_real(m, steps, num_samples, guidance, prompts, protocol, reference, inception_weights, clip_model)
     ignored = [name for name, value in (("--prompts", prompts), ("--protocol", protocol), ("--reference", reference),

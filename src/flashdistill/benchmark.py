@@ -148,7 +148,7 @@ def flash_config(teacher: Path, overrides: dict | None = None):
 # the package version) is a new cache entry, so edited code trains anew instead of reusing a stale run.
 TEACHER_SOURCES = ("methods/dsm.py", "models/unet.py", "models/text.py", "models/denoiser.py", "core/schedules.py",
                    "core/solvers.py", "data/digits.py", "train.py", "checkpoint.py", "config.py", "models/model.py",
-                   "models/loading.py", "tasks.py")
+                   "models/loading.py", "tasks.py", "styles.py")
 STUDENT_SOURCES = TEACHER_SOURCES + ("methods/base.py", "losses.py", "core/timesteps.py", "models/student.py",
                                      "models/discriminator.py", "models/pipelines.py", "sample.py")
 FLASH_SOURCES = STUDENT_SOURCES + ("methods/flash.py",)
@@ -192,7 +192,8 @@ def flash_key(teacher_overrides: dict | None, overrides: dict | None = None) -> 
 
 
 def _config_changes(path: Path, config) -> list[str]:
-    """Keys whose value in ``path/config.json`` differs from ``config`` (dotted, sorted)."""
+    """Keys whose value in ``path/config.json`` differs from ``config`` (dotted, sorted); the paths
+    of the teacher or base a run was trained on are not compared (the cache key names them)."""
     from .config import to_dict
 
     def flat(d, prefix=""):
@@ -203,7 +204,7 @@ def _config_changes(path: Path, config) -> list[str]:
 
     saved = flat(json.loads((path / "config.json").read_text())) if (path / "config.json").is_file() else {}
     wanted = flat(json.loads(json.dumps(to_dict(config))))
-    return sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k) and k != "teacher")
+    return sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k) and k not in ("teacher", "base"))
 
 
 def _ensure_trained(path: Path, what: str, config, build, dataset, progress: bool) -> float | None:
@@ -232,6 +233,14 @@ def ensure_teacher(path: Path, overrides: dict | None = None, progress: bool = T
 
     cfg = teacher_config(overrides)
     return _ensure_trained(path, "teacher", cfg, lambda: TeacherTraining(cfg), get_dataset(cfg.dataset), progress)
+
+
+def base_teacher(cache: Path, progress: bool = True) -> Path:
+    """The default digits teacher in the cache folder ``cache`` (trained if needed): the base of
+    the conditional and composition presets."""
+    path = Path(cache) / f"teacher-{teacher_key(None)}"
+    ensure_teacher(path, None, progress)
+    return path
 
 
 def ensure_student(method: str, teacher: Path, path: Path, overrides: dict | None = None,

@@ -74,8 +74,8 @@ def cmd_train_teacher(args) -> None:
     from . import api
     from .config import parse_overrides
 
-    keys = {k: v for k, v in {"steps": args.steps, "seed": args.seed, "task": args.task, "base": args.base}.items()
-            if v is not None}
+    keys = {k: v for k, v in {"steps": args.steps, "seed": args.seed, "task": args.task, "base": args.base,
+                              "style": args.style, "lora": args.lora or None}.items() if v is not None}
     run = api.train_teacher(args.out, dataset=args.dataset, config=args.config, overrides=parse_overrides(args.set),
                             resume=args.resume, dry_run=args.dry_run, progress=not args.quiet,
                             report_to=args.report_to, **keys)
@@ -102,18 +102,38 @@ def cmd_sample(args) -> None:
     from . import api
     from .train import save_image_grid
 
-    model = api.load(args.model, teacher=args.teacher)
+    model = api.load(args.model, teacher=args.teacher, extra_loras=_extra_loras(args))
     prompts = [args.prompt] * args.num_images
     condition = model.condition(args.image, args.mask, args.sketch, args.noise_level, len(prompts))
     images = model.generate_tensor(prompts, args.steps, seed=args.seed, guidance=args.guidance, sampler=args.sampler,
                                    condition=condition)
     if condition is not None:  # the condition first, as the model saw it
-        images = torch.cat([model.model.task.show(condition)[:1], images])
+        images = torch.cat([model.model.show(condition)[:1], images])
     save_image_grid(images, Path(args.out), nrow=min(8, len(images)), scale=max(1, 64 // images.shape[-1]))
     print(f"wrote {args.out}")
     if args.npz:
         np.savez(args.npz, images=images.float().clamp(-1, 1).numpy().astype(np.float32), prompts=np.array(prompts))
         print(f"wrote {args.npz}")
+
+
+def _extra_loras(args) -> list[tuple[str, float]]:
+    """--extra-lora A --extra-lora B [--extra-lora-scale a [--extra-lora-scale b]] -> [(A, a), (B, b)]
+    (a missing scale is 1.0)."""
+    loras, scales = args.extra_lora or [], args.extra_lora_scale or []
+    if len(scales) > len(loras):
+        raise ValueError(f"{len(scales)} --extra-lora-scale value(s) for {len(loras)} --extra-lora: give one "
+                         "scale per LoRA, in the same order")
+    return [(lora, scales[i] if i < len(scales) else 1.0) for i, lora in enumerate(loras)]
+
+
+def _add_extra_lora(p) -> None:
+    g = p.add_argument_group("stacking LoRAs (no training): fused into the model, as diffusers' set_adapters")
+    g.add_argument("--extra-lora", action="append", default=None, metavar="DIR_OR_FILE",
+                   help="a LoRA to stack on the model: a LoRA folder from 'train-teacher --lora' (e.g. a style), a "
+                        "folder with pytorch_lora_weights.safetensors, or a diffusers / kohya .safetensors file; repeat "
+                        "for several")
+    g.add_argument("--extra-lora-scale", action="append", type=float, default=None, metavar="S",
+                   help="the strength of each --extra-lora, in order (default 1.0)")
 
 
 def cmd_evaluate(args) -> None:
@@ -124,7 +144,7 @@ def cmd_evaluate(args) -> None:
     rows = api.evaluate(args.model, args.steps, args.num_samples, teacher=args.teacher, guidance=args.guidance,
                         sampler=args.sampler, teacher_guidance=args.teacher_guidance, prompts=args.prompts,
                         protocol=args.protocol, reference=args.reference, inception_weights=args.inception_weights,
-                        clip_model=args.clip_model, progress=not args.quiet)
+                        clip_model=args.clip_model, extra_loras=_extra_loras(args), progress=not args.quiet)
     if rows and "fid" in rows[0]:
         for r in rows:
             fid = "-" if r["fid"] is None else f"{r['fid']:.2f}"
@@ -132,15 +152,18 @@ def cmd_evaluate(args) -> None:
             print(f"steps {r['steps']:>3}  FID {fid}  CLIP {clip}  ({r['num_samples']} prompts)")
         result = {"model": str(args.model), "protocol": args.protocol, "rows": rows}
     else:
-        print(f"FD floor (real train digits vs test digits): {fd_floor(args.num_samples):.3f} at {args.num_samples} "
-              f"samples (all train digits: {fd_floor():.3f}); pixel FD floor {pixel_fd_floor(args.num_samples):.4f}")
+        style = rows[0].get("style", "none") if rows else "none"
+        styled = "" if style == "none" else f" (both in style {style!r}, the model's LoRA)"
+        print(f"FD floor (real train digits vs test digits{styled}): {fd_floor(args.num_samples, style):.3f} at "
+              f"{args.num_samples} samples (all train digits: {fd_floor(None, style):.3f}); pixel FD floor "
+              f"{pixel_fd_floor(args.num_samples, style):.4f}")
         for r in rows:
             mse = "" if r["teacher_mse"] is None else f"  teacher_mse {r['teacher_mse']:.4f}"
-            extra = "".join(f"  {k} {r[k]:.4f}" for k in (*TASK_METRICS, "diversity") if k in r)
+            extra = "".join(f"  {k} {r[k]:.4f}" for k in (*TASK_METRICS, "diversity", "fd_unstyled", "ink") if k in r)
             print(f"steps {r['steps']:>3}  FD {r['fd']:.3f}  pixel FD {r['pixel_fd']:.4f}  hist {r['hist']:.4f}  "
                   f"adherence {r['adherence']:.3f}{mse}{extra}")
-        result = {"model": str(args.model), "num_samples": args.num_samples, "fd_floor": fd_floor(args.num_samples),
-                  "pixel_fd_floor": pixel_fd_floor(args.num_samples), "rows": rows}
+        result = {"model": str(args.model), "num_samples": args.num_samples, "fd_floor": fd_floor(args.num_samples, style),
+                  "pixel_fd_floor": pixel_fd_floor(args.num_samples, style), "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
@@ -167,6 +190,11 @@ def cmd_demo(args) -> None:
 
 
 def cmd_benchmark(args) -> None:
+    if args.preset == "composition":
+        from .composition_benchmark import run_composition
+
+        run_composition(args.out, cache=args.cache, num_samples=args.num_samples, progress=not args.quiet)
+        return
     if args.preset == "conditional":
         from .conditional_benchmark import run_conditional
 
@@ -195,7 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["t2i", "inpaint", "sr", "sketch"], default=None,
                    help="t2i (default): text-to-image; inpaint: box masks; sr: x2 super-resolution from 4x4; "
                         "sketch: a T2I-Adapter on stroke maps over the frozen teacher --base")
-    p.add_argument("--base", default=None, help="--task sketch: the text-to-image teacher folder the adapter steers")
+    p.add_argument("--base", default=None, help="--task sketch: the text-to-image teacher folder the adapter steers; "
+                                                "t2i: a teacher to fine-tune (with --lora: the frozen base of a LoRA)")
+    p.add_argument("--style", choices=["none", "thick"], default=None,
+                   help="transform of the training images (thick: stroke thickening); with --base and --lora it makes "
+                        "a style LoRA, which 'sample/evaluate --extra-lora' stack on the base's students")
+    p.add_argument("--lora", action="store_true", help="train a LoRA on the frozen --base teacher instead of every weight")
     p.add_argument("--out", required=True, help="output folder (the teacher, checkpoints, log, previews)")
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default 950)")
     p.add_argument("--seed", type=seed_int, default=None, help="seed (default 0)")
@@ -281,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sketch", default=None, help="sketch: the stroke map, white = stroke")
     g.add_argument("--noise-level", type=_int_in(0, 999, "an integer in [0, 999]"), default=0,
                    help="sr: noise augmentation of the low-res (class label), default 0")
+    _add_extra_lora(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="FD, adherence and teacher MSE on the built-in digits task",
@@ -303,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "pt_inception-2015-12-05; default: torch hub cache)")
     g.add_argument("--clip-model", default=None, help="local transformers CLIP folder for the CLIP score")
     g.add_argument("--out", default=None, help="write the rows as JSON here")
+    _add_extra_lora(p)
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("demo", help="the whole story on the built-in digits task, end to end",
                        description="Train the digits teacher (or reuse OUT/teacher), distil it with Flash into "
@@ -324,8 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "beside DPM-Solver++ and UniPC (about 20 min). Writes OUT/results.json, "
                                    "OUT/report.md, OUT/grid.png and OUT/quality_vs_nfe.png (ablations: "
                                    "OUT/ablations.png). Trained models are cached in --cache and reused.")
-    p.add_argument("--preset", choices=["quick", "full", "ablations", "methods", "conditional"], default="quick",
-                   help="what to run (default quick; conditional: Flash on the inpaint, sr and sketch teachers)")
+    p.add_argument("--preset", choices=["quick", "full", "ablations", "methods", "conditional", "composition"],
+                   default="quick", help="what to run (default quick; conditional: Flash on the inpaint, sr and sketch "
+                                         "teachers; composition: a style LoRA stacked on the Flash student)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cache", default="runs/cache", help="folder of trained teachers and students, reused across "
                                                          "runs and presets (default runs/cache)")

@@ -205,14 +205,13 @@ def report(result: dict) -> str:
 
 def run_conditional(out, cache="runs/cache", num_samples: int | None = None, progress: bool = True,
                     tasks=TASK_NAMES) -> dict:
-    from .benchmark import _machine, _versions, ensure_teacher, teacher_key
+    from .benchmark import _machine, _versions, base_teacher
 
     t0 = time.time()
     num_samples = num_samples or 1000
     out, cache = Path(out), Path(cache)
     out.mkdir(parents=True, exist_ok=True)
-    base_dir = cache / f"teacher-{teacher_key(None)}"
-    ensure_teacher(base_dir, None, progress)
+    base_dir = base_teacher(cache, progress)
     rows, strips = [], {}
     for task in tqdm(tasks, desc="tasks", disable=not progress):
         r, s = run_task(task, base_dir, cache, num_samples, progress)

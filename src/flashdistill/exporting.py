@@ -18,26 +18,25 @@ import json
 import shutil
 from pathlib import Path
 
+from .models.model import LORA_WEIGHTS
+
 FORMATS = ("diffusers", "kohya")
 KOHYA_FAMILIES = {"sd": "SD1.5 / SD2", "sdxl": "SDXL"}
 PIPELINE_CLASSES = {"digits": "StableDiffusionPipeline", "sd": "StableDiffusionPipeline",
                     "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
-LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_FILE = LORA_WEIGHTS  # diffusers' default LoRA file name
 
 
 def _lora_state(path: Path, meta: dict):
     """The student's LoRA as a peft state dict (module paths relative to the backbone) and its config."""
-    from peft import LoraConfig
     from safetensors.torch import load_file
 
+    from .models.adapters import lora_metadata
     from .models.student import LORA_FILE as STUDENT_LORA
 
     lora = meta["lora"]
     state = load_file(str(path / "student" / STUDENT_LORA))
-    config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], target_modules=lora["targets"],
-                        init_lora_weights="gaussian")
-    metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
-    return state, metadata
+    return state, lora_metadata(lora["rank"], lora["alpha"], lora["targets"])
 
 
 def export(run: str | Path, out: str | Path, metrics: dict | None = None, teacher: str | Path | None = None) -> Path:
@@ -113,7 +112,10 @@ def model_card(meta: dict, family: str, weights: str, metrics: dict | None) -> s
     flow = family == "sd3"
     steps_arg = "sigmas" if flow else "timesteps"
     values = {k: ([round(v / 1000, 6) for v in t] if flow else t) for k, t in ts.items()}
-    pipe_cls = PIPELINE_CLASSES.get(family, "PixArtAlphaPipeline")
+    pipe_cls = meta.get("pipeline") or PIPELINE_CLASSES.get(family, "PixArtAlphaPipeline")
+    inputs = {"StableDiffusionInpaintPipeline": ", image=init_image, mask_image=mask_image",
+              "StableDiffusionAdapterPipeline": ", image=sketch",
+              "StableDiffusionControlNetPipeline": ", image=control_image"}.get(pipe_cls, "")
     sched_cls = meta["scheduler_config"].get("_class_name", "LCMScheduler")
     if family == "pixart" or meta["full"]:
         sub = "transformer" if family in ("pixart", "sd3") else "unet"
@@ -121,6 +123,8 @@ def model_card(meta: dict, family: str, weights: str, metrics: dict | None) -> s
                      "unet": "UNet2DConditionModel"}[sub]
         load = (f"from diffusers import {model_cls}\n"
                 f"pipe.{sub} = {model_cls}.from_pretrained(\"EXPORT_DIR\", subfolder=\"{sub}\")")
+    elif pipe_cls == "StableDiffusionAdapterPipeline":  # no LoRA loader mixin: the UNet's own
+        load = 'pipe.unet.load_lora_adapter("EXPORT_DIR", weight_name="pytorch_lora_weights.safetensors", prefix="unet")'
     else:
         load = 'pipe.load_lora_weights("EXPORT_DIR")'
     lora = meta.get("lora")
@@ -149,7 +153,7 @@ from diffusers import {pipe_cls}, {sched_cls}
 pipe = {pipe_cls}.from_pretrained("TEACHER_DIR")
 {load}
 pipe.scheduler = {sched_cls}.from_pretrained("EXPORT_DIR", subfolder="scheduler")
-image = pipe("a photo of a cat", num_inference_steps=2, {steps_arg}={values.get('2')}, guidance_scale=1.0{eta_arg}).images[0]"""
+image = pipe("a photo of a cat"{inputs}, num_inference_steps=2, {steps_arg}={values.get('2')}, guidance_scale=1.0{eta_arg}).images[0]"""
     lang = "bash" if family == "digits" else "python"
     return f"""---
 library_name: diffusers

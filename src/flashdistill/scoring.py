@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .data.digits import PROMPT_TEMPLATES, load_digits, prompt_for
+from .styles import STYLE_NONE, get_style
 
 CLASSIFIER_FILE = Path(__file__).parent / "data" / "digits_classifier.safetensors"
 FEATURE_DIM = 64
@@ -136,54 +137,50 @@ def histogram_distance(images: torch.Tensor, reference: torch.Tensor | np.ndarra
     return float(np.abs(cdf_a - cdf_b)[:-1].sum() * (grid[1] - grid[0]))
 
 
-@functools.lru_cache(maxsize=1)
-def _test_pixels() -> np.ndarray:
-    return pixels(load_digits("test").images)
+@functools.lru_cache(maxsize=4)
+def _test_pixels(style: str = STYLE_NONE) -> np.ndarray:
+    return pixels(get_style(style)(load_digits("test").images))
 
 
-@functools.lru_cache(maxsize=1)
-def _test_features() -> np.ndarray:
-    return features(load_digits("test").images)
+@functools.lru_cache(maxsize=4)
+def _test_features(style: str = STYLE_NONE) -> np.ndarray:
+    return features(get_style(style)(load_digits("test").images))
 
 
-@functools.lru_cache(maxsize=1)
-def _train_features() -> np.ndarray:
-    return features(load_digits("train").images)
+@functools.lru_cache(maxsize=4)
+def _train_features(style: str = STYLE_NONE) -> np.ndarray:
+    return features(get_style(style)(load_digits("train").images))
 
 
 FLOOR_SUBSETS = 20
 
 
+def _floor(train: np.ndarray, test: np.ndarray, num_samples: int | None) -> float:
+    if num_samples is not None and num_samples <= 1:
+        raise ValueError(f"num_samples must be > 1, got {num_samples}")
+    if num_samples is None or num_samples >= len(train):
+        return frechet_distance(train, test)
+    rng = np.random.default_rng(0)
+    return float(np.mean([frechet_distance(train[rng.choice(len(train), num_samples, replace=False)], test)
+                          for _ in range(FLOOR_SUBSETS)]))
+
+
 @functools.lru_cache(maxsize=8)
-def fd_floor(num_samples: int | None = None) -> float:
-    """FD(train split, test split): what real digits score.
+def fd_floor(num_samples: int | None = None, style: str = STYLE_NONE) -> float:
+    """FD(train split, test split): what real digits score (both splits in ``style``).
 
     FD is biased upwards at small sample sizes, so a row scored on N generated images is compared
     with real digits at the same N: ``num_samples`` below the train split's size gives the mean
     FD of ``FLOOR_SUBSETS`` seeded random train subsets of that size. ``None`` (or N at least the
     split's size) uses the whole train split.
     """
-    if num_samples is not None and num_samples <= 1:
-        raise ValueError(f"num_samples must be > 1, got {num_samples}")
-    train = _train_features()
-    if num_samples is None or num_samples >= len(train):
-        return frechet_distance(train, _test_features())
-    rng = np.random.default_rng(0)
-    return float(np.mean([frechet_distance(train[rng.choice(len(train), num_samples, replace=False)], _test_features())
-                          for _ in range(FLOOR_SUBSETS)]))
+    return _floor(_train_features(style), _test_features(style), num_samples)
 
 
 @functools.lru_cache(maxsize=8)
-def pixel_fd_floor(num_samples: int | None = None) -> float:
+def pixel_fd_floor(num_samples: int | None = None, style: str = STYLE_NONE) -> float:
     """Pixel FD of real train digits against the test split, at ``num_samples`` (as ``fd_floor``)."""
-    if num_samples is not None and num_samples <= 1:
-        raise ValueError(f"num_samples must be > 1, got {num_samples}")
-    train = pixels(load_digits("train").images)
-    if num_samples is None or num_samples >= len(train):
-        return frechet_distance(train, _test_pixels())
-    rng = np.random.default_rng(0)
-    return float(np.mean([frechet_distance(train[rng.choice(len(train), num_samples, replace=False)], _test_pixels())
-                          for _ in range(FLOOR_SUBSETS)]))
+    return _floor(pixels(get_style(style)(load_digits("train").images)), _test_pixels(style), num_samples)
 
 
 def eval_prompts(n: int, seed: int = 0) -> tuple[list[str], torch.Tensor, list[int]]:
@@ -233,16 +230,22 @@ def retrieval_row(task, num_samples: int) -> dict:
     return {"task": task.name, **score(images, labels), **task.metrics(images, condition, truth), "diversity": 0.0}
 
 
-def score(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None) -> dict:
+def score(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None,
+          style: str = STYLE_NONE) -> dict:
     """FD, pixel FD and histogram distance against the test split, adherence, and teacher MSE
-    when ``reference`` is given."""
+    when ``reference`` is given. With a ``style`` (a model with a style LoRA), FD, pixel FD and the
+    histogram are taken against the styled test split, and the row adds ``fd_unstyled`` (FD to the
+    plain test split) and ``ink`` (mean pixel value in [0, 1]): how far the style shows."""
+    feats = features(images)
     out = {
-        "fd": frechet_distance(features(images), _test_features()),
-        "pixel_fd": frechet_distance(pixels(images), _test_pixels()),
-        "hist": histogram_distance(images, _test_pixels()),
+        "fd": frechet_distance(feats, _test_features(style)),
+        "pixel_fd": frechet_distance(pixels(images), _test_pixels(style)),
+        "hist": histogram_distance(images, _test_pixels(style)),
         "adherence": float((predict(images) == labels.cpu()).float().mean()),
         "teacher_mse": None,
     }
+    if style != STYLE_NONE:
+        out.update(style=style, fd_unstyled=frechet_distance(feats, _test_features()), ink=float(pixels(images).mean()))
     if reference is not None:
         if reference.shape != images.shape:
             raise ValueError(f"reference shape {tuple(reference.shape)} != images shape {tuple(images.shape)}")

@@ -49,7 +49,12 @@ class Task:
     def make(self, images: torch.Tensor, generator: torch.Generator, train: bool = True) -> dict:
         return {}
 
-    def kwargs(self, condition: dict, adapter=None, scale: float = 1.0, generator: torch.Generator | None = None) -> dict:
+    latent = False  # whether the task also runs on latent (VAE) models: the condition is encoded by ``encode``
+
+    def kwargs(self, condition: dict, adapter=None, scale: float = 1.0, generator: torch.Generator | None = None,
+               encode=None) -> dict:
+        """The backbone's keyword arguments for ``condition`` (image space). ``encode(images,
+        generator)``: a latent model's VAE encoder, for tasks whose condition enters as latents."""
         return {}
 
     control_channels = 0  # channels of the ControlNet input (CoDi)
@@ -83,8 +88,11 @@ class Task:
         return condition
 
 
-def _boxes(n: int, size: int, generator: torch.Generator, low: int = 2, high: int = 5) -> torch.Tensor:
-    """(n, 1, size, size) masks, each one box of sides in [low, high] at a random place (1 = repaint)."""
+def _boxes(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, 1, size, size) masks, each one box at a random place (1 = repaint), of sides between a
+    quarter and five eighths of the image (2 to 5 px on 8x8 digits)."""
+    low = max(1, round(size / 4))
+    high = max(low, round(5 * size / 8))
     hw = torch.randint(low, high + 1, (n, 2), generator=generator)
     y0 = (torch.rand(n, generator=generator) * (size - hw[:, 0] + 1)).long()
     x0 = (torch.rand(n, generator=generator) * (size - hw[:, 1] + 1)).long()
@@ -110,10 +118,19 @@ class Inpaint(Task):
             mask[full] = 1.0
         return {"mask": mask, "image": images.float()}
 
-    def kwargs(self, condition, adapter=None, scale=1.0, generator=None):
+    latent = True
+
+    def kwargs(self, condition, adapter=None, scale=1.0, generator=None, encode=None):
+        """Pixel models: ``[mask, masked image]``. Latent models (diffusers' 9-channel inpainting
+        UNet, as ``StableDiffusionInpaintPipeline.prepare_mask_latents``): the masked image through
+        the VAE (sampled with ``generator``) and the mask resized to the latents (nearest)."""
         mask = (condition["mask"] > 0.5).float()
         masked = condition["image"].float() * (1 - mask)
-        return {CONCAT: torch.cat([mask, masked], 1)}
+        if encode is None:
+            return {CONCAT: torch.cat([mask, masked], 1)}
+        latents = encode(masked, generator)
+        mask = F.interpolate(mask, size=tuple(latents.shape[-2:])).to(latents)
+        return {CONCAT: torch.cat([mask, latents], 1)}
 
     control_channels = 2
 
@@ -172,7 +189,7 @@ class SuperResolution(Task):
             level = torch.where(on, torch.randint(1, self.max_noise_level + 1, (n,), generator=generator), level)
         return {"low_res": low, "noise_level": level}
 
-    def kwargs(self, condition, adapter=None, scale=1.0, generator=None):
+    def kwargs(self, condition, adapter=None, scale=1.0, generator=None, encode=None):
         low = condition["low_res"].float()
         level = condition["noise_level"].long().to(low.device)
         if bool((level > 0).any()):
@@ -206,8 +223,9 @@ class SuperResolution(Task):
 
 
 def strokes(images: torch.Tensor) -> torch.Tensor:
-    """The binarised stroke map (1 where a pixel is brighter than mid grey), (N, 1, H, W) float."""
-    return (images.float() > 0).float()
+    """The binarised stroke map (1 where a pixel is brighter than mid grey; RGB: its channel mean),
+    (N, 1, H, W) float."""
+    return (images.float().mean(1, keepdim=True) > 0).float()
 
 
 class Sketch(Task):
@@ -219,7 +237,11 @@ class Sketch(Task):
     def make(self, images, generator, train=True):
         return {"sketch": strokes(images)}
 
-    def kwargs(self, condition, adapter=None, scale=1.0, generator=None):
+    latent = True  # the stroke map enters through the adapter, which brings it to the latents' size itself
+
+    def kwargs(self, condition, adapter=None, scale=1.0, generator=None, encode=None):
+        """The adapter's features times ``scale`` (``StableDiffusionAdapterPipeline``'s
+        ``adapter_conditioning_scale``), one per UNet down block."""
         if adapter is None:
             raise ValueError("a sketch model needs its T2I-Adapter (adapter/ in the teacher folder)")
         feats = adapter(condition["sketch"].float().to(next(adapter.parameters()).dtype))
@@ -261,12 +283,15 @@ def get_task(name: str | None) -> Task:
     return _TASKS[name]
 
 
-def preview_condition(task: Task, n: int = 10) -> dict:
+def preview_condition(task: Task, n: int = 10, shape: tuple[int, ...] = (1, 8, 8)) -> dict:
     """The condition of the first test digit of each class, cycled to ``n`` items (fixed seed):
-    what every preview grid of a conditional model shows."""
+    what every preview grid of a conditional model shows. Models of other image ``shape``s (real
+    pipelines) get the condition of a mid-grey image."""
     from .data.digits import first_of_each_class
 
     images, _ = first_of_each_class("test")
+    if tuple(shape) != tuple(images.shape[1:]):
+        images = torch.zeros(1, *shape)
     return task.make(images[torch.arange(n) % len(images)], torch.Generator().manual_seed(0), train=False)
 
 

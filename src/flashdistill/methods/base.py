@@ -164,10 +164,12 @@ class StudentMethod:
         ValueError when the method does not apply to this teacher."""
 
     def check_task(self) -> None:
-        """Conditional teachers (inpaint, sr, sketch) build their condition from the batch's pixels."""
-        if self.teacher.task.keys and self.teacher.vae is not None:
-            raise ValueError(f"task {self.teacher.task.name!r} on a latent teacher is not supported yet: the built-in "
-                             "conditional tasks work in pixel space (digits teachers)")
+        """Conditional teachers build their condition from the batch's pixels; on latent teachers only
+        the tasks whose condition goes through the VAE (inpaint: diffusers' 9-channel UNet)."""
+        task = self.teacher.task
+        if task.keys and self.teacher.vae is not None and not task.latent:
+            raise ValueError(f"task {task.name!r} on a latent teacher is not supported yet: only inpaint (diffusers' "
+                             "StableDiffusionInpaintPipeline) runs on latent teachers; sr and sketch on the digits ones")
 
     def default_targets(self) -> list[str]:
         return LORA_TARGETS[self.family]
@@ -239,7 +241,7 @@ class StudentMethod:
         task = self.teacher.task
         if not task.keys:
             return self.teacher.uncond(n)
-        blank = -torch.ones(n, *self.teacher.image_shape)
+        blank = -torch.ones(n, *self.teacher.pixel_shape)
         return self.teacher.uncond(n, self.teacher.spatial(task.make(blank, torch.Generator().manual_seed(0), train=False), n))
 
     def preview_cond(self, prompts: list[str]) -> tuple[dict, list[torch.Tensor]]:
@@ -248,9 +250,9 @@ class StudentMethod:
         task = self.teacher.task
         if not task.keys:
             return self.teacher.cond(prompts), []
-        condition = preview_condition(task, len(prompts))
+        condition = preview_condition(task, len(prompts), self.teacher.pixel_shape)
         spatial = self.teacher.spatial(condition, len(prompts), torch.Generator().manual_seed(0))
-        return self.teacher.cond(prompts, spatial), [task.show(condition)]
+        return self.teacher.cond(prompts, spatial), [self.teacher.show(condition)]
 
     @torch.no_grad()
     def preview(self, models: dict, generator: torch.Generator):
@@ -291,7 +293,7 @@ class StudentMethod:
         return {
             "method": self.name, "teacher": str(Path(c.teacher).resolve()), "full": c.full,
             "lora": None if c.full else {"rank": c.lora_rank, "alpha": c.lora_alpha or c.lora_rank, "targets": self.lora_targets},
-            "family": self.family,
+            "family": self.family, **({"pipeline": self.teacher.meta["pipeline"]} if "pipeline" in self.teacher.meta else {}),
             "trainable_params": self.trainable, "teacher_params": self.total,
             "sampling": sampling, "scheduler_config": scheduler_config, "config": to_dict(c), **extra,
         }

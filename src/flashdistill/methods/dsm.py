@@ -6,7 +6,11 @@ Conditional teachers (``task``, see :mod:`flashdistill.tasks`): ``inpaint`` and 
 with the spatial condition joined to its input (and, for sr, noise levels as class labels);
 ``sketch`` trains only a T2I-Adapter on a frozen text-to-image teacher (``base``), with the cubic
 timestep sampling of T2I-Adapter (Mou et al. 2024), which favours the early, structure-setting
-steps. Prompt dropout drops the prompt only; the spatial condition is always there."""
+steps. Prompt dropout drops the prompt only; the spatial condition is always there.
+
+Fine-tunes (task t2i with ``base``): ``style`` transforms the training images (see
+:mod:`flashdistill.styles`); with ``lora`` only a LoRA on the frozen base learns, and the folder is
+a style LoRA that stacks on the base's students at inference (``sample --extra-lora``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field as dc_field
@@ -19,11 +23,13 @@ from ..config import field
 from ..core.schedules import VPSchedule
 from ..data.digits import prompt_for
 from ..models.denoiser import Denoiser
-from ..models.loading import load_teacher, save_teacher
+from ..models.loading import load_teacher, save_lora, save_teacher
+from ..models.student import make_student_backbone
 from ..models.text import MINILM, TextEncoder
 from ..models.unet import build_unet, digits_adapter_config, digits_unet_config
 from ..sample import seeded_noise, teacher_timesteps
 from ..core.solvers import cfg_model, dpmpp_2m
+from ..styles import get_style
 from ..tasks import TASKS, get_task, preview_condition
 from ..train import TrainConfig
 
@@ -39,7 +45,17 @@ class TeacherConfig:
         "t2i", "t2i: text-to-image; inpaint: box masks (input [x_t, mask, masked image]); sr: x2 from 4x4 "
                "(input [x_t, low-res], noise level as class label); sketch: a T2I-Adapter on stroke maps, "
                "trained on the frozen teacher given by base")
-    base: str = field("", "sketch: the text-to-image teacher folder the adapter is trained on (frozen)")
+    base: str = field("", "sketch: the text-to-image teacher folder the adapter is trained on (frozen); t2i: a "
+                          "teacher to fine-tune (with lora: the frozen base of a LoRA) instead of training from scratch")
+    style: Literal["none", "thick"] = field("none", "transform of the training images (thick: stroke thickening); "
+                                                    "with base and lora, a style LoRA to stack on students")
+    lora: bool = field(False, "t2i with base: train a LoRA on the frozen base teacher instead of every weight; the "
+                              "folder is a LoRA (pytorch_lora_weights.safetensors) for sample/evaluate --extra-lora")
+    lora_rank: int = field(8, "rank of the LoRA (lora)")
+    lora_targets: list[str] = field(["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                     "ff.net.2", "conv1", "conv2"],
+                                    "module-name suffixes the LoRA wraps (lora; default: attention, feed-forward and "
+                                    "the resnet convolutions)")
     channels: list[int] = field([32, 64], "UNet block widths")
     beta_schedule: Literal["scaled_linear", "linear"] = field("scaled_linear", "noise schedule (SD uses scaled_linear)")
     prediction_type: Literal["epsilon", "v_prediction"] = field("epsilon", "what the UNet predicts")
@@ -58,8 +74,16 @@ class TeacherConfig:
         if self.task == "sketch" and not self.base:
             raise ValueError("task sketch trains a T2I-Adapter on a frozen text-to-image teacher: pass --base DIR "
                              "(e.g. the folder of 'flashdistill train-teacher --out runs/teacher')")
-        if self.base and self.task != "sketch":
-            raise ValueError(f"base is for task sketch (the adapter's frozen teacher), not {self.task!r}")
+        if self.base and self.task not in ("sketch", "t2i"):
+            raise ValueError(f"base is for task sketch (the adapter's frozen teacher) or t2i (a teacher to fine-tune), "
+                             f"not {self.task!r}")
+        if self.lora and not (self.base and self.task == "t2i"):
+            raise ValueError("lora trains a LoRA on a text-to-image teacher: pass --base DIR (a t2i teacher folder) "
+                             f"with task t2i (got task {self.task!r}, base {self.base!r})")
+        if self.style != "none" and self.task != "t2i":
+            raise ValueError(f"style is for text-to-image teachers and LoRAs (task t2i), not task {self.task!r}")
+        if self.lora_rank <= 0:
+            raise ValueError(f"lora_rank must be > 0, got {self.lora_rank}")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         if self.lr <= 0:
@@ -72,20 +96,26 @@ class TeacherTraining:
     def __init__(self, config: TeacherConfig):
         self.config = config
         self.task = get_task(config.task)
+        self.style = get_style(config.style)
         self.adapter = None
-        if config.task == "sketch":  # the adapter learns; the teacher it steers is frozen
+        if config.base:  # the adapter or LoRA learns on a frozen teacher; a plain fine-tune starts from it
             base = load_teacher(config.base)
             if base.meta.get("dataset") != config.dataset or base.task.name != "t2i":
                 raise ValueError(f"base {config.base!r} must be a text-to-image {config.dataset} teacher, "
                                  f"got task {base.task.name!r} on {base.meta.get('dataset')!r}")
             self.schedule, self.text, self.unet = base.schedule, base.conditioner, base.denoiser.backbone
             self.base_meta = base.meta
-            channels = self.unet.config.block_out_channels
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.train.seed)
-                from diffusers import T2IAdapter
+                if config.task == "sketch":
+                    from diffusers import T2IAdapter
 
-                self.adapter = T2IAdapter(**digits_adapter_config(tuple(channels)))
+                    self.adapter = T2IAdapter(**digits_adapter_config(tuple(self.unet.config.block_out_channels)))
+                elif config.lora:
+                    self.unet = make_student_backbone(self.unet, False, config.lora_rank, config.lora_rank,
+                                                      config.lora_targets)
+                else:
+                    self.unet.float().requires_grad_(True).train()
             return
         self.schedule = VPSchedule(beta_schedule=config.beta_schedule, prediction_type=config.prediction_type)
         self.text = TextEncoder(MINILM, config.text_max_length)
@@ -126,7 +156,7 @@ class TeacherTraining:
         return torch.randint(0, n, (b,), generator=generator)
 
     def step(self, batch: dict, step: int, models: dict, generator: torch.Generator):
-        x0 = batch["image"].to(self.device)
+        x0 = self.style(batch["image"]).to(self.device)
         b = x0.shape[0]
         drop = torch.rand(b, generator=generator) < self.config.prompt_dropout
         prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
@@ -166,7 +196,14 @@ class TeacherTraining:
     def finalize(self, out_dir, models: dict) -> None:
         meta = {"text_encoder": MINILM, "max_length": self.config.text_max_length, "dataset": self.config.dataset,
                 "image_shape": [1, 8, 8], "default_guidance": self.config.preview_guidance, "task": self.task.name}
+        if self.config.style != "none":
+            meta["style"] = self.config.style
+        if self.config.base:
+            meta.update(max_length=self.base_meta["max_length"], base=str(self.config.base))
+        if self.config.lora:
+            save_lora(out_dir, models["unet"], {**meta, "rank": self.config.lora_rank, "alpha": self.config.lora_rank})
+            return
         if self.adapter is not None:
-            meta.update(max_length=self.base_meta["max_length"], base=str(self.config.base), adapter_scale=1.0)
+            meta["adapter_scale"] = 1.0
         save_teacher(out_dir, self.unet if self.adapter is not None else models["unet"], self.schedule, meta,
                      adapter=models.get("adapter"))

@@ -26,6 +26,21 @@ def lora_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def lora_root(module: nn.Module) -> nn.Module:
+    """The part of a backbone a LoRA student goes into: the module itself, or the submodule it
+    names as ``lora_root`` (a ControlNet teacher's UNet: its ControlNet takes no LoRA)."""
+    return getattr(module, "lora_root", module)
+
+
+def lora_metadata(rank: int, alpha: float, targets) -> dict:
+    """A LoRA's peft ``LoraConfig`` as the JSON-able dict diffusers stores beside LoRA weights
+    (``*_lora_adapter_metadata``), so that its loaders rebuild the rank and alpha exactly."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian")
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+
+
 class _Layout:
     """What :func:`adapter_scope` touches in a module, found once per structure: its LoRA layers,
     all its submodules and those with diffusers' ``gradient_checkpointing`` flag (a walk of a
@@ -106,8 +121,10 @@ def strip_adapters(module: nn.Module) -> nn.Module:
         if isinstance(m, BaseTunerLayer):
             parent, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent) if parent else module, child, m.get_base_layer())
-    if "peft_config" in module.__dict__:  # what inject_adapter_in_model records on the model
-        del module.peft_config
+    root = lora_root(module)
+    if "peft_config" in root.__dict__:  # what inject_adapter_in_model records on the model
+        del root.peft_config
+    forget_layout(root)
     forget_layout(module)
     return module
 

@@ -26,8 +26,21 @@ class ControlledUNet(nn.Module):
     def config(self):
         return self.unet.config
 
+    @property
+    def lora_root(self) -> nn.Module:
+        """Where a LoRA student goes: the UNet (the ControlNet of a ControlNet teacher stays frozen)."""
+        return self.unet
+
+    @property
+    def mid_block(self) -> nn.Module:
+        """The UNet's mid block (encoder features for discriminators)."""
+        return self.unet.mid_block
+
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 controlnet_cond: torch.Tensor, return_dict: bool = False, **kwargs):
+        channels = self.controlnet.config.conditioning_channels
+        if controlnet_cond.shape[1] == 1 and channels != 1:  # a 1-channel map for an RGB ControlNet, as convert("RGB")
+            controlnet_cond = controlnet_cond.expand(-1, channels, -1, -1)
         down, mid = self.controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                                     controlnet_cond=controlnet_cond.to(sample.dtype), return_dict=False, **kwargs)
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,

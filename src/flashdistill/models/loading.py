@@ -11,6 +11,11 @@ A *teacher folder* is either
 :func:`load_model` reads either into a :class:`Model` (denoiser adapter + conditioner, and a VAE
 for latent models); run folders written by distillation are read by the same function and resolve
 to their teacher plus the trained student weights.
+
+A *LoRA folder* (``train-teacher --base DIR --lora``, e.g. a style) holds diffusers' LoRA file
+``pytorch_lora_weights.safetensors`` and ``flashdistill.json`` (kind "lora", its base teacher).
+:func:`apply_lora` stacks it, or any diffusers / kohya LoRA file, on a loaded model by fusing it in
+(``--extra-lora``); loading the folder itself gives its base teacher with the LoRA.
 """
 from __future__ import annotations
 
@@ -20,13 +25,17 @@ from pathlib import Path
 import torch
 
 from .denoiser import Denoiser, X0Denoiser
-from .model import META_FILE, Model, ModelNotFound, is_pipeline_folder, read_meta, schedule_from_config  # noqa: F401
+from .model import LORA_WEIGHTS, META_FILE, Model, ModelNotFound, is_pipeline_folder, read_meta, schedule_from_config  # noqa: F401
 from .pipelines import load_pipeline_teacher
+from .adapters import forget_layout, lora_layers, lora_metadata, lora_root
 from .student import FULL_DIR, LORA_FILE, StudentDenoiser, fuse_lora, make_student_backbone
 from .text import TextEncoder
 
 
 ADAPTER_DIR = "adapter"
+# the diffusers pipeline class whose LoRA loader reads a family's LoRA files, and the prefix of its backbone's keys
+LORA_LOADERS = {"digits": ("StableDiffusionPipeline", "unet"), "sd": ("StableDiffusionPipeline", "unet"),
+                "sdxl": ("StableDiffusionXLPipeline", "unet"), "sd3": ("StableDiffusion3Pipeline", "transformer")}
 
 
 def save_teacher(out: Path, unet, schedule, meta: dict, adapter=None) -> None:
@@ -64,36 +73,125 @@ def load_teacher(path: str | Path, device="cpu", dtype: torch.dtype = torch.floa
     return Model(denoiser, text, meta, path, adapter=adapter).to(device)
 
 
-def load_model(path: str | Path, device="cpu", teacher: str | Path | None = None) -> Model:
-    """A teacher folder (built-in or diffusers pipeline) or a distillation run folder; ``teacher``
-    overrides the teacher folder a run recorded (a run copied to another machine)."""
+def load_model(path: str | Path, device="cpu", teacher: str | Path | None = None,
+               extra_loras: list[tuple[str | Path, float]] = ()) -> Model:
+    """A teacher folder (built-in or diffusers pipeline), a distillation run folder or a LoRA folder
+    (its base teacher with the LoRA); ``teacher`` overrides the teacher folder a run (or the base a
+    LoRA) recorded (a run copied to another machine). ``extra_loras``: (LoRA folder or file, scale)
+    pairs fused into the model, in order (:func:`apply_lora`)."""
+    model = _load(Path(path), device, teacher)
+    for source, scale in extra_loras:
+        apply_lora(model, source, scale)
+    return model.to(device)
+
+
+def _load(path: Path, device, teacher) -> Model:
     if is_pipeline_folder(path):
         return load_teacher(path, device)
-    meta = read_meta(Path(path))
+    meta = read_meta(path)
     kind = meta.get("kind")
     if kind == "teacher":
         return load_teacher(path, device)
     if kind == "student":
         return load_student(path, device, teacher=teacher)
+    if kind == "lora":
+        model = load_teacher(recorded_folder(path, meta, "base", teacher), device)
+        return apply_lora(model, path, 1.0)
     raise ModelNotFound(f"{str(path)!r}: unknown model kind {kind!r} in {META_FILE}")
 
 
-def run_teacher(path: Path, meta: dict, override: str | Path | None = None) -> Path:
-    """The teacher folder of a run: ``override`` if given, else the absolute path it recorded, else
-    the same folder relative to the run (a run moved together with its teacher)."""
+def recorded_folder(path: Path, meta: dict, key: str, override: str | Path | None = None) -> Path:
+    """The folder a run (or LoRA) recorded under ``key`` (its teacher, its base): ``override`` if
+    given, else the absolute path it recorded, else the same folder relative to the run (a run
+    moved together with its teacher, ``<key>_relative``)."""
     if override is not None:
         if not Path(override).exists():
-            raise ModelNotFound(f"teacher folder {str(override)!r} does not exist")
+            raise ModelNotFound(f"{key} folder {str(override)!r} does not exist")
         return Path(override)
-    recorded = Path(meta["teacher"])
+    recorded = Path(meta[key])
     if recorded.exists():
         return recorded
-    relative = Path(path) / meta.get("teacher_relative", "\0")
-    if meta.get("teacher_relative") and relative.exists():
+    relative = Path(path) / meta.get(f"{key}_relative", "\0")
+    if meta.get(f"{key}_relative") and relative.exists():
         return relative.resolve()
-    raise ModelNotFound(f"the teacher of run {str(path)!r} is not at {str(recorded)!r}"
-                        + (f" nor at {str(relative)!r} (relative to the run)" if meta.get("teacher_relative") else "")
-                        + "; pass --teacher DIR with the teacher folder")
+    raise ModelNotFound(f"the {key} of {str(path)!r} is not at {str(recorded)!r}"
+                        + (f" nor at {str(relative)!r} (relative to it)" if meta.get(f"{key}_relative") else "")
+                        + "; pass --teacher DIR with that folder")
+
+
+def run_teacher(path: Path, meta: dict, override: str | Path | None = None) -> Path:
+    """The teacher folder of a run (:func:`recorded_folder` of its ``teacher``)."""
+    return recorded_folder(path, meta, "teacher", override)
+
+
+def save_lora(out: Path, backbone, meta: dict) -> None:
+    """A LoRA trained on the teacher ``meta["base"]``: diffusers' LoRA file (written by
+    ``StableDiffusionPipeline.save_lora_weights`` with its rank and alpha as adapter metadata, so
+    ``pipe.load_lora_weights`` and ``UNet2DConditionModel.load_lora_adapter`` read it as is) and
+    ``flashdistill.json`` (kind "lora")."""
+    import os
+
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    targets = sorted(backbone.peft_config["default"].target_modules)
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(backbone).items()}
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=state, weight_name=LORA_WEIGHTS,
+                                              unet_lora_adapter_metadata=lora_metadata(meta["rank"], meta["alpha"], targets))
+    meta = {**meta, "targets": targets, "base_relative": os.path.relpath(Path(meta["base"]).resolve(), out.resolve())}
+    (out / META_FILE).write_text(json.dumps({"kind": "lora", **meta}, indent=2))
+
+
+def apply_lora(model: Model, source: str | Path, scale: float = 1.0) -> Model:
+    """Stack a LoRA on ``model`` without training: read with the family's diffusers LoRA loader
+    (``lora_state_dict``: diffusers, peft and kohya files), loaded with the backbone's own
+    ``load_lora_adapter``, fused at ``scale`` and unloaded, the same weights as diffusers'
+    ``set_adapters([..., name], [..., scale])`` over the model's own LoRA. ``source``: a LoRA folder
+    of ours, a folder with ``pytorch_lora_weights.safetensors`` or a ``.safetensors`` file. A LoRA
+    folder with a ``style`` makes the model's digits metrics score against that style."""
+    import diffusers
+
+    source = Path(source)
+    if not source.exists():
+        raise ModelNotFound(f"LoRA {str(source)!r} does not exist")
+    own = read_meta(source) if (source / META_FILE).is_file() else {}
+    if own and own.get("kind") != "lora":
+        raise ValueError(f"{str(source)!r} holds a {own.get('kind')!r}, not a LoRA")
+    if own and own.get("dataset") != model.meta.get("dataset"):
+        raise ValueError(f"LoRA {str(source)!r} was trained on a {own.get('dataset')!r} teacher; this model is a "
+                         f"{model.meta.get('dataset') or model.meta.get('family')!r} one")
+    family = model.meta.get("family", "digits")
+    backbone = lora_root(model.denoiser.backbone)  # a ControlNet teacher's UNet
+    if family not in LORA_LOADERS or not hasattr(backbone, "load_lora_adapter"):
+        raise ValueError(f"extra LoRAs stack on UNet and SD3 teachers and their students (diffusers has a LoRA "
+                         f"loader for those), not on this {family} {type(backbone).__name__} model")
+    if lora_layers(backbone):
+        raise ValueError("this model carries an unfused LoRA; load it for inference (fused) before stacking another")
+    folder, weight_name = (source.parent, source.name) if source.is_file() else (source, LORA_WEIGHTS)
+    if not (folder / weight_name).is_file():
+        raise ModelNotFound(f"no LoRA weights at {str(folder / weight_name)!r}")
+    cls_name, prefix = LORA_LOADERS[family]
+    loaded = getattr(diffusers, cls_name).lora_state_dict(str(folder), weight_name=weight_name, local_files_only=True,
+                                                          return_lora_metadata=True)
+    state, alphas, metadata = loaded if len(loaded) == 3 else (loaded[0], None, loaded[1])
+    name = f"extra_{len(model.meta.get('extra_loras', []))}"
+    try:
+        backbone.load_lora_adapter(state, prefix=prefix, network_alphas=alphas, adapter_name=name, metadata=metadata,
+                                   low_cpu_mem_usage=False)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"LoRA {str(source)!r} does not fit this model's {type(backbone).__name__}: {e}") from e
+    if not lora_layers(backbone):
+        raise ValueError(f"LoRA {str(source)!r} holds no {prefix} weights for this model")
+    backbone.fuse_lora(lora_scale=scale, adapter_names=[name])
+    backbone.unload_lora()
+    forget_layout(backbone)
+    backbone.eval().requires_grad_(False)
+    model.meta = {**model.meta, "extra_loras": [*model.meta.get("extra_loras", []), {"path": str(source), "scale": scale}]}
+    if own.get("style"):
+        model.meta["style"] = own["style"]
+    return model
 
 
 def load_student(path, device="cpu", fuse: bool = True, teacher: str | Path | None = None):
@@ -115,7 +213,7 @@ def load_student(path, device="cpu", fuse: bool = True, teacher: str | Path | No
 
         lora = meta["lora"]
         backbone = make_student_backbone(teacher.denoiser.backbone, False, lora["rank"], lora["alpha"], lora["targets"])
-        result = set_peft_model_state_dict(backbone, load_file(str(path / "student" / LORA_FILE)))
+        result = set_peft_model_state_dict(lora_root(backbone), load_file(str(path / "student" / LORA_FILE)))
         if getattr(result, "unexpected_keys", None):
             raise RuntimeError(f"LoRA weights do not match the student: unexpected {result.unexpected_keys[:5]}")
         if fuse:

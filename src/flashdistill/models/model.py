@@ -14,6 +14,7 @@ from ..tasks import get_task
 from .denoiser import Denoiser
 
 META_FILE = "flashdistill.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name (save_lora_weights' default)
 
 
 class ModelNotFound(FileNotFoundError):
@@ -80,6 +81,15 @@ class Model:
         return next(self.denoiser.parameters()).device
 
     @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """The shape of an image (and of a spatial condition's tensors): ``image_shape`` without a
+        VAE, else RGB at the pipeline's image size."""
+        if self.vae is None:
+            return self.image_shape
+        size = int(self.meta["image_size"])
+        return (3, size, size)
+
+    @property
     def task(self):
         """The model's :class:`~flashdistill.tasks.Task` (text-to-image unless its folder names one)."""
         return get_task(self.meta.get("task"))
@@ -98,7 +108,14 @@ class Model:
 
             return {CONTROL: task.control(condition)}
         scale = float(self.meta.get("adapter_scale", 1.0))
-        return task.kwargs(condition, self.adapter, scale, generator)
+        if self.vae is not None and not task.latent:
+            raise ValueError(f"the {task.name!r} task runs on pixel-space teachers only, not on latent (VAE) models")
+        return task.kwargs(condition, self.adapter, scale, generator, encode=None if self.vae is None else self.encode)
+
+    def show(self, condition: dict) -> torch.Tensor:
+        """The condition drawn as images in [-1, 1] with this model's channels (a grid's first row)."""
+        shown = self.task.show(condition)
+        return shown.expand(-1, self.pixel_shape[0], -1, -1) if shown.shape[1] == 1 else shown
 
     def cond(self, prompts: list[str], spatial: dict | None = None) -> dict:
         """The prompts' conditioning, joined by ``spatial`` (from :meth:`spatial`)."""

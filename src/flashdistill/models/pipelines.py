@@ -10,7 +10,11 @@ and returns the same :class:`~flashdistill.models.loading.Model` as the built-in
   CLIP-L, CLIP-G and optional T5 for SD3) and caches embeddings per prompt; its ``uncond`` is the
   pipeline's negative branch for the empty prompt (zeros for SDXL's
   ``force_zeros_for_empty_prompt``);
-- the VAE, with its scaling and shift factors: ``encode(images)`` to latents, ``decode(latents)``.
+- the VAE, with its scaling and shift factors: ``encode(images)`` to latents, ``decode(latents)``;
+- for the conditional pipelines (``PIPELINE_TASKS``), the task: ``StableDiffusionInpaintPipeline``
+  (inpaint: the 9-channel UNet), ``StableDiffusionAdapterPipeline`` (sketch: its T2I-Adapter) and
+  ``StableDiffusionControlNetPipeline`` (sketch: its ControlNet and the UNet as one
+  :class:`~flashdistill.models.controlled.ControlledUNet` backbone, whose UNet takes the LoRA).
 
 Nothing is downloaded: every component must be in the folder.
 """
@@ -30,7 +34,13 @@ FAMILIES = {
     "PixArtAlphaPipeline": "pixart",
     "PixArtSigmaPipeline": "pixart",
     "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusionInpaintPipeline": "sd",
+    "StableDiffusionAdapterPipeline": "sd",
+    "StableDiffusionControlNetPipeline": "sd",
 }
+# pipelines of a conditional task (flashdistill.tasks): the condition joins every UNet call
+PIPELINE_TASKS = {"StableDiffusionInpaintPipeline": "inpaint", "StableDiffusionAdapterPipeline": "sketch",
+                  "StableDiffusionControlNetPipeline": "sketch"}
 
 # Default LoRA targets per family (module-name suffixes; absent ones are skipped).
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -209,10 +219,28 @@ def load_pipeline_teacher(path: str | Path, device="cpu", dtype: torch.dtype = t
     if schedule.kind == "flow" and family != "sd3":
         raise ValueError(f"{family} teachers with a flow-matching scheduler are not supported")
     latent = backbone.config.sample_size
-    channels = backbone.config.in_channels
+    channels = pipe.vae.config.latent_channels
+    task = PIPELINE_TASKS.get(type(pipe).__name__, "t2i")
+    expected = channels + (1 + channels if task == "inpaint" else 0)  # [x_t, mask, masked image latents]
+    if backbone.config.in_channels != expected:
+        raise ValueError(f"{str(path)!r}: a {type(pipe).__name__} backbone takes {expected} input channels "
+                         f"({channels} latent{' + 1 mask + ' + str(channels) + ' masked-image latent' if task == 'inpaint' else ''}), "
+                         f"this one {backbone.config.in_channels}")
     size = latent * pipe.vae_scale_factor
     conditioner = PipelineConditioner(pipe, family, size, size)
     meta = {"kind": "teacher", "family": family, "image_shape": [channels, latent, latent],
             "image_size": size, "default_guidance": {"sd": 7.5, "sdxl": 5.0, "pixart": 4.5, "sd3": 7.0}[family],
-            "pipeline": type(pipe).__name__}
-    return Model(Denoiser(backbone, schedule), conditioner, meta, path, vae=PipelineVAE(pipe.vae)).to(device)
+            "pipeline": type(pipe).__name__, "task": task}
+    adapter = getattr(pipe, "adapter", None)  # a T2I-Adapter pipeline's adapter, at the pipeline's default scale 1
+    if adapter is not None:
+        adapter.eval().requires_grad_(False)
+        meta["adapter_scale"] = 1.0
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is not None:  # the frozen ControlNet and the UNet as one backbone, residuals recomputed per call
+        from .controlled import ControlledUNet
+
+        if not hasattr(controlnet.config, "conditioning_channels"):
+            raise ValueError(f"{str(path)!r}: only a single ControlNetModel is supported, not {type(controlnet).__name__}")
+        backbone = ControlledUNet(backbone, controlnet.eval().requires_grad_(False))
+        meta["conditioning"] = "controlnet"
+    return Model(Denoiser(backbone, schedule), conditioner, meta, path, vae=PipelineVAE(pipe.vae), adapter=adapter).to(device)

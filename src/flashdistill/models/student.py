@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..core.schedules import append_dims, lcm_boundary_scalings, x0_to_eps
-from .adapters import forget_layout, lora_layers
+from .adapters import forget_layout, lora_layers, lora_root
 from .denoiser import Denoiser
 
 LORA_FILE = "student_lora.safetensors"
@@ -52,19 +52,24 @@ def make_student_backbone(teacher_backbone: nn.Module, full: bool, rank: int, al
 
     LoRA weights are float32 whatever the frozen weights' dtype (diffusers' ``cast_training_params``).
     """
+    root = lora_root(teacher_backbone)
     if full:
+        if root is not teacher_backbone:
+            raise ValueError(f"--full is not supported on a {type(teacher_backbone).__name__} teacher (a ControlNet "
+                             "steering a UNet): train a LoRA student")
         return copy.deepcopy(teacher_backbone).float().train().requires_grad_(True)
     from peft import LoraConfig, inject_adapter_in_model
 
     student = teacher_backbone.requires_grad_(False)
     if lora_layers(student):
         raise ValueError("this backbone already carries a LoRA; pass base_copy(backbone) for a second student")
-    present = [t for t in targets if any(n == t or n.endswith("." + t) for n, _ in student.named_modules())]
+    present = [t for t in targets if any(n == t or n.endswith("." + t) for n, _ in root.named_modules())]
     if not present:
         raise ValueError(f"none of the LoRA target modules {targets} exist in the backbone")
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=present)
     # what diffusers' add_adapter does, for backbones without the PEFT mixin too (PixArt)
-    inject_adapter_in_model(config, student, adapter_name="default")
+    inject_adapter_in_model(config, root, adapter_name="default")
+    forget_layout(root)
     forget_layout(student)
     for p in student.parameters():
         if p.requires_grad:
@@ -117,6 +122,10 @@ def fuse_lora(backbone: nn.Module) -> nn.Module:
             module.merge()
             parent, _, child = name.rpartition(".")
             setattr(backbone.get_submodule(parent) if parent else backbone, child, module.get_base_layer())
+    root = lora_root(backbone)
+    if "peft_config" in root.__dict__:  # no adapter left (a LoRA stacked later starts clean)
+        del root.peft_config
+    forget_layout(root)
     forget_layout(backbone)
     return backbone
 
@@ -148,7 +157,7 @@ def save_student(out: Path, backbone: nn.Module, meta: dict) -> None:
     elif meta.get("lora") is not None:  # (PE-CoDi keeps the teacher's UNet: no weights of its own)
         from peft.utils import get_peft_model_state_dict
 
-        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(backbone).items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(lora_root(backbone)).items()}
         save_file(state, str(out / "student" / LORA_FILE))
     scheduler_class(meta["scheduler_config"]).from_config(meta["scheduler_config"]).save_pretrained(out / "scheduler")
     (out / "flashdistill.json").write_text(json.dumps({"kind": "student", **meta}, indent=2))

@@ -1,0 +1,164 @@
+"""LoRA composition (issue 13, the paper's "existing LoRAs"): a style LoRA trained on the teacher
+(``train-teacher --base --style thick --lora``), stacked on a distilled student at inference
+(``--extra-lora``) with no training, equal to diffusers' own ``set_adapters`` of the two LoRAs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+FAST = {"K": 8, "phase_steps": [1, 1, 1], "train": {"batch_size": 4, "checkpoint_every": 100, "log_every": 1}}
+
+
+def test_thicken_is_scipys_grey_dilation():
+    from scipy import ndimage
+
+    from flashdistill.styles import get_style, thicken
+
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ref = ndimage.grey_dilation(x[:, 0].numpy(), size=(1, 1, 2))
+    np.testing.assert_array_equal(thicken(x)[:, 0].numpy(), ref)
+    assert get_style("none")(x) is x
+    with pytest.raises(ValueError, match=r"unknown style 'bold'; expected one of \['none', 'thick'\]"):
+        get_style("bold")
+
+
+@pytest.fixture(scope="module")
+def style_lora(tiny_teacher, tmp_path_factory):
+    import flashdistill as fd
+
+    out = tmp_path_factory.mktemp("style") / "thick"
+    fd.train_teacher(out, base=str(tiny_teacher), style="thick", lora=True, lora_rank=2, steps=3,
+                     overrides={"train.batch_size": 8, "lr": 5e-2}, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def flash_run(tiny_teacher, tmp_path_factory):
+    import flashdistill as fd
+
+    return fd.distill(tiny_teacher, tmp_path_factory.mktemp("flash") / "run", overrides=FAST, steps=2, lr=5e-2,
+                      progress=False)
+
+
+def test_style_lora_folder_trains_only_the_lora_and_loads_as_its_base_with_it(tiny_teacher, style_lora):
+    from safetensors.torch import load_file
+
+    from flashdistill.models.loading import load_model
+
+    meta = json.loads((style_lora / "flashdistill.json").read_text())
+    assert meta["kind"] == "lora" and meta["style"] == "thick" and meta["rank"] == 2 and meta["base"] == str(tiny_teacher)
+    assert {"conv1", "conv2", "to_q"} <= set(meta["targets"])
+    state = load_file(str(style_lora / "pytorch_lora_weights.safetensors"))
+    assert state and all(k.startswith("unet.") and ".lora_" in k for k in state)
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # B starts at zero: it trained
+    assert not (style_lora / "unet").exists()  # a LoRA, not a second teacher
+
+    teacher, styled = load_model(tiny_teacher), load_model(style_lora)
+    assert styled.meta["style"] == "thick" and styled.meta["extra_loras"][0]["scale"] == 1.0
+    base = dict(teacher.denoiser.backbone.named_parameters())
+    changed = [n for n, p in styled.denoiser.backbone.named_parameters() if not torch.equal(p, base[n])]
+    assert changed and all(any(t in n for t in ("conv1", "conv2", "to_", "proj_", "ff.")) for n in changed)
+    # the base folder itself is untouched by the fine-tune
+    assert all(torch.equal(p, q) for p, q in zip(load_model(tiny_teacher).denoiser.backbone.parameters(),
+                                                 teacher.denoiser.backbone.parameters()))
+
+
+def test_extra_lora_on_a_student_equals_diffusers_set_adapters(tiny_teacher, style_lora, flash_run, tmp_path):
+    """The exported Flash LoRA and the style LoRA, loaded into the teacher's stock diffusers UNet as
+    two adapters and mixed with set_adapters, give what the toolkit's fused student + extra LoRA
+    gives."""
+    from diffusers import UNet2DConditionModel
+
+    import flashdistill as fd
+    from flashdistill.models.loading import load_model
+
+    scale = 0.7
+    ours = load_model(flash_run, extra_loras=[(style_lora, scale)])
+    assert ours.meta["style"] == "thick" and ours.meta["kind"] == "student"
+    export = fd.export(flash_run, tmp_path / "export", num_samples=0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_teacher / "unet").eval()
+    unet.load_lora_adapter(str(export / "pytorch_lora_weights.safetensors"), prefix="unet", adapter_name="flash")
+    unet.load_lora_adapter(str(style_lora / "pytorch_lora_weights.safetensors"), prefix="unet", adapter_name="style")
+    unet.set_adapters(["flash", "style"], weights=[1.0, scale])
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 8, 8, generator=g)
+    t = torch.tensor([999, 500, 20])
+    cond = ours.cond(["a handwritten digit one", "a handwritten digit two", ""])
+    with torch.no_grad():
+        theirs = unet(x, t, **cond).sample
+        mine = ours.denoiser.backbone(x, t, **cond).sample
+        plain = load_model(flash_run).denoiser.backbone(x, t, **cond).sample
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    assert (mine - plain).abs().max() > 1e-3  # the style LoRA is there
+
+
+def test_extra_lora_from_the_cli_and_its_errors(tiny_teacher, style_lora, flash_run, tmp_path, capsys):
+    from flashdistill.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(flash_run), "--prompt", "a handwritten digit two", "--steps", "2",
+                 "--num-images", "2", "--out", str(out), "--extra-lora", str(style_lora),
+                 "--extra-lora-scale", "0.5"]) == 0
+    assert out.is_file()
+    def error(*extra):
+        code = main(["sample", "--model", str(flash_run), "--prompt", "x", "--out", str(out), *extra])
+        return code, capsys.readouterr().err
+
+    code, err = error("--extra-lora", str(style_lora), "--extra-lora-scale", "0.5", "--extra-lora-scale", "1")
+    assert code == 2 and "2 --extra-lora-scale value(s) for 1 --extra-lora" in err
+    code, err = error("--extra-lora", str(tmp_path / "missing"))
+    assert code == 2 and f"LoRA {str(tmp_path / 'missing')!r} does not exist" in err
+    code, err = error("--extra-lora", str(tiny_teacher))  # a teacher folder is not a LoRA
+    assert code == 2 and "holds a 'teacher', not a LoRA" in err
+
+
+def test_styled_rows_score_against_the_styled_test_split():
+    from flashdistill.data.digits import load_digits
+    from flashdistill.scoring import fd_floor, score
+    from flashdistill.styles import thicken
+
+    test = load_digits("test")
+    thick = thicken(test.images)
+    row = score(thick, test.labels, style="thick")
+    assert row["fd"] == pytest.approx(0.0, abs=1e-6) and row["pixel_fd"] == pytest.approx(0.0, abs=1e-6)
+    assert row["fd_unstyled"] > 1.0 and row["ink"] == pytest.approx(float(((thick + 1) / 2).mean()), rel=1e-6)
+    plain = score(thick, test.labels)
+    assert "ink" not in plain and plain["fd"] == pytest.approx(row["fd_unstyled"])
+    assert fd_floor(300, "thick") != fd_floor(300)
+
+
+def test_style_and_lora_settings_are_checked():
+    from flashdistill.config import from_dict
+    from flashdistill.methods.dsm import TeacherConfig
+
+    with pytest.raises(ValueError, match="lora trains a LoRA on a text-to-image teacher: pass --base"):
+        from_dict(TeacherConfig, {"lora": True})
+    with pytest.raises(ValueError, match="style is for text-to-image teachers"):
+        from_dict(TeacherConfig, {"style": "thick", "task": "inpaint"})
+    with pytest.raises(ValueError, match="base is for task sketch"):
+        from_dict(TeacherConfig, {"base": "x", "task": "sr"})
+
+
+def test_composition_benchmark_writes_every_row(tmp_path, monkeypatch, tiny_channels):
+    """The preset end to end at toy size (2 training steps, 20 samples): rows, targets, report, grid."""
+    from flashdistill import benchmark, composition_benchmark as cb
+
+    real_teacher, real_method = benchmark.teacher_config, benchmark.method_config
+    toy = {"steps": 2, "batch_size": 4, "sample_every": 2, "checkpoint_every": 2}
+    monkeypatch.setattr(benchmark, "teacher_config", lambda o=None: real_teacher(
+        {**(o or {}), "channels": tiny_channels, "train": toy}))
+    monkeypatch.setattr(benchmark, "method_config", lambda m, t, o=None: real_method(m, t, {**(o or {}), "train": toy}))
+    result = cb.run_composition(tmp_path / "out", cache=tmp_path / "cache", num_samples=20, progress=False)
+    assert [(r["method"], r["steps"], r["nfe"]) for r in result["rows"]] == [
+        ("teacher + style", 32, 64), ("teacher + style", 1, 2), ("teacher + style", 2, 4), ("teacher + style", 4, 8),
+        ("flash + style", 1, 1), ("flash + style", 2, 2), ("flash + style", 4, 4),
+        ("teacher (no style)", 32, 64), ("flash (no style)", 4, 4)]
+    assert all(r["style"] == "thick" and {"fd_unstyled", "ink", "teacher_mse"} <= set(r) for r in result["rows"])
+    assert result["rows"][0]["teacher_mse"] == 0.0  # the reference is teacher + style at 32 steps
+    assert set(result["targets"]) >= {"fd_ratio_4step", "fd_within_1.25x", "adherence_within_2_points"}
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["style"] == "thick"
+    assert (tmp_path / "out" / "grid.png").is_file() and "| target |" in (tmp_path / "out" / "report.md").read_text()
+    style_dirs = list((tmp_path / "cache").glob("style-thick-*"))
+    assert len(style_dirs) == 1 and json.loads((style_dirs[0] / "flashdistill.json").read_text())["kind"] == "lora"
