@@ -286,6 +286,36 @@ def test_flash_on_a_conditional_teacher_passes_the_condition_everywhere(teachers
     assert grid  # the preview (condition row first) was written
 
 
+@pytest.mark.parametrize("method", ["lcm", "splam", "lightning"])
+def test_peer_methods_on_a_conditional_teacher(teachers, method, tmp_path, monkeypatch):
+    """LCM, SPLAM and SDXL-Lightning share the input path: every backbone call of their training
+    steps gets the inpainting condition, and the student samples with it."""
+    import flashdistill as fd
+    from flashdistill.models import denoiser as dn
+    from flashdistill.scoring import eval_set
+
+    calls = []
+    real = dn.backbone_call
+
+    def spy(x_t, cond, dtype):
+        calls.append("concat" in cond)
+        return real(x_t, cond, dtype)
+
+    monkeypatch.setattr(dn, "backbone_call", spy)
+    settings = {"lcm": {"N": 10}, "splam": {"N": 10, "gamma_dim": 8}, "lightning": {}}[method]
+    train = {"steps": 2, "batch_size": 4, "sample_every": 2, "checkpoint_every": 2}
+    if method == "lightning":  # an MSE stage at 2 steps, then the adversarial 1-step stage
+        settings = {"lora_rank": 2, "teacher_steps": 4, "stages": [2, 1], "stage_steps": [1, 2], "convert_steps": 1}
+        train = {"steps": 3, "batch_size": 2, "checkpoint_every": 3}
+    run = fd.distill(teachers["inpaint"], tmp_path / "run", method=method, overrides={**settings, "train": train},
+                     progress=False)
+    assert calls and all(calls)
+    s = fd.load(run)
+    prompts, _, _, condition, _ = eval_set(3, s.model.task)
+    out = s.generate_tensor(prompts, steps=s.step_counts[-1], condition=condition)
+    assert out.shape == (3, 1, 8, 8) and torch.isfinite(out).all()
+
+
 def test_evaluate_reports_task_metrics_and_diversity(teachers, monkeypatch):
     from flashdistill import api, scoring
 
@@ -405,6 +435,33 @@ def test_codi_loss_on_a_known_case(tiny_teacher):
     assert torch.allclose(fx0, x_t) and torch.allclose(feps0, x_t)
 
 
+def _check_codi_export(run, teacher, out, pe, loaded, prompts, condition):
+    """The export in diffusers' own classes: the teacher's UNet (+ the exported LoRA, for CoDi) and
+    the exported ControlNetModel give the toolkit's backbone output."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from flashdistill import api
+    from flashdistill.models.controlled import ControlledUNet
+    from flashdistill.tasks import CONTROL
+
+    api.export(run, out, num_samples=20)
+    card = (out / "README.md").read_text()
+    assert "controlnet/" in card and "--image IMAGE.png --mask MASK.png" in card
+    assert (out / "pytorch_lora_weights.safetensors").is_file() != pe
+    unet = UNet2DConditionModel.from_pretrained(teacher / "unet").eval()
+    if not pe:
+        unet.load_lora_adapter(str(out), weight_name="pytorch_lora_weights.safetensors", prefix="unet")
+    theirs = ControlledUNet(unet, ControlNetModel.from_pretrained(out / "controlnet").eval())
+    model = loaded.model
+    x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([999, 500, 20])
+    cond = model.cond(prompts, model.spatial(condition, 3))
+    with torch.no_grad():
+        ref = theirs(x, t, encoder_hidden_states=cond["encoder_hidden_states"], controlnet_cond=cond[CONTROL])[0]
+        mine = model.denoiser.backbone(x, t, encoder_hidden_states=cond["encoder_hidden_states"],
+                                       controlnet_cond=cond[CONTROL])[0]
+    torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_codi_and_pe_codi_train_save_load_and_sample(tiny_teacher, tmp_path):
     from flashdistill import api
     from flashdistill.data.digits import get_dataset
@@ -433,6 +490,7 @@ def test_codi_and_pe_codi_train_save_load_and_sample(tiny_teacher, tmp_path):
         prompts, _, _, condition, _ = eval_set(3, get_task("inpaint"))
         x = s.generate_tensor(prompts, steps=2, condition=condition)
         assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+        _check_codi_export(out, tiny_teacher, tmp_path / f"export{pe}", pe, s, prompts, condition)
     base = load_teacher(tiny_teacher)  # PE-CoDi leaves the teacher's UNet as it was
     for (n, p), (_, q) in zip(s.model.denoiser.backbone.unet.named_parameters(), base.denoiser.backbone.named_parameters()):
         assert torch.equal(p, q), n
@@ -441,3 +499,31 @@ def test_codi_and_pe_codi_train_save_load_and_sample(tiny_teacher, tmp_path):
 def test_codi_refuses_conditional_teachers(teachers):
     with pytest.raises(ValueError, match="text-to-image teacher, not an 'inpaint' one"):
         _codi(teachers["inpaint"])
+
+
+def test_app_actions_take_the_condition(teachers, tmp_path):
+    """The comparison page of a conditional run: upload fields for the task's images, and the
+    student's and teacher's images those of Loaded.generate with the same condition and seed."""
+    from PIL import Image
+
+    import flashdistill as fd
+    from flashdistill.app import actions, build_app, inputs
+
+    _flash(teachers["inpaint"], tmp_path / "run")
+    student, ref = fd.load(tmp_path / "run"), fd.load(teachers["inpaint"])
+    assert inputs(student) == ["image", "mask"]
+    run_student, run_teacher = actions(student, ref, 1)
+    img, mask = Image.new("L", (8, 8), 200), Image.new("L", (8, 8), 0)
+    mask.paste(255, (2, 2, 6, 6))
+    cond = student.condition(image=img, mask=mask)
+    image, ms, text = run_student("a handwritten digit two", 3, "2", 0, img, mask)
+    want = student.generate(["a handwritten digit two"], steps=2, seed=3, condition=cond)[0]
+    assert np.array_equal(np.asarray(image), np.asarray(want)) and "student" in text
+    timage, text = run_teacher("a handwritten digit two", 3, True, ms, text, 0, img, mask)
+    want = ref.generate(["a handwritten digit two"], steps=32, seed=3, condition=cond)[0]
+    assert np.array_equal(np.asarray(timage), np.asarray(want)) and "teacher" in text
+    with pytest.raises(ValueError, match="upload the mask first"):
+        run_student("a handwritten digit two", 0, "2", 0, img, None)
+    page = build_app(tmp_path / "run")
+    ids = {getattr(b, "elem_id", None) for b in page.blocks.values()}
+    assert {"cond-image", "cond-mask", "noise-level"} <= ids and "cond-sketch" not in ids

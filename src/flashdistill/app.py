@@ -1,6 +1,7 @@
 """``flashdistill app``: a local Gradio page that shows a student beside its teacher.
 
-A prompt, a seed, the student's step count and a compare switch. The student's image comes first;
+A prompt, a seed, the student's step count and a compare switch (conditional models: their
+condition images, uploaded, and the sr noise level). The student's image comes first;
 with compare on, the teacher then samples the same prompt and seed at its full steps (32 steps of
 DPM-Solver++ with CFG) and both latencies are shown. Below: the run's metrics table and its
 quality-vs-NFE plot, read from a ``results.json`` / ``quality_vs_nfe.png`` beside the run (``demo``
@@ -102,6 +103,52 @@ def plot_rows(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def actions(student, ref, scale: int):
+    """The page's two actions as plain functions (the Gradio wiring calls them; tests call them
+    directly). ``student`` may be None (a teacher alone, shown as ``ref``). Conditional models take
+    their condition images (``inputs(student or ref)``, PIL images in that order) and, for sr, the
+    low-res noise level; a teacher of another task (CoDi's text-to-image teacher) samples without."""
+    shown = student or ref
+    names = inputs(shown)
+
+    def condition(model, noise_level, images):
+        if not names or model.task != shown.task:
+            return None
+        missing = [k for k, v in zip(names, images) if v is None]
+        if missing:
+            raise ValueError(f"upload the {' and the '.join(missing)} first (this is a {shown.task} model)")
+        return model.condition(**dict(zip(names, images)), noise_level=int(noise_level or 0), n=1)
+
+    def run_student(prompt, seed, steps, noise_level=0, *images):
+        if not prompt or not prompt.strip():
+            raise ValueError("type a prompt first")
+        cond = condition(shown, noise_level, images)
+        t0 = time.perf_counter()
+        image = shown.generate([prompt], steps=int(steps) if student else TEACHER_STEPS, seed=int(seed), scale=scale,
+                               condition=cond)[0]
+        ms = 1000 * (time.perf_counter() - t0)
+        return image, ms, f"**student**: {int(steps)} step(s), {ms:.0f} ms" if student else f"**teacher**: {ms:.0f} ms"
+
+    def run_teacher(prompt, seed, compare, student_ms, text, noise_level=0, *images):
+        if not compare or student is None:
+            return None, text
+        cond = condition(ref, noise_level, images)
+        t0 = time.perf_counter()
+        image = ref.generate([prompt], steps=TEACHER_STEPS, seed=int(seed), scale=scale, condition=cond)[0]
+        ms = 1000 * (time.perf_counter() - t0)
+        w = ref.model.default_guidance
+        alone = "" if cond is not None or not names else f" ({ref.task}: without the condition)"
+        return image, (f"{text} · **teacher**{alone}: {TEACHER_STEPS} steps DPM-Solver++, CFG {w:g} "
+                       f"({2 * TEACHER_STEPS} NFE), {ms:.0f} ms ({ms / max(student_ms, 1e-3):.1f}x the student's time)")
+
+    return run_student, run_teacher
+
+
+def inputs(model) -> list[str]:
+    """The condition images a model takes (``image``, ``mask``, ``sketch``), in the page's order."""
+    return list(model.model.task.inputs)
+
+
 def build_app(model, teacher=None):
     """The Gradio Blocks for ``model`` (a run or teacher folder) and its ``teacher`` (default: the
     folder the run recorded)."""
@@ -121,23 +168,17 @@ def build_app(model, teacher=None):
     if results and plot is None and results.get("rows") and "fd" in results["rows"][0]:
         plot = plot_rows(results["rows"], Path(student.path) / "app_quality_vs_nfe.png")
 
-    def run_student(prompt, seed, steps):
-        if not prompt or not prompt.strip():
-            raise gr.Error("type a prompt first")
-        t0 = time.perf_counter()
-        image = shown.generate([prompt], steps=int(steps) if student else TEACHER_STEPS, seed=int(seed), scale=scale)[0]
-        ms = 1000 * (time.perf_counter() - t0)
-        return image, ms, f"**student**: {int(steps)} step(s), {ms:.0f} ms" if student else f"**teacher**: {ms:.0f} ms"
+    plain_student, plain_teacher = actions(student, ref, scale)
 
-    def run_teacher(prompt, seed, compare, student_ms, text):
-        if not compare or student is None:
-            return None, text
-        t0 = time.perf_counter()
-        image = ref.generate([prompt], steps=TEACHER_STEPS, seed=int(seed), scale=scale)[0]
-        ms = 1000 * (time.perf_counter() - t0)
-        w = ref.model.default_guidance
-        return image, (f"{text} · **teacher**: {TEACHER_STEPS} steps DPM-Solver++, CFG {w:g} ({2 * TEACHER_STEPS} NFE), "
-                       f"{ms:.0f} ms ({ms / max(student_ms, 1e-3):.1f}x the student's time)")
+    def gradio_errors(fn):
+        def wrapped(*args):
+            try:
+                return fn(*args)
+            except ValueError as e:
+                raise gr.Error(str(e)) from None
+        return wrapped
+
+    run_student, run_teacher = gradio_errors(plain_student), gradio_errors(plain_teacher)
 
     def rescore():
         if student is None or student.meta.get("dataset") != "digits":
@@ -156,6 +197,14 @@ def build_app(model, teacher=None):
                              label="student steps", elem_id=ELEM["steps"])
             compare = gr.Checkbox(value=student is not None, label=f"compare with the teacher ({TEACHER_STEPS} steps)",
                                   elem_id=ELEM["compare"], interactive=student is not None)
+        names = inputs(shown)
+        with gr.Row(visible=bool(names)):
+            uploads = [gr.Image(label={"image": "low-res image" if shown.task == "sr" else "image",
+                                       "mask": "mask (white = repaint)", "sketch": "sketch (white = stroke)"}[k],
+                                type="pil", sources=["upload", "clipboard"], elem_id=f"cond-{k}", height=160)
+                       for k in names]
+            noise = gr.Slider(0, 350, value=0, step=1, label="low-res noise level", visible=shown.task == "sr",
+                              elem_id="noise-level")
         button = gr.Button("Generate", variant="primary", elem_id=ELEM["generate"])
         with gr.Row():
             out_student = gr.Image(label="student" if student else "teacher", type="pil", format="png",
@@ -170,8 +219,8 @@ def build_app(model, teacher=None):
             chart = gr.Image(value=str(plot) if plot else None, label="quality vs NFE", type="filepath")
             if student is not None and student.meta.get("dataset") == "digits":
                 gr.Button("score this run now (digits, 200 samples per row)").click(rescore, None, [table, chart])
-        button.click(run_student, [prompt, seed, steps], [out_student, student_ms, latency]).then(
-            run_teacher, [prompt, seed, compare, student_ms, latency], [out_teacher, latency])
+        button.click(run_student, [prompt, seed, steps, noise, *uploads], [out_student, student_ms, latency]).then(
+            run_teacher, [prompt, seed, compare, student_ms, latency, noise, *uploads], [out_teacher, latency])
     return page
 
 

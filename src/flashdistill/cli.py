@@ -80,7 +80,7 @@ def cmd_train_teacher(args) -> None:
                             resume=args.resume, dry_run=args.dry_run, progress=not args.quiet,
                             report_to=args.report_to, **keys)
     if not args.dry_run and api.is_main_process():
-        _summary("teacher", args.out, run.summary)
+        _summary("LoRA" if run.config.get("lora") else "teacher", args.out, run.summary)
 
 
 def cmd_distill(args) -> None:
@@ -215,9 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("train-teacher", help="train the built-in SD-style teacher from scratch",
+    p = sub.add_parser("train-teacher", help="train the built-in SD-style teacher (or a conditional one, or a LoRA on it)",
                        description="Train an SD-style UNet2DConditionModel teacher on a built-in dataset, "
-                                   "conditioned on MiniLM text embeddings, and save it as a diffusers-format folder.",
+                                   "conditioned on MiniLM text embeddings, and save it as a diffusers-format folder; "
+                                   "--task makes a conditional teacher, --base DIR [--style S] [--lora] fine-tunes "
+                                   "one (with --lora: a LoRA folder that sample/evaluate --extra-lora stack).",
                        epilog=_config_help(TeacherConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=None, help="built-in dataset (default: digits)")
     p.add_argument("--task", choices=["t2i", "inpaint", "sr", "sketch"], default=None,

@@ -68,6 +68,8 @@ def export(run: str | Path, out: str | Path, metrics: dict | None = None, teache
     if meta["full"]:
         shutil.copytree(run / "student" / "unet", out / backbone_dir)
         weights = f"{backbone_dir}/"
+    elif meta.get("lora") is None:  # PE-CoDi: the teacher's UNet as it is
+        weights = None
     elif family == "pixart":
         model = load_model(run, teacher=teacher)  # fused
         model.denoiser.backbone.save_pretrained(out / backbone_dir, safe_serialization=True)
@@ -81,10 +83,16 @@ def export(run: str | Path, out: str | Path, metrics: dict | None = None, teache
         cls.save_lora_weights(out, **{f"{key}_lora_layers": state, f"{key}_lora_adapter_metadata": metadata},
                               weight_name=LORA_FILE)
         weights = LORA_FILE
+    files = [] if weights is None else [weights]
+    if meta.get("conditioning") == "controlnet":  # CoDi: its conditional encoder, a diffusers ControlNetModel
+        from .models.controlled import CONTROLNET_DIR
+
+        shutil.copytree(run / CONTROLNET_DIR, out / CONTROLNET_DIR)
+        files.append(f"{CONTROLNET_DIR}/ (ControlNetModel.from_pretrained; the condition image goes in as controlnet_cond)")
     config = meta["scheduler_config"]
     scheduler_class(config).from_config(config).save_pretrained(out / "scheduler")
     (out / "flashdistill_sampling.json").write_text(json.dumps(meta["sampling"], indent=2))
-    (out / "README.md").write_text(model_card(meta, family, weights, metrics))
+    (out / "README.md").write_text(model_card(meta, family, files, metrics))
     return out
 
 
@@ -100,7 +108,7 @@ def _metrics_table(metrics: dict | None) -> str:
     return "\n".join(lines) + (f"\n\n{note}" if note else "")
 
 
-def model_card(meta: dict, family: str, weights: str, metrics: dict | None) -> str:
+def model_card(meta: dict, family: str, files: list[str], metrics: dict | None) -> str:
     cfg = meta.get("config", {})
     from .methods import method_module
 
@@ -128,8 +136,12 @@ def model_card(meta: dict, family: str, weights: str, metrics: dict | None) -> s
     else:
         load = 'pipe.load_lora_weights("EXPORT_DIR")'
     lora = meta.get("lora")
-    student = "full fine-tune" if meta["full"] else \
-        "LoRA rank {}, alpha {}, on {}".format(lora["rank"], lora["alpha"], ", ".join(lora["targets"]))
+    if meta["full"]:
+        student = "full fine-tune"
+    elif lora is None:
+        student = "the teacher's UNet unchanged, steered by a trained ControlNet (PE-CoDi)"
+    else:
+        student = "LoRA rank {}, alpha {}, on {}".format(lora["rank"], lora["alpha"], ", ".join(lora["targets"]))
     train = cfg.get("train", {})
     settings = [f"- teacher: `{meta['teacher']}` ({family})",
                 f"- student: {student}; "
@@ -147,7 +159,11 @@ def model_card(meta: dict, family: str, weights: str, metrics: dict | None) -> s
     settings.append(f"- training: {train.get('steps')} steps, batch {train.get('batch_size')}, lr {cfg.get('lr')}")
     gamma = meta["sampling"].get("gamma", 1.0)
     eta_arg = f", eta={gamma:g}" if sched_cls == "TCDScheduler" else ""
-    usage = "flashdistill sample --model RUN --prompt \"a handwritten digit seven\" --steps 2 --out grid.png" if family == "digits" else f"""import torch
+    from .tasks import get_task
+
+    given = " ".join(f"--{k} {k.upper()}.png" for k in get_task(meta.get("task")).inputs)
+    digits_usage = f"flashdistill sample --model RUN --prompt \"a handwritten digit seven\" --steps 2 {given} --out grid.png"
+    usage = digits_usage.replace("  ", " ") if family == "digits" else f"""import torch
 from diffusers import {pipe_cls}, {sched_cls}
 
 pipe = {pipe_cls}.from_pretrained("TEACHER_DIR")
@@ -166,8 +182,7 @@ flashdistill. It generates in {counts} steps without classifier-free guidance (o
 evaluation per step).
 
 ## Files
-- `{weights}`
-- `scheduler/`: `{sched_cls}` config
+""" + "".join(f"- `{f}`\n" for f in files) + f"""- `scheduler/`: `{sched_cls}` config
 - `flashdistill_sampling.json`: the student's timesteps per step count
 
 ## Sampling
