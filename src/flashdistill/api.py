@@ -446,7 +446,8 @@ def evaluate(model, steps=(1, 2, 4), num_samples: int = 1000, teacher=None, guid
     teacher = None if teacher is None else os.fspath(teacher)
     m = load_model(path, teacher=_moved_teacher(path, teacher), extra_loras=[(os.fspath(p), float(s)) for p, s in extra_loras])
     if m.meta.get("dataset") != "digits":
-        return _evaluate_real(m, steps, num_samples, guidance, prompts, protocol, reference, inception_weights, clip_model)
+        return _evaluate_real(m, steps, num_samples, guidance, prompts, protocol, reference, inception_weights, clip_model,
+                              progress)
     ignored = [name for name, value in (("--prompts", prompts), ("--protocol", protocol), ("--reference", reference),
                                         ("--inception-weights", inception_weights), ("--clip-model", clip_model)) if value]
     if ignored:
@@ -456,7 +457,8 @@ def evaluate(model, steps=(1, 2, 4), num_samples: int = 1000, teacher=None, guid
     return score_digits(m, num_samples, steps, guidance, sampler, ref, progress)
 
 
-def _evaluate_real(model, steps, num_samples, guidance, prompts, protocol, reference, inception_weights, clip_model):
+def _evaluate_real(model, steps, num_samples, guidance, prompts, protocol, reference, inception_weights, clip_model,
+                   progress: bool = False):
     from .metrics import (PROTOCOLS, MetricUnavailable, clip_scorer, evaluate_real, inception_extractor,
                           read_prompts, reference_features)
 
@@ -471,7 +473,7 @@ def _evaluate_real(model, steps, num_samples, guidance, prompts, protocol, refer
     except MetricUnavailable as e:
         raise ValueError(str(e)) from None
     feats = reference_features(os.fspath(reference), extractor) if reference else None
-    return evaluate_real(model, texts, steps, guidance, feats, extractor, scorer)
+    return evaluate_real(model, texts, steps, guidance, feats, extractor, scorer, progress=progress)
 
 
 def export(run, out, format: str = "diffusers", teacher=None, num_samples: int = 500, progress: bool = False) -> Path:
