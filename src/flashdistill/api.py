@@ -242,7 +242,7 @@ class Loaded:
 
     def condition(self, image=None, mask=None, sketch=None, noise_level: int = 0, n: int = 1) -> dict | None:
         """A conditional model's condition from images (PIL images, or paths of image files; any
-        size, converted to grey and resized), repeated ``n`` times: inpaint takes ``image`` and
+        size, resized; converted to grey, except an RGB pipeline's inpainting image), repeated ``n`` times: inpaint takes ``image`` and
         ``mask`` (white = repaint), sr the low-resolution ``image`` (and ``noise_level``, the
         low-res noise augmentation, 0..999), sketch a stroke map ``sketch`` (white = stroke)."""
         return condition_from_images(self.model, image, mask, sketch, noise_level, n)
@@ -311,7 +311,7 @@ class Loaded:
         return pipe
 
 
-def _grey(image, size: int, what: str, channels: int = 1):
+def _read_image(image, size: int, what: str, channels: int = 1):
     """An image file or PIL image as a (1, channels, size, size) tensor in [0, 1] (box-resampled;
     1 channel: grey, 3: RGB)."""
     import numpy as np
@@ -354,12 +354,12 @@ def condition_from_images(model, image=None, mask=None, sketch=None, noise_level
         return None
     rep = lambda x: x.expand(n, *x.shape[1:]).clone()  # noqa: E731
     if task == "inpaint":
-        return {"image": rep(_grey(image, size, "--image", channels) * 2 - 1),
-                "mask": rep((_grey(mask, size, "--mask") > 0.5).float())}
+        return {"image": rep(_read_image(image, size, "--image", channels) * 2 - 1),
+                "mask": rep((_read_image(mask, size, "--mask") > 0.5).float())}
     if task == "sr":
-        low = _grey(image, size // model.task.factor, "--image") * 2 - 1
+        low = _read_image(image, size // model.task.factor, "--image") * 2 - 1
         return {"low_res": rep(low), "noise_level": torch.full((n,), int(noise_level), dtype=torch.long)}
-    return {"sketch": rep((_grey(sketch, size, "--sketch") > 0.5).float())}
+    return {"sketch": rep((_read_image(sketch, size, "--sketch") > 0.5).float())}
 
 
 def load(path, teacher=None, device: str = "cpu", extra_loras=()) -> Loaded:
@@ -416,12 +416,13 @@ def score_digits(model, num_samples: int, steps: list[int], guidance: float | No
 
     task = model.task
     prompts, labels, seeds, condition, truth = _eval_inputs(model, num_samples)
+    if task.keys:
+        d_prompts, d_seeds, d_condition = diversity_set(task)
     rows = []
     for n in tqdm(steps, desc="evaluate", disable=not progress, unit="row"):
         images = sample(model, prompts, seeds, n, guidance=guidance, sampler=sampler, condition=condition)
         row = {"steps": n, **score(images, labels, reference, style=style or model.meta.get("style", "none"))}
         if task.keys:
-            d_prompts, d_seeds, d_condition = diversity_set(task)
             spread = sample(model, d_prompts, d_seeds, n, guidance=guidance, sampler=sampler, condition=d_condition)
             row.update({"task": task.name, **task.metrics(images, condition, truth), "diversity": diversity(spread)})
         rows.append(row)

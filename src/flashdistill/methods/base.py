@@ -142,7 +142,7 @@ class StudentMethod:
         self.teacher = load_teacher(config.teacher, dtype=DTYPES[config.dtype])
         self.schedule = self.teacher.schedule
         self.family = self.teacher.meta.get("family", "digits")
-        self.check_task()
+        self.teacher.check_task()
         if self.schedule.kind == "flow" and config.sampler_gamma != 1.0:
             raise ValueError(f"sampler_gamma {config.sampler_gamma} needs a VP teacher: diffusers has no TCD-style "
                              "scheduler for flow matching, so an export could not sample like the run; use 1.0")
@@ -162,14 +162,6 @@ class StudentMethod:
     def prepare(self) -> None:
         """After the teacher is loaded, before the models are built: grids, and a one-line
         ValueError when the method does not apply to this teacher."""
-
-    def check_task(self) -> None:
-        """Conditional teachers build their condition from the batch's pixels; on latent teachers only
-        the tasks whose condition goes through the VAE (inpaint: diffusers' 9-channel UNet)."""
-        task = self.teacher.task
-        if task.keys and self.teacher.vae is not None and not task.latent:
-            raise ValueError(f"task {task.name!r} on a latent teacher is not supported yet: only inpaint (diffusers' "
-                             "StableDiffusionInpaintPipeline) runs on latent teachers; sr and sketch on the digits ones")
 
     def default_targets(self) -> list[str]:
         return LORA_TARGETS[self.family]

@@ -108,9 +108,17 @@ class Model:
 
             return {CONTROL: task.control(condition)}
         scale = float(self.meta.get("adapter_scale", 1.0))
-        if self.vae is not None and not task.latent:
-            raise ValueError(f"the {task.name!r} task runs on pixel-space teachers only, not on latent (VAE) models")
+        self.check_task()
         return task.kwargs(condition, self.adapter, scale, generator, encode=None if self.vae is None else self.encode)
+
+    def check_task(self) -> None:
+        """A ValueError unless the model's task runs on it: on latent (VAE) models only the tasks whose
+        condition the VAE or an adapter brings to the latents (inpaint; sketch through its adapter)."""
+        task = self.task
+        if task.keys and self.vae is not None and not task.latent:
+            raise ValueError(f"task {task.name!r} runs on the pixel-space digits teachers only, not on latent (VAE) "
+                             "models: latent teachers take inpaint (StableDiffusionInpaintPipeline) and sketch "
+                             "(StableDiffusionAdapterPipeline, StableDiffusionControlNetPipeline)")
 
     def show(self, condition: dict) -> torch.Tensor:
         """The condition drawn as images in [-1, 1] with this model's channels (a grid's first row)."""
