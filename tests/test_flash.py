@@ -371,9 +371,11 @@ def test_flash_train_resume_sample_and_logs(tiny_teacher, tmp_path):
     meta = json.loads((full / "flashdistill.json").read_text())
     assert meta["sampling"]["timesteps"] == {"1": [999], "2": [999, 499], "4": [999, 749, 499, 249]}
     model = load_model(full)
+    # image i depends on its own prompt and seed only: the same item beside another prompt and seed
+    # is bit-identical (same batch size, so the same CPU kernels; a batch of 1 may round differently)
     x1 = sample(model, ["7", "3"], [5, 6], 2)
-    x2 = sample(model, ["3"], [6], 2)
-    torch.testing.assert_close(x1[1:], x2)
+    x2 = sample(model, ["9", "3"], [11, 6], 2)
+    assert torch.equal(x1[1], x2[1]) and not torch.equal(x1[0], x2[0])
     with pytest.raises(ValueError, match="steps"):
         sample(model, ["7"], [0], 3)
     assert (full / "scheduler" / "scheduler_config.json").is_file()
