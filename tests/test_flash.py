@@ -91,6 +91,23 @@ def test_two_step_timesteps_follow_the_config(tiny_teacher):
     assert from_dict(FlashConfig, {**PRESETS["sd"], "teacher": "x"}).two_step_modes == [0, 2]
 
 
+def test_exported_scheduler_picks_the_student_timesteps_from_the_step_count(tiny_teacher):
+    """original_inference_steps is chosen so that diffusers' own set_timesteps(n), with no
+    timesteps= (the upscale pipeline passes none), gives the student's timesteps; where no grid
+    does (the digits preset's [999, 249] at 2 steps), it stays the teacher grid's K."""
+    from diffusers import LCMScheduler, TCDScheduler
+
+    for gamma, cls in ((1.0, LCMScheduler), (0.0, TCDScheduler)):
+        m = tiny_flash(tiny_teacher, K=32, sampler_gamma=gamma)
+        config = m.scheduler_config()
+        assert config["_class_name"] == cls.__name__ and config["original_inference_steps"] == 4
+        sched = cls.from_config(config)
+        for n, ts in m.sampling()["timesteps"].items():
+            sched.set_timesteps(int(n))
+            assert sched.timesteps.tolist() == ts
+    assert tiny_flash(tiny_teacher, K=16, two_step_modes=[0, 3]).scheduler_config()["original_inference_steps"] == 16
+
+
 def test_presets_sampler_gamma_and_the_long_preset():
     digits = from_dict(FlashConfig, {**PRESETS["digits"], "teacher": "x"})
     long = from_dict(FlashConfig, {**PRESETS["digits-long"], "teacher": "x"})

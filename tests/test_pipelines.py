@@ -333,8 +333,11 @@ def test_cache_latents_needs_data(teachers, tmp_path, capsys):
 
 # --- conditional pipelines (issue 13): StableDiffusionInpaintPipeline, StableDiffusionAdapterPipeline --
 CONDITIONAL = {"sd-inpaint": ("StableDiffusionInpaintPipeline", "inpaint"),
+               "sd-upscale": ("StableDiffusionUpscalePipeline", "sr"),
                "sd-adapter": ("StableDiffusionAdapterPipeline", "sketch"),
-               "sd-controlnet": ("StableDiffusionControlNetPipeline", "sketch")}
+               "sdxl-adapter": ("StableDiffusionXLAdapterPipeline", "sketch"),
+               "sd-controlnet": ("StableDiffusionControlNetPipeline", "sketch"),
+               "sdxl-controlnet": ("StableDiffusionXLControlNetPipeline", "sketch")}
 
 
 @pytest.fixture(scope="module")
@@ -353,14 +356,17 @@ def _condition(task, n=2, rgb=False):
     mask[1:, :, 8:, :] = 1
     if task == "inpaint":
         return {"image": image, "mask": mask}, {"image": (image + 1) / 2, "mask_image": mask}
+    if task == "sr":  # the upscaler's low-res input is at the latents' size, noised at noise_level
+        low = image[:, :, ::2, ::2]
+        return ({"low_res": low, "noise_level": torch.full((n,), 20)}, {"image": (low + 1) / 2, "noise_level": 20})
     return {"sketch": mask}, {"image": mask.expand(-1, 3, -1, -1) if rgb else mask}
 
 
 def _stock(path, family):
     import diffusers
 
-    return getattr(diffusers, CONDITIONAL[family][0]).from_pretrained(str(path), safety_checker=None,
-                                                                      requires_safety_checker=False)
+    extra = {} if family.startswith("sdxl") else {"safety_checker": None, "requires_safety_checker": False}
+    return getattr(diffusers, CONDITIONAL[family][0]).from_pretrained(str(path), **extra)
 
 
 @pytest.mark.parametrize("family", CONDITIONAL)
@@ -386,6 +392,8 @@ def test_conditional_pipeline_teacher_matches_the_stock_pipeline_with_cfg(condit
     spatial = model.spatial(cond, 2, torch.Generator().manual_seed(7))
     if task == "inpaint":
         assert spatial["concat"].shape == (2, 5, 8, 8)
+    elif task == "sr":  # [x_t, noised low-res RGB]; the noise level as the class label
+        assert spatial["concat"].shape == (2, 3, 8, 8) and spatial["class_labels"].tolist() == [20, 20]
     elif "controlnet" in family:  # the condition image; the ControlNet runs inside every backbone call
         assert spatial["controlnet_cond"].shape == (2, 1, 16, 16)
     else:
@@ -425,19 +433,24 @@ def test_conditional_pipeline_flash_export_round_trip(conditional_teachers, fami
         fd.distill(teacher, tmp_path / "cached", data=data, cache_latents=tmp_path / "cache", progress=False)
 
     out = fd.export(run, tmp_path / "export")
-    assert pipe_name in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert pipe_name in card
     pipe = _stock(teacher, family)
-    if task == "sketch":  # the adapter pipeline has no LoRA loader mixin: the UNet's own loader
+    if pipe_name == "StableDiffusionAdapterPipeline":  # no LoRA loader mixin: the UNet's own loader
         pipe.unet.load_lora_adapter(str(out), weight_name="pytorch_lora_weights.safetensors", prefix="unet")
     else:
         pipe.load_lora_weights(out)
     pipe.scheduler = diffusers.LCMScheduler.from_pretrained(out, subfolder="scheduler")
+    if task == "sr":  # the upscale pipeline takes no timesteps=: the scheduler's own picks must be the student's
+        assert "takes no `timesteps=`" in card and "student's own timesteps at 1, 2, 4 step count(s)." in card
+        assert "timesteps=" not in card.split("```python")[1]
     for n in (1, 2, 4):
         ts = student_timesteps(student.sampling, n)
         lat = _noise(student, 2, 5)
-        ref = pipe(prompts, **inputs, num_inference_steps=n, timesteps=ts.long().tolist(), guidance_scale=1.0,
+        given = {} if task == "sr" else {"timesteps": ts.long().tolist()}
+        ref = pipe(prompts, **inputs, num_inference_steps=n, **given, guidance_scale=1.0,
                    latents=lat.clone(), generator=torch.Generator().manual_seed(7), output_type="latent").images
-        g = torch.Generator().manual_seed(7)  # inpaint: the masked image's latent first, then the re-noising
+        g = torch.Generator().manual_seed(7)  # inpaint: the masked image's latent first, sr: the low-res noise; then the re-noising
         spatial = student.spatial(cond, 2, g)
         noises = [torch.randn(lat.shape, generator=g) for _ in range(n)]
         with torch.no_grad():
@@ -457,3 +470,59 @@ def test_conditional_pipeline_flash_export_round_trip(conditional_teachers, fami
                  str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "g.png")]) == 0
     grid = Image.open(tmp_path / "g.png")
     assert grid.mode == "RGB" and grid.size[0] >= 3 * tp.IMAGE_SIZE  # the condition, then two samples
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_codi_on_a_pipeline_teacher_exports_a_controlnet_pipeline(teachers, family, tmp_path):
+    """CoDi from a text-to-image pipeline: the condition image at the pixels' size, brought to the
+    latents by the ControlNet's own stride-2 embedding; the export (LoRA + controlnet/) in the
+    family's stock ControlNet pipeline reproduces the toolkit's samples."""
+    import diffusers
+
+    import flashdistill as fd
+    from flashdistill.models.loading import load_model
+    from flashdistill.models.student import lcm_multistep, student_timesteps
+
+    teacher = teachers[family]
+    data = _image_folder(tmp_path / "data")
+    with pytest.raises(ValueError, match="this sketch run makes its condition"):
+        fd.distill(teacher, tmp_path / "cached", method="codi", data=data, cache_latents=tmp_path / "cache",
+                   overrides={"task": "sketch"}, progress=False)
+    run = fd.distill(teacher, tmp_path / "run", method="codi", data=data, lr=2e-2, progress=False,
+                     overrides={"task": "sketch", "N": 8, "train": {"steps": 3, "batch_size": 2, "checkpoint_every": 3}})
+    student = load_model(run)
+    pipe_name = {"sd": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}[family]
+    assert student.task.name == "sketch" and student.meta["pipeline"] == pipe_name
+    controlnet = student.denoiser.backbone.controlnet
+    assert controlnet.config.conditioning_embedding_out_channels == [16, 32]  # 16 px -> 8x8 latents: one stride 2
+    (cond, inputs), prompts = _condition("sketch"), ["a cat", "a red car"]
+    loaded = fd.load(run)
+    images = loaded.generate_tensor(prompts, 2, seed=1, condition=cond)
+    assert images.shape == (2, 3, tp.IMAGE_SIZE, tp.IMAGE_SIZE) and torch.isfinite(images).all()
+    # the trained ControlNet steers: another sketch, another sample
+    other = loaded.generate_tensor(prompts, 2, seed=1, condition={"sketch": 1 - cond["sketch"]})
+    assert (other - images).abs().max() > 1e-3  # float noise is ~1e-6
+
+    out = fd.export(run, tmp_path / "export")
+    card = (out / "README.md").read_text()
+    assert f"{pipe_name}.from_pretrained(\"TEACHER_DIR\", controlnet=controlnet)" in card
+    pipe = getattr(diffusers, pipe_name).from_pretrained(
+        str(teacher), controlnet=diffusers.ControlNetModel.from_pretrained(out, subfolder="controlnet"),
+        **({} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}))
+    pipe.load_lora_weights(out)
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    pipe.scheduler = getattr(diffusers, sched).from_pretrained(out, subfolder="scheduler")
+    gamma = student.sampling.get("gamma", 1.0)
+    eta = {"eta": gamma} if sched == "TCDScheduler" else {}
+    for n in (1, 2, 4):
+        ts = student_timesteps(student.sampling, n)
+        lat = _noise(student, 2, 5)
+        ref = pipe(prompts, **inputs, num_inference_steps=n, timesteps=ts.long().tolist(), guidance_scale=1.0, **eta,
+                   latents=lat.clone(), generator=torch.Generator().manual_seed(7), output_type="latent").images
+        g = torch.Generator().manual_seed(7)
+        spatial = student.spatial(cond, 2, g)
+        noises = [torch.randn(lat.shape, generator=g) for _ in range(n)]
+        with torch.no_grad():
+            ours = lcm_multistep(student.denoiser, lat, ts, student.cond(prompts, spatial), student.schedule, noises,
+                                 gamma=gamma)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item() + 1e-6)

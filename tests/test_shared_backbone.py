@@ -63,6 +63,31 @@ def test_lora_student_is_the_teacher_module_and_never_leaks_into_teacher_calls(t
         assert torch.equal(Denoiser(m.student, m.schedule)(x, t, cond), on)  # and still do after a teacher call
 
 
+def test_teacher_calls_bypass_the_lora_layers_and_put_them_back(tiny_teacher):
+    """A teacher call runs the base layers in the LoRA layers' places (no peft dispatch), and the
+    structure is restored afterwards, also when the call raises."""
+    from flashdistill.models.adapters import adapter_scope
+
+    m = flash(tiny_teacher)
+    teacher, layers = m.teacher.denoiser, lora_layers(m.student)
+    x, t, cond = inputs(m.teacher)
+    names = [n for n, _ in m.student.named_modules()]
+    calls = []
+    handles = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in layers]
+    with torch.no_grad():
+        teacher(x, t, cond)
+        assert not calls
+        Denoiser(m.student, m.schedule)(x, t, cond)
+        assert len(calls) >= len(layers)
+    with pytest.raises(RuntimeError, match="boom"):
+        with adapter_scope(m.student, False):
+            assert not lora_layers(m.student)
+            raise RuntimeError("boom")
+    for h in handles:
+        h.remove()
+    assert [n for n, _ in m.student.named_modules()] == names and lora_layers(m.student) == layers
+
+
 def test_adapter_switch_follows_structure_changes_after_it_was_used(tiny_teacher):
     """adapter_scope caches what it touches per module; a LoRA injected (or fused) after a first
     call must still be switched off in teacher calls."""

@@ -57,7 +57,7 @@ def vae(latent_channels: int = 4, shift: float | None = None, scale: float = 0.1
                          norm_num_groups=8, sample_size=IMAGE_SIZE, scaling_factor=scale, **kw).eval()
 
 
-def unet(cross: int, sdxl: bool = False, prediction_type: str = "epsilon", in_channels: int = 4):
+def unet(cross: int, sdxl: bool = False, prediction_type: str = "epsilon", in_channels: int = 4, **extra):
     from diffusers import UNet2DConditionModel
 
     kw = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
@@ -65,7 +65,7 @@ def unet(cross: int, sdxl: bool = False, prediction_type: str = "epsilon", in_ch
     return UNet2DConditionModel(sample_size=IMAGE_SIZE // 2, in_channels=in_channels, out_channels=4, layers_per_block=1,
                                 block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross,
-                                attention_head_dim=4, norm_num_groups=8, **kw).eval()
+                                attention_head_dim=4, norm_num_groups=8, **kw, **extra).eval()
 
 
 def _seeded(fn, seed):
@@ -75,8 +75,8 @@ def _seeded(fn, seed):
 
 
 def build(family: str, out: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Write a tiny ``family`` pipeline (sd, sd-inpaint, sd-adapter, sd-controlnet, sdxl, pixart, sd3) to ``out``
-    and return it."""
+    """Write a tiny ``family`` pipeline (sd, sd-inpaint, sd-upscale, sd-adapter, sdxl-adapter, sd-controlnet,
+    sdxl-controlnet, sdxl, pixart, sd3) to ``out`` and return it."""
     import diffusers
 
     def make():
@@ -92,6 +92,12 @@ def build(family: str, out: Path, prediction_type: str = "epsilon", seed: int = 
                 vae=vae(), text_encoder=clip_text(), tokenizer=clip_tokenizer(), unet=unet(32, in_channels=9),
                 scheduler=diffusers.DDIMScheduler(**sd_sched), safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False)
+        if family == "sd-upscale":  # x2 here (a 2-block VAE): [latents, noised low-res RGB], noise level as class label
+            return diffusers.StableDiffusionUpscalePipeline(
+                vae=vae(scale=0.08333), text_encoder=clip_text(), tokenizer=clip_tokenizer(),
+                unet=unet(32, in_channels=7, num_class_embeds=1000), low_res_scheduler=diffusers.DDPMScheduler(),
+                scheduler=diffusers.DDIMScheduler(**sd_sched), safety_checker=None, feature_extractor=None,
+                watermarker=None, max_noise_level=350)
         if family == "sd-adapter":  # a T2I-Adapter on a 1-channel sketch: features at 8x8 and 4x4
             adapter = diffusers.T2IAdapter(in_channels=1, channels=[16, 32], num_res_blocks=1, downscale_factor=2,
                                            adapter_type="full_adapter")
@@ -99,14 +105,27 @@ def build(family: str, out: Path, prediction_type: str = "epsilon", seed: int = 
                 vae=vae(), text_encoder=clip_text(), tokenizer=clip_tokenizer(), unet=unet(32), adapter=adapter.eval(),
                 scheduler=diffusers.DDIMScheduler(**sd_sched), safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False)
-        if family == "sd-controlnet":  # an RGB ControlNet with one stride-2 layer (16 px -> 8x8 latents)
-            base = unet(32)
+        if family == "sdxl-adapter":  # the same adapter on the SDXL UNet (pooled text embeddings, time ids)
+            adapter = diffusers.T2IAdapter(in_channels=1, channels=[16, 32], num_res_blocks=1, downscale_factor=2,
+                                           adapter_type="full_adapter")
+            return diffusers.StableDiffusionXLAdapterPipeline(
+                vae=vae(scale=0.13025), text_encoder=clip_text(), text_encoder_2=clip_text(projection=True),
+                tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet(64, sdxl=True), adapter=adapter.eval(),
+                scheduler=diffusers.EulerDiscreteScheduler(**{k: v for k, v in sd_sched.items() if k not in ("clip_sample", "set_alpha_to_one")}))
+        if family in ("sd-controlnet", "sdxl-controlnet"):  # an RGB ControlNet with one stride-2 layer (16 px -> 8x8 latents)
+            xl = family == "sdxl-controlnet"
+            base = unet(64, sdxl=True) if xl else unet(32)
             controlnet = diffusers.ControlNetModel.from_unet(base, conditioning_channels=3,
                                                              conditioning_embedding_out_channels=(16, 32))
             with torch.no_grad():  # away from the zero initialisation, so that the condition steers
                 for m in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
                           controlnet.controlnet_cond_embedding.conv_out]:
                     m.weight.normal_(0, 0.2)
+            if xl:
+                return diffusers.StableDiffusionXLControlNetPipeline(
+                    vae=vae(scale=0.13025), text_encoder=clip_text(), text_encoder_2=clip_text(projection=True),
+                    tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=base, controlnet=controlnet.eval(),
+                    scheduler=diffusers.EulerDiscreteScheduler(**{k: v for k, v in sd_sched.items() if k not in ("clip_sample", "set_alpha_to_one")}))
             return diffusers.StableDiffusionControlNetPipeline(
                 vae=vae(), text_encoder=clip_text(), tokenizer=clip_tokenizer(), unet=base, controlnet=controlnet.eval(),
                 scheduler=diffusers.DDIMScheduler(**sd_sched), safety_checker=None, feature_extractor=None,

@@ -170,9 +170,11 @@ def distill(teacher, out, method: str = "flash", preset: str = "auto", config=No
             raise ValueError("data needs a latent (VAE) teacher; the built-in teacher trains on its own dataset")
         dataset = load_image_dataset(os.fspath(data), size, caption_column)
         say(f"data: {len(dataset):,} captioned images from {data}, at {size}x{size}")
-        if cache_latents and m.teacher.task.keys:
-            raise ValueError(f"--cache-latents keeps latents, not images, and this {m.teacher.task.name} teacher makes "
-                             "its condition from each batch's images: drop --cache-latents")
+        task = getattr(m, "task", None) or m.teacher.task  # CoDi learns a task its teacher does not have
+        if cache_latents and task.keys:
+            raise ValueError(f"--cache-latents keeps latents, not images, and this {task.name} "
+                             f"{'run' if task is not m.teacher.task else 'teacher'} makes its condition from each "
+                             "batch's images: drop --cache-latents")
         if cache_latents:
             dataset = _cached(dataset, m.teacher, os.fspath(cache_latents), os.fspath(data), progress)
             say(f"cache: latents and text embeddings in {cache_latents}")
@@ -269,14 +271,16 @@ class Loaded:
 
     def pipeline_kwargs(self, steps: int) -> dict:
         """Keyword arguments of the diffusers pipeline call that sample this student with ``steps``
-        steps: its own timesteps (``sigmas`` for SD3), guidance off."""
+        steps: its own timesteps (``sigmas`` for SD3; none for the upscaler, whose exported scheduler
+        picks them from the step count), guidance off."""
+        from .exporting import NO_TIMESTEPS_ARG
         from .models.student import student_timesteps
 
         ts = student_timesteps(self._stage(steps).sampling, steps)
         kw = {"num_inference_steps": steps, "guidance_scale": 1.0}
         if self.meta.get("family") == "sd3":
             kw["sigmas"] = (ts / 1000).tolist()
-        else:
+        elif self.meta.get("pipeline") not in NO_TIMESTEPS_ARG:  # the upscaler: its scheduler picks them
             kw["timesteps"] = ts.long().tolist()
         if self.meta.get("family") == "pixart":
             kw["use_resolution_binning"] = False
@@ -305,7 +309,12 @@ class Loaded:
         model = self._stage(steps)
         from .models.adapters import lora_root
 
-        setattr(pipe, "transformer" if family in ("pixart", "sd3") else "unet", lora_root(model.denoiser.backbone))
+        backbone = model.denoiser.backbone
+        if self.meta.get("conditioning") == "controlnet":  # CoDi: the teacher's pipeline as its ControlNet pipeline
+            import diffusers
+
+            pipe = getattr(diffusers, self.meta["pipeline"]).from_pipe(pipe, controlnet=backbone.controlnet)
+        setattr(pipe, "transformer" if family in ("pixart", "sd3") else "unet", lora_root(backbone))
         config = model.meta["scheduler_config"]
         pipe.scheduler = scheduler_class(config).from_config(config)
         return pipe
@@ -348,8 +357,9 @@ def condition_from_images(model, image=None, mask=None, sketch=None, noise_level
 
         raise ValueError(f"{str(model.path)!r} is {article(task)} {task!r} model: it takes {need}, got "
                          f"{', '.join(f'--{k}' for k in sorted(given)) or 'none'}")
-    if not 0 <= int(noise_level) <= 999:
-        raise ValueError(f"noise_level must be in [0, 999], got {noise_level}")
+    top = int(model.meta.get("max_noise_level", 999))  # an upscale pipeline's own limit (350 for the x4 upscaler)
+    if not 0 <= int(noise_level) <= top:
+        raise ValueError(f"noise_level must be in [0, {top}], got {noise_level}")
     if task == "t2i":
         return None
     rep = lambda x: x.expand(n, *x.shape[1:]).clone()  # noqa: E731
@@ -357,7 +367,7 @@ def condition_from_images(model, image=None, mask=None, sketch=None, noise_level
         return {"image": rep(_read_image(image, size, "--image", channels) * 2 - 1),
                 "mask": rep((_read_image(mask, size, "--mask") > 0.5).float())}
     if task == "sr":
-        low = _read_image(image, size // model.task.factor, "--image") * 2 - 1
+        low = _read_image(image, size // model.task.factor, "--image", channels) * 2 - 1
         return {"low_res": rep(low), "noise_level": torch.full((n,), int(noise_level), dtype=torch.long)}
     return {"sketch": rep((_read_image(sketch, size, "--sketch") > 0.5).float())}
 

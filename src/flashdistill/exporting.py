@@ -96,6 +96,22 @@ def export(run: str | Path, out: str | Path, metrics: dict | None = None, teache
     return out
 
 
+NO_TIMESTEPS_ARG = {"StableDiffusionUpscalePipeline"}  # its __call__ only calls scheduler.set_timesteps(n)
+
+
+def _scheduler_picks(meta: dict) -> dict:
+    """Per step count of the student, the timesteps its exported LCM/TCD scheduler's
+    ``set_timesteps(n)`` picks (no ``timesteps=`` given)."""
+    from .core.schedules import VPSchedule
+    from .core.timesteps import lcm_inference_timesteps, skipping_grid
+
+    config = meta["scheduler_config"]
+    grid = skipping_grid(VPSchedule(num_train_timesteps=int(config.get("num_train_timesteps", 1000))),
+                         int(config["original_inference_steps"]))
+    return {k: [int(v) for v in lcm_inference_timesteps(grid, int(k))] if int(k) <= len(grid) else None
+            for k in meta["sampling"]["timesteps"]}
+
+
 def _metrics_table(metrics: dict | None) -> str:
     if not metrics or not metrics.get("rows"):
         return ("No metrics were recorded with this export. Score the student with `flashdistill evaluate "
@@ -122,8 +138,13 @@ def model_card(meta: dict, family: str, files: list[str], metrics: dict | None) 
     values = {k: ([round(v / 1000, 6) for v in t] if flow else t) for k, t in ts.items()}
     pipe_cls = meta.get("pipeline") or PIPELINE_CLASSES.get(family, "PixArtAlphaPipeline")
     inputs = {"StableDiffusionInpaintPipeline": ", image=init_image, mask_image=mask_image",
+              "StableDiffusionUpscalePipeline": ", image=low_res_image, noise_level=20",
               "StableDiffusionAdapterPipeline": ", image=sketch",
-              "StableDiffusionControlNetPipeline": ", image=control_image"}.get(pipe_cls, "")
+              "StableDiffusionXLAdapterPipeline": ", image=sketch",
+              "StableDiffusionControlNetPipeline": ", image=control_image",
+              "StableDiffusionXLControlNetPipeline": ", image=control_image"}.get(pipe_cls, "")
+    # pipelines whose __call__ takes no timesteps=: their scheduler's set_timesteps(n) picks them
+    picked = _scheduler_picks(meta) if pipe_cls in NO_TIMESTEPS_ARG else None
     sched_cls = meta["scheduler_config"].get("_class_name", "LCMScheduler")
     if family == "pixart" or meta["full"]:
         sub = "transformer" if family in ("pixart", "sd3") else "unet"
@@ -131,6 +152,8 @@ def model_card(meta: dict, family: str, files: list[str], metrics: dict | None) 
                      "unet": "UNet2DConditionModel"}[sub]
         load = (f"from diffusers import {model_cls}\n"
                 f"pipe.{sub} = {model_cls}.from_pretrained(\"EXPORT_DIR\", subfolder=\"{sub}\")")
+    elif meta.get("lora") is None:  # PE-CoDi: the teacher's UNet as it is
+        load = "# the UNet stays the teacher's (PE-CoDi): no LoRA to load"
     elif pipe_cls == "StableDiffusionAdapterPipeline":  # no LoRA loader mixin: the UNet's own
         load = 'pipe.unet.load_lora_adapter("EXPORT_DIR", weight_name="pytorch_lora_weights.safetensors", prefix="unet")'
     else:
@@ -163,13 +186,29 @@ def model_card(meta: dict, family: str, files: list[str], metrics: dict | None) 
 
     given = " ".join(f"--{k} {k.upper()}.png" for k in get_task(meta.get("task")).inputs)
     digits_usage = f"flashdistill sample --model RUN --prompt \"a handwritten digit seven\" --steps 2 {given} --out grid.png"
+    make_pipe = f'pipe = {pipe_cls}.from_pretrained("TEACHER_DIR")'
+    if meta.get("conditioning") == "controlnet":  # CoDi: the teacher's folder with the trained ControlNet
+        make_pipe = (f'controlnet = ControlNetModel.from_pretrained("EXPORT_DIR", subfolder="controlnet")\n'
+                     f'pipe = {pipe_cls}.from_pretrained("TEACHER_DIR", controlnet=controlnet)')
+        sched_cls_import = f"ControlNetModel, {sched_cls}"
+    else:
+        sched_cls_import = sched_cls
     usage = digits_usage.replace("  ", " ") if family == "digits" else f"""import torch
-from diffusers import {pipe_cls}, {sched_cls}
+from diffusers import {pipe_cls}, {sched_cls_import}
 
-pipe = {pipe_cls}.from_pretrained("TEACHER_DIR")
+{make_pipe}
 {load}
 pipe.scheduler = {sched_cls}.from_pretrained("EXPORT_DIR", subfolder="scheduler")
-image = pipe("a photo of a cat"{inputs}, num_inference_steps=2, {steps_arg}={values.get('2')}, guidance_scale=1.0{eta_arg}).images[0]"""
+image = pipe("a photo of a cat"{inputs}, num_inference_steps=2, {'' if picked else f"{steps_arg}={values.get('2')}, "}guidance_scale=1.0{eta_arg}).images[0]"""
+    steps_note = f"Pass the student's own {steps_arg} for the step count you want (guidance off)."
+    if picked:
+        same = [k for k in values if picked[k] == values[k]]
+        steps_note = (f"`{pipe_cls}` takes no `timesteps=`: the exported scheduler picks them from the step count "
+                      f"(`original_inference_steps = {meta['scheduler_config'].get('original_inference_steps')}`), "
+                      f"which gives the student's own timesteps at {', '.join(same) or 'no'} step count(s)"
+                      + ("" if len(same) == len(values) else
+                         f" and the nearest it can elsewhere ({'; '.join(f'{k} steps: {picked[k]}' for k in values if k not in same)})")
+                      + ". Guidance off.")
     lang = "bash" if family == "digits" else "python"
     return f"""---
 library_name: diffusers
@@ -186,8 +225,7 @@ evaluation per step).
 - `flashdistill_sampling.json`: the student's timesteps per step count
 
 ## Sampling
-Pass the student's own {steps_arg} for the step count you want (guidance off). Between steps the
-sampler moves with stochasticity gamma = {gamma:g} (1: LCM re-noising; 0: deterministic DDIM move;
+{steps_note} Between steps the sampler moves with stochasticity gamma = {gamma:g} (1: LCM re-noising; 0: deterministic DDIM move;
 `{sched_cls}`{f", called with eta={gamma:g}" if sched_cls == "TCDScheduler" else ""}):
 
 | steps | {steps_arg} |

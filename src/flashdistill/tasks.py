@@ -13,7 +13,9 @@ pipelines):
   set to 0 (mid grey in [-1, 1]) as diffusers' ``image * (mask < 0.5)``;
 - ``sr``: x2 from 4x4 (2x2 average pooling); ``concat = nearest-upsampled low-res`` and
   ``class_labels = noise_level``: the low-res is noise-augmented at ``noise_level`` with linear betas
-  1e-4..0.02 over 1,000 steps, as the x4 upscaler's ``low_res_scheduler`` does;
+  1e-4..0.02 over 1,000 steps, as the x4 upscaler's ``low_res_scheduler`` does. On a latent model
+  (``StableDiffusionUpscalePipeline``, x``vae_scale_factor``) the noised low-res RGB image itself, at
+  the latents' size, is ``concat``, noised at every level, 0 included, as that pipeline does;
 - ``sketch``: a binarised stroke map (pixel > mid grey; Sobel edges carry no information on 8x8
   digits) through a frozen diffusers ``T2IAdapter``, whose features go in as
   ``down_intrablock_additional_residuals`` (computed once, cloned at every call by the denoiser,
@@ -56,8 +58,6 @@ class Task:
         """The backbone's keyword arguments for ``condition`` (image space). ``encode(images,
         generator)``: a latent model's VAE encoder, for tasks whose condition enters as latents."""
         return {}
-
-    control_channels = 0  # channels of the ControlNet input (CoDi)
 
     def control(self, condition: dict) -> torch.Tensor:
         """The condition as one image for a ControlNet (CoDi's conditional encoder), (N, C, H, W)."""
@@ -132,8 +132,6 @@ class Inpaint(Task):
         mask = F.interpolate(mask, size=tuple(latents.shape[-2:])).to(latents)
         return {CONCAT: torch.cat([mask, latents], 1)}
 
-    control_channels = 2
-
     def control(self, condition):
         return self.kwargs(condition)[CONCAT]
 
@@ -176,9 +174,12 @@ class SuperResolution(Task):
     keys = ("low_res", "noise_level")
     inputs = ("image",)
     metric_names = ("consistency", "psnr")
-    factor = 2
     max_noise_level = 250  # training: half the batch at 0, the rest U{1..max}
     noise_p = 0.5
+    latent = True  # StableDiffusionUpscalePipeline: the low-res RGB joins the latents at their size
+
+    def __init__(self, factor: int = 2):
+        self.factor = int(factor)
 
     def make(self, images, generator, train=True):
         n = images.shape[0]
@@ -190,15 +191,19 @@ class SuperResolution(Task):
         return {"low_res": low, "noise_level": level}
 
     def kwargs(self, condition, adapter=None, scale=1.0, generator=None, encode=None):
+        """Pixel models: the nearest-upsampled low-res, noised where the level is > 0. Latent models
+        (``StableDiffusionUpscalePipeline``): the low-res as it is (its size is the latents'),
+        always noised (the pipeline's ``low_res_scheduler.add_noise``, one draw from ``generator``)."""
         low = condition["low_res"].float()
         level = condition["noise_level"].long().to(low.device)
+        if encode is not None:
+            noise = torch.randn(low.shape, generator=generator).to(low.device)
+            return {CONCAT: low_res_schedule().add_noise(low, noise, level.clamp(0, 999).float()), "class_labels": level}
         if bool((level > 0).any()):
             noise = torch.randn(low.shape, generator=generator).to(low.device)
             noised = low_res_schedule().add_noise(low, noise, level.clamp(0, 999).float())
             low = torch.where(level.view(-1, 1, 1, 1) > 0, noised, low)
         return {CONCAT: F.interpolate(low, scale_factor=self.factor, mode="nearest"), "class_labels": level}
-
-    control_channels = 1
 
     def control(self, condition):
         """The clean low-res, nearest-upsampled (CoDi's SR takes no noise level)."""
@@ -247,8 +252,6 @@ class Sketch(Task):
         feats = adapter(condition["sketch"].float().to(next(adapter.parameters()).dtype))
         return {RESIDUALS: [f * scale for f in feats]}
 
-    control_channels = 1
-
     def control(self, condition):
         return condition["sketch"].float()
 
@@ -275,11 +278,14 @@ _TASKS = {"t2i": Task(), "inpaint": Inpaint(), "sr": SuperResolution(), "sketch"
 TASK_METRICS = tuple(m for t in _TASKS.values() for m in t.metric_names)
 
 
-def get_task(name: str | None) -> Task:
-    """A task by name (``None``: text-to-image); unknown names raise a ValueError listing the valid ones."""
+def get_task(name: str | None, factor: int | None = None) -> Task:
+    """A task by name (``None``: text-to-image); unknown names raise a ValueError listing the valid ones.
+    ``factor``: sr's upscaling factor (2 for the built-in teachers; an upscale pipeline's VAE factor)."""
     name = name or "t2i"
     if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; expected one of {list(TASKS)}")
+    if name == "sr" and factor not in (None, _TASKS["sr"].factor):
+        return SuperResolution(factor)
     return _TASKS[name]
 
 

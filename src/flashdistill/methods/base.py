@@ -274,8 +274,28 @@ class StudentMethod:
         with shift 1 on flow teachers (the student's timesteps are already shifted)."""
         if self.schedule.kind == "vp":
             return {"_class_name": "LCMScheduler" if self.config.sampler_gamma == 1.0 else "TCDScheduler",
-                    **self.schedule.to_diffusers_config(), "original_inference_steps": self.grid_size}
+                    **self.schedule.to_diffusers_config(), "original_inference_steps": self.origin_steps()}
         return {"_class_name": "FlowMatchLCMScheduler", "num_train_timesteps": self.schedule.num_train_timesteps, "shift": 1.0}
+
+    def origin_steps(self) -> int:
+        """The exported scheduler's ``original_inference_steps``: the method's grid size when
+        ``set_timesteps(n)`` on it picks the student's own timesteps for every step count, else the
+        smallest grid on which it does (Flash's mode timesteps, 999/749/499/249: 4), else the grid
+        size. Pipelines that cannot pass ``timesteps=`` (``StableDiffusionUpscalePipeline``) and
+        tools that only set a step count then sample where the student was trained."""
+        from ..core.timesteps import lcm_inference_timesteps, skipping_grid
+
+        table = self.sampling()["timesteps"]
+
+        def fits(n_grid: int) -> bool:
+            grid = skipping_grid(self.schedule, n_grid)
+            return all(int(n) <= n_grid and [int(v) for v in lcm_inference_timesteps(grid, int(n))] == [int(v) for v in ts]
+                       for n, ts in table.items())
+
+        for n_grid in (self.grid_size, *range(1, self.schedule.num_train_timesteps + 1)):
+            if fits(n_grid):
+                return n_grid
+        return self.grid_size
 
     def run_meta(self, sampling: dict, scheduler_config: dict, **extra) -> dict:
         """The ``flashdistill.json`` of a student written by this run."""

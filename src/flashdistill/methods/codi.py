@@ -19,6 +19,11 @@ model's EMA; initial: the weights at initialisation, which the code's closure ke
 (batch: one t per batch, the paper's Sec. 5.2 finding; sample: the code's).
 Sampling: the boundary-scaled x at each of the LCM grid's timesteps with the deterministic DDIM move
 in between (the public pipeline's update), no CFG.
+
+On SD1.5/2 and SDXL pipeline teachers the condition image stays at the pixels' size and the
+ControlNet's conditioning embedding downsamples it to the latents (one stride-2 layer per factor 2
+of the VAE, as diffusers' default embedding does for 8x); the student exports as the family's
+ControlNet pipeline.
 """
 from __future__ import annotations
 
@@ -71,8 +76,11 @@ class CoDiConfig(StudentConfig):
             raise ValueError(f"beta must be >= 0, got {self.beta}")
 
 
+CONTROLNET_PIPELINES = {"sd": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
+
 PRESETS = {
     "sd": {"lr": 1e-5},
+    "sdxl": {"lr": 1e-5},
     # The built-in teacher: notes' toy settings (adapter lr 2e-4..5e-4, EMA 0.99-0.995 for a run of a
     # few thousand steps); the student samples with the deterministic move (sampler_gamma 0).
     "digits": {"lora_rank": 8, "lr": 5e-4, "target_ema": 0.99, "sampler_gamma": 0.0,
@@ -95,9 +103,15 @@ class CoDiDistillation(EMATarget, StudentMethod):
         if self.teacher.task.keys:
             raise ValueError(f"CoDi learns the condition itself: pass a text-to-image teacher, not "
                              f"{article(self.teacher.task.name)} {self.teacher.task.name!r} one")
-        if self.schedule.kind != "vp" or self.teacher.vae is not None or self.family != "digits":
-            raise ValueError("CoDi is implemented for the built-in digits teachers (pixel space, VP schedule)")
+        if self.schedule.kind != "vp" or self.family not in ("digits", "sd", "sdxl"):
+            raise ValueError(f"CoDi is implemented for VP UNet teachers (the built-in digits teachers, SD1.5/2 and SDXL "
+                             f"pipelines), not {self.family}: its conditional encoder is a ControlNet of the UNet")
         self.task = get_task(c.task)
+        # the condition image the ControlNet takes, at the pixels' size: its channels (RGB images on
+        # pipelines) and how far its conditioning embedding must downsample to the latents
+        blank = self.task.make(-torch.ones(1, *self.teacher.pixel_shape), torch.Generator().manual_seed(0), train=False)
+        self.control_channels = self.task.control(blank).shape[1]
+        self.downscale = self.teacher.pixel_shape[-1] // self.teacher.image_shape[-1]
         self.grid = skipping_grid(self.schedule, c.N)
         self.grid_size = c.N
 
@@ -109,7 +123,7 @@ class CoDiDistillation(EMATarget, StudentMethod):
         LoRA goes in) steering the UNet, which carries a LoRA (CoDi), is trained whole (``full``), or
         stays the teacher's (PE-CoDi)."""
         teacher_unet = self.teacher.denoiser.backbone
-        controlnet = controlnet_for(teacher_unet, self.task.control_channels).float().requires_grad_(True)
+        controlnet = controlnet_for(teacher_unet, self.control_channels, self.downscale).float().requires_grad_(True)
         unet = teacher_unet if self.config.pe else super().make_student()
         return ControlledUNet(unet, controlnet)
 
@@ -179,12 +193,15 @@ class CoDiDistillation(EMATarget, StudentMethod):
                 "boundary": {"sigma_data": 0.5, "timestep_scaling": 10.0}}
 
     def preview_cond(self, prompts: list[str]) -> tuple[dict, list[torch.Tensor]]:
-        condition = preview_condition(self.task, len(prompts))
+        condition = preview_condition(self.task, len(prompts), self.teacher.pixel_shape)
+        shown = self.task.show(condition)  # with the images' channels (RGB on pipelines)
         return ({**self.teacher.cond(prompts), CONTROL: self.task.control(condition).to(self.device)},
-                [self.task.show(condition)])
+                [shown.expand(-1, self.teacher.pixel_shape[0], -1, -1)])
 
     def run_meta(self, sampling: dict, scheduler_config: dict, **extra) -> dict:
         meta = super().run_meta(sampling, scheduler_config, task=self.task.name, conditioning="controlnet", **extra)
+        if "pipeline" in meta:  # a pipeline teacher: the student is its ControlNet pipeline
+            meta["pipeline"] = CONTROLNET_PIPELINES[self.family]
         return {**meta, "lora": None} if self.config.pe else meta
 
     def finalize(self, out_dir, models: dict) -> None:

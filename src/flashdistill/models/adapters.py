@@ -43,13 +43,23 @@ def lora_metadata(rank: int, alpha: float, targets) -> dict:
 
 class _Layout:
     """What :func:`adapter_scope` touches in a module, found once per structure: its LoRA layers,
-    all its submodules and those with diffusers' ``gradient_checkpointing`` flag (a walk of a
-    UNet's ~700 submodules costs milliseconds, as much as a digits teacher call)."""
+    where each outermost one sits (parent, name, base layer), all its submodules and those with
+    diffusers' ``gradient_checkpointing`` flag (a walk of a UNet's ~700 submodules costs
+    milliseconds, as much as a digits teacher call)."""
 
     def __init__(self, module: nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         self.modules = list(module.modules())
         self.layers = lora_layers(module)
         self.checkpointable = [m for m in self.modules if "gradient_checkpointing" in m.__dict__]
+        self.places = []  # (parent's child dict, name, LoRA layer, base layer), outermost layers only
+        for name, parent in module.named_modules():
+            if isinstance(parent, BaseTunerLayer):
+                continue  # a LoRA layer's own children (its base layer, lora_A/B) stay where they are
+            for child_name, child in parent._modules.items():
+                if isinstance(child, BaseTunerLayer):
+                    self.places.append((parent._modules, child_name, child, child.get_base_layer()))
 
 
 _LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, _Layout]" = weakref.WeakKeyDictionary()
@@ -83,6 +93,11 @@ def adapter_scope(module: nn.Module, enabled: bool):
     tests check that a disabled call equals the plain teacher bit for bit and that an enabled one
     sees the LoRA). With gradients enabled, diffusers' gradient checkpointing is suspended for the
     call: its recomputation would run during backward, after this scope has restored the flags.
+
+    Switched off, each LoRA layer is also taken out of its parent for the call and its base layer
+    put in its place, so a teacher call runs the plain layers without peft's per-layer dispatch
+    (on the digits UNet that dispatch is a visible share of a teacher call). Not for merged layers,
+    whose base weights hold the LoRA: those keep peft's own path (which unmerges).
     """
     layout = _layout(module)
     if not layout.layers:
@@ -94,9 +109,12 @@ def adapter_scope(module: nn.Module, enabled: bool):
     modes = [m.__dict__["training"] for m in layout.modules] if module.training and not enabled else None
     checkpointed = [m for m in layout.checkpointable if m.__dict__["gradient_checkpointing"]] \
         if torch.is_grad_enabled() else []
+    places = [] if enabled or any(m.merged for m in layout.layers) else layout.places
     try:
         for m in layout.layers:
             m.__dict__["_disable_adapters"] = not enabled
+        for children, name, _, base in places:
+            children[name] = base
         for m in checkpointed:
             m.__dict__["gradient_checkpointing"] = False
         if modes is not None:
@@ -104,6 +122,8 @@ def adapter_scope(module: nn.Module, enabled: bool):
                 m.__dict__["training"] = False
         yield module
     finally:
+        for children, name, layer, _ in places:
+            children[name] = layer
         for m, flag in zip(layout.layers, before):
             m.__dict__["_disable_adapters"] = flag
         for m in checkpointed:

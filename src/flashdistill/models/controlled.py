@@ -48,10 +48,18 @@ class ControlledUNet(nn.Module):
                          return_dict=False, **kwargs)
 
 
-def controlnet_for(unet: nn.Module, channels: int) -> nn.Module:
+EMBEDDING_WIDTHS = (16, 32, 96, 256)  # diffusers' default conditioning embedding (three stride-2 layers: 8x)
+
+
+def controlnet_for(unet: nn.Module, channels: int, downscale: int = 1) -> nn.Module:
     """A ControlNet copied from ``unet``'s encoder and mid block, zero convolutions out, taking a
-    ``channels``-channel condition image at the UNet's resolution (one conditioning conv, no
-    downsampling: the digits' 8x8)."""
+    ``channels``-channel condition image ``downscale`` times the UNet's resolution (1: the digits'
+    8x8, one conditioning conv; a latent model's VAE factor 2, 4 or 8: one stride-2 layer per
+    factor 2, diffusers' default widths)."""
     from diffusers import ControlNetModel
 
-    return ControlNetModel.from_unet(unet, conditioning_channels=channels, conditioning_embedding_out_channels=(16,))
+    steps = max(int(downscale), 1).bit_length() - 1
+    if 2 ** steps != downscale or steps >= len(EMBEDDING_WIDTHS):
+        raise ValueError(f"a ControlNet's conditioning embedding downsamples by 1, 2, 4 or 8, not {downscale}")
+    return ControlNetModel.from_unet(unet, conditioning_channels=channels,
+                                     conditioning_embedding_out_channels=EMBEDDING_WIDTHS[: steps + 1])

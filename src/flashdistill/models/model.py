@@ -92,7 +92,7 @@ class Model:
     @property
     def task(self):
         """The model's :class:`~flashdistill.tasks.Task` (text-to-image unless its folder names one)."""
-        return get_task(self.meta.get("task"))
+        return get_task(self.meta.get("task"), self.meta.get("sr_factor"))
 
     @torch.no_grad()
     def spatial(self, condition: dict | None, n: int, generator: torch.Generator | None = None) -> dict:
@@ -113,12 +113,14 @@ class Model:
 
     def check_task(self) -> None:
         """A ValueError unless the model's task runs on it: on latent (VAE) models only the tasks whose
-        condition the VAE or an adapter brings to the latents (inpaint; sketch through its adapter)."""
+        condition the VAE, an adapter or the pipeline brings to the latents (inpaint; sr from a low-res
+        image at the latents' size; sketch through its adapter)."""
         task = self.task
         if task.keys and self.vae is not None and not task.latent:
             raise ValueError(f"task {task.name!r} runs on the pixel-space digits teachers only, not on latent (VAE) "
-                             "models: latent teachers take inpaint (StableDiffusionInpaintPipeline) and sketch "
-                             "(StableDiffusionAdapterPipeline, StableDiffusionControlNetPipeline)")
+                             "models: latent teachers take inpaint (StableDiffusionInpaintPipeline), sr "
+                             "(StableDiffusionUpscalePipeline) and sketch (StableDiffusion[XL]AdapterPipeline, "
+                             "StableDiffusionControlNetPipeline)")
 
     def show(self, condition: dict) -> torch.Tensor:
         """The condition drawn as images in [-1, 1] with this model's channels (a grid's first row)."""

@@ -12,8 +12,10 @@ and returns the same :class:`~flashdistill.models.loading.Model` as the built-in
   ``force_zeros_for_empty_prompt``);
 - the VAE, with its scaling and shift factors: ``encode(images)`` to latents, ``decode(latents)``;
 - for the conditional pipelines (``PIPELINE_TASKS``), the task: ``StableDiffusionInpaintPipeline``
-  (inpaint: the 9-channel UNet), ``StableDiffusionAdapterPipeline`` (sketch: its T2I-Adapter) and
-  ``StableDiffusionControlNetPipeline`` (sketch: its ControlNet and the UNet as one
+  (inpaint: the 9-channel UNet), ``StableDiffusionUpscalePipeline`` (sr: the noised low-res image
+  joins the latents, its noise level is the class label), ``StableDiffusionAdapterPipeline`` and
+  ``StableDiffusionXLAdapterPipeline`` (sketch: its T2I-Adapter) and
+  ``StableDiffusion[XL]ControlNetPipeline`` (sketch: its ControlNet and the UNet as one
   :class:`~flashdistill.models.controlled.ControlledUNet` backbone, whose UNet takes the LoRA).
 
 Nothing is downloaded: every component must be in the folder.
@@ -35,12 +37,19 @@ FAMILIES = {
     "PixArtSigmaPipeline": "pixart",
     "StableDiffusion3Pipeline": "sd3",
     "StableDiffusionInpaintPipeline": "sd",
+    "StableDiffusionUpscalePipeline": "sd",
     "StableDiffusionAdapterPipeline": "sd",
+    "StableDiffusionXLAdapterPipeline": "sdxl",
     "StableDiffusionControlNetPipeline": "sd",
+    "StableDiffusionXLControlNetPipeline": "sdxl",
 }
 # pipelines of a conditional task (flashdistill.tasks): the condition joins every UNet call
-PIPELINE_TASKS = {"StableDiffusionInpaintPipeline": "inpaint", "StableDiffusionAdapterPipeline": "sketch",
-                  "StableDiffusionControlNetPipeline": "sketch"}
+PIPELINE_TASKS = {"StableDiffusionInpaintPipeline": "inpaint", "StableDiffusionUpscalePipeline": "sr",
+                  "StableDiffusionAdapterPipeline": "sketch", "StableDiffusionXLAdapterPipeline": "sketch",
+                  "StableDiffusionControlNetPipeline": "sketch", "StableDiffusionXLControlNetPipeline": "sketch"}
+# what a conditional pipeline's UNet takes besides the latents (channels, per latent channel count)
+EXTRA_CHANNELS = {"inpaint": lambda c: (1 + c, f"1 mask + {c} masked-image latent"),
+                  "sr": lambda c: (3, "3 low-res RGB")}
 
 # Default LoRA targets per family (module-name suffixes; absent ones are skipped).
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -221,16 +230,18 @@ def load_pipeline_teacher(path: str | Path, device="cpu", dtype: torch.dtype = t
     latent = backbone.config.sample_size
     channels = pipe.vae.config.latent_channels
     task = PIPELINE_TASKS.get(type(pipe).__name__, "t2i")
-    expected = channels + (1 + channels if task == "inpaint" else 0)  # [x_t, mask, masked image latents]
-    if backbone.config.in_channels != expected:
-        raise ValueError(f"{str(path)!r}: a {type(pipe).__name__} backbone takes {expected} input channels "
-                         f"({channels} latent{' + 1 mask + ' + str(channels) + ' masked-image latent' if task == 'inpaint' else ''}), "
-                         f"this one {backbone.config.in_channels}")
+    extra, what = EXTRA_CHANNELS[task](channels) if task in EXTRA_CHANNELS else (0, "")
+    if backbone.config.in_channels != channels + extra:
+        raise ValueError(f"{str(path)!r}: a {type(pipe).__name__} backbone takes {channels + extra} input channels "
+                         f"({channels} latent{' + ' + what if what else ''}), this one {backbone.config.in_channels}")
     size = latent * pipe.vae_scale_factor
     conditioner = PipelineConditioner(pipe, family, size, size)
     meta = {"kind": "teacher", "family": family, "image_shape": [channels, latent, latent],
             "image_size": size, "default_guidance": {"sd": 7.5, "sdxl": 5.0, "pixart": 4.5, "sd3": 7.0}[family],
             "pipeline": type(pipe).__name__, "task": task}
+    if task == "sr":  # the upscaler: x vae_scale_factor, its low-res noise schedule checked against ours
+        _check_low_res_scheduler(path, pipe.low_res_scheduler)
+        meta.update(sr_factor=pipe.vae_scale_factor, max_noise_level=int(pipe.config.max_noise_level), default_guidance=9.0)
     adapter = getattr(pipe, "adapter", None)  # a T2I-Adapter pipeline's adapter, at the pipeline's default scale 1
     if adapter is not None:
         adapter.eval().requires_grad_(False)
@@ -244,3 +255,18 @@ def load_pipeline_teacher(path: str | Path, device="cpu", dtype: torch.dtype = t
         backbone = ControlledUNet(backbone, controlnet.eval().requires_grad_(False))
         meta["conditioning"] = "controlnet"
     return Model(Denoiser(backbone, schedule), conditioner, meta, path, vae=PipelineVAE(pipe.vae), adapter=adapter).to(device)
+
+
+def _check_low_res_scheduler(path, scheduler) -> None:
+    """The upscaler's low-res noise augmentation is :func:`flashdistill.tasks.low_res_schedule`
+    (DDPMScheduler, linear betas 1e-4..0.02 over 1,000 steps, as the released x4 upscaler); a folder
+    with another one is refused rather than noised differently from its pipeline."""
+    from ..tasks import low_res_schedule
+
+    ours = low_res_schedule().to_diffusers_config()
+    theirs = dict(scheduler.config)
+    differ = {k: (theirs.get(k), v) for k, v in ours.items() if k in ("num_train_timesteps", "beta_start", "beta_end",
+                                                                        "beta_schedule") and theirs.get(k) != v}
+    if differ:
+        raise ValueError(f"{str(path)!r}: the upscaler's low_res_scheduler differs from the supported one "
+                         f"(setting: (folder, supported)): {differ}")
