@@ -107,3 +107,44 @@ def test_cli_evaluate_real_model_needs_prompts(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a cat\na dog\n")
     assert main(["evaluate", "--model", str(teacher), "--prompts", str(tmp_path / "p.txt"), "--steps", "2"]) == 2
     assert "--clip-model DIR" in capsys.readouterr().err
+
+
+def test_evaluate_real_conditional_pipeline_takes_its_conditions_from_the_reference(tmp_path, capsys):
+    """A conditional pipeline's real-model evaluation: sample i conditioned on reference image i mod R
+    (its mask made with sample i's own generator, whatever the batch), the task metrics against
+    those images beside FID; without --reference it is refused."""
+    from PIL import Image
+
+    from flashdistill.cli import main
+    from flashdistill.metrics import conditions_from, read_images, reference_files
+    from flashdistill.models.loading import load_model
+    from flashdistill.sample import sample
+
+    teacher_dir = tp.build("sd-inpaint", tmp_path / "inpaint")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20 + 4 * i, 24), (60 * i, 20, 200 - 30 * i)).save(ref / f"{i}.png")
+    teacher = load_model(teacher_dir)
+    files = reference_files(ref)
+    images = read_images([files[k % 3] for k in range(4)], 16)
+    cond = conditions_from(teacher.task, images, 0)
+    part = conditions_from(teacher.task, images[2:], 2)
+    assert all(torch.equal(cond[k][2:], part[k]) for k in cond)  # a sample's condition is its own
+    assert not torch.equal(cond["mask"][0], cond["mask"][3])  # same image (0 and 3), another mask
+
+    prompts = ["a cat", "a dog", "a red car", "a lake"]
+    feats = stand_in_extractor(images)
+    rows = evaluate_real(teacher, prompts, [2], guidance=2.0, reference=feats, extractor=stand_in_extractor,
+                         batch_size=4, progress=False, condition_files=files)
+    out = sample(teacher, prompts, [0, 1, 2, 3], 2, guidance=2.0, condition=cond)
+    want = teacher.task.metrics(out, cond, images)
+    assert rows[0]["task"] == "inpaint" and set(want) <= set(rows[0])
+    for k, v in want.items():
+        assert rows[0][k] == pytest.approx(v, rel=1e-6)
+    assert rows[0]["fid"] == pytest.approx(frechet_distance(stand_in_extractor(out), feats), rel=1e-6)
+    with pytest.raises(ValueError, match="its evaluation conditions sample i on reference image i"):
+        evaluate_real(teacher, prompts, [2], progress=False)
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    assert main(["evaluate", "--model", str(teacher_dir), "--prompts", str(tmp_path / "p.txt"), "--steps", "2"]) == 2
+    assert "pass --reference DIR, whose images give the conditions" in capsys.readouterr().err

@@ -471,11 +471,14 @@ def evaluate(model, steps=(1, 2, 4), num_samples: int = 1000, teacher=None, guid
 def _evaluate_real(model, steps, num_samples, guidance, prompts, protocol, reference, inception_weights, clip_model,
                    progress: bool = False):
     from .metrics import (PROTOCOLS, MetricUnavailable, clip_scorer, evaluate_real, inception_extractor,
-                          read_prompts, reference_features)
+                          read_prompts, reference_features, reference_files)
 
     if not prompts:
         raise ValueError("this model is not a digits model: pass --prompts FILE (COCO captions JSON or one prompt "
                          "per line), and --reference DIR for FID")
+    if model.task.keys and not reference:
+        raise ValueError(f"{str(model.path)!r} is a conditional ({model.task.name}) model: pass --reference DIR, whose "
+                         "images give the conditions (sample i: image i) as well as FID's reference")
     n = PROTOCOLS[protocol] if protocol else num_samples
     texts = read_prompts(os.fspath(prompts), n if protocol else None)[:n]
     try:
@@ -484,7 +487,9 @@ def _evaluate_real(model, steps, num_samples, guidance, prompts, protocol, refer
     except MetricUnavailable as e:
         raise ValueError(str(e)) from None
     feats = reference_features(os.fspath(reference), extractor) if reference else None
-    return evaluate_real(model, texts, steps, guidance, feats, extractor, scorer, progress=progress)
+    files = reference_files(os.fspath(reference)) if model.task.keys else None
+    return evaluate_real(model, texts, steps, guidance, feats, extractor, scorer, progress=progress,
+                         condition_files=files)
 
 
 def export(run, out, format: str = "diffusers", teacher=None, num_samples: int = 500, progress: bool = False) -> Path:

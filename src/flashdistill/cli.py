@@ -149,7 +149,8 @@ def cmd_evaluate(args) -> None:
         for r in rows:
             fid = "-" if r["fid"] is None else f"{r['fid']:.2f}"
             clip = "-" if r["clip_score"] is None else f"{r['clip_score']:.2f}"
-            print(f"steps {r['steps']:>3}  FID {fid}  CLIP {clip}  ({r['num_samples']} prompts)")
+            extra = "".join(f"  {k} {r[k]:.4f}" for k in TASK_METRICS if k in r)  # conditional pipelines
+            print(f"steps {r['steps']:>3}  FID {fid}  CLIP {clip}{extra}  ({r['num_samples']} prompts)")
         result = {"model": str(args.model), "protocol": args.protocol, "rows": rows}
     else:
         style = rows[0].get("style", "none") if rows else "none"
@@ -334,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", default=None, help="COCO captions JSON or a text file with one prompt per line")
     g.add_argument("--protocol", choices=["coco2017-5k", "coco2014-30k", "coco2014-10k"], default=None,
                    help="paper protocols: the first caption of the first N images by id (N = 5k / 30k / 10k)")
-    g.add_argument("--reference", default=None, help="folder of reference images for FID (e.g. COCO val images)")
+    g.add_argument("--reference", default=None, help="folder of reference images for FID (e.g. COCO val images); "
+                                                     "conditional pipelines also make sample i's condition (mask, "
+                                                     "low-res, stroke map) from image i and score their task metrics")
     g.add_argument("--inception-weights", default=None, help="local FID Inception weights (torch-fidelity's "
                                                              "pt_inception-2015-12-05; default: torch hub cache)")
     g.add_argument("--clip-model", default=None, help="local transformers CLIP folder for the CLIP score")

@@ -66,13 +66,9 @@ def read_prompts(path: str | Path, n: int | None = None) -> list[str]:
     return prompts
 
 
-def reference_features(folder: str | Path, extractor: Callable[[torch.Tensor], np.ndarray], size: int = 299,
-                       batch_size: int = 64, limit: int | None = None) -> np.ndarray:
-    """Features of a folder's images (sorted names; jpg/jpeg/png/webp), resized and centre-cropped
-    to ``size``, read and embedded ``batch_size`` at a time (a 30k-image folder never sits in memory)."""
-    from PIL import Image
-
-    from .data.images import IMAGE_EXTS, to_tensor
+def reference_files(folder: str | Path, limit: int | None = None) -> list[Path]:
+    """A reference folder's images (sorted names; jpg/jpeg/png/webp), at least 2."""
+    from .data.images import IMAGE_EXTS
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -80,9 +76,36 @@ def reference_features(folder: str | Path, extractor: Callable[[torch.Tensor], n
     files = sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTS)[:limit]
     if len(files) < 2:
         raise ValueError(f"{folder}: need at least 2 reference images, found {len(files)}")
-    chunks = [extractor(torch.stack([to_tensor(Image.open(f), size) for f in files[i: i + batch_size]]))
-              for i in range(0, len(files), batch_size)]
+    return files
+
+
+def read_images(files: list[Path], size: int) -> torch.Tensor:
+    """Images resized (shorter side) and centre-cropped to ``size``, (N, 3, size, size) in [-1, 1]."""
+    from PIL import Image
+
+    from .data.images import to_tensor
+
+    return torch.stack([to_tensor(Image.open(f), size) for f in files])
+
+
+def reference_features(folder: str | Path, extractor: Callable[[torch.Tensor], np.ndarray], size: int = 299,
+                       batch_size: int = 64, limit: int | None = None) -> np.ndarray:
+    """Features of a folder's images (:func:`reference_files`), resized and centre-cropped to
+    ``size``, read and embedded ``batch_size`` at a time (a 30k-image folder never sits in memory)."""
+    files = reference_files(folder, limit)
+    chunks = [extractor(read_images(files[i: i + batch_size], size)) for i in range(0, len(files), batch_size)]
     return np.concatenate([np.asarray(c, dtype=np.float64) for c in chunks])
+
+
+COND_SEED = 20261203  # conditions of real-model evaluation: sample i's from generator COND_SEED + i
+
+
+def conditions_from(task, images: torch.Tensor, first: int) -> dict:
+    """The evaluation condition of each image (masks, low-res, stroke maps; no training noise), sample
+    ``first + j``'s made with its own generator, so a sample's condition does not depend on the batch."""
+    items = [task.make(images[j: j + 1], torch.Generator().manual_seed(COND_SEED + first + j), train=False)
+             for j in range(len(images))]
+    return {k: torch.cat([it[k] for it in items]) for k in items[0]}
 
 
 def inception_extractor(weights: str | Path | None = None) -> Callable[[torch.Tensor], np.ndarray]:
@@ -138,28 +161,46 @@ def _embeds(out) -> torch.Tensor:
 
 def evaluate_real(model, prompts: list[str], steps: list[int], guidance: float | None = None,
                   reference: np.ndarray | None = None, extractor=None, scorer=None, seed: int = 0,
-                  batch_size: int = 8, progress: bool = True) -> list[dict]:
+                  batch_size: int = 8, progress: bool = True, condition_files: list[Path] | None = None) -> list[dict]:
     """Per step count: FID of the generated images against ``reference`` features (when given with
     ``extractor``) and CLIP score (when ``scorer``); sample i uses seed ``seed + i``. Images are
-    embedded batch by batch and not kept."""
+    embedded batch by batch and not kept.
+
+    Conditional models (inpaint, sr, sketch pipelines): sample i is conditioned on image ``i mod R``
+    of ``condition_files`` (read at the model's image size; its mask, low-res or stroke map made by
+    :func:`conditions_from`), and each row also holds the task's own metrics against those images
+    (unmasked / masked MSE, consistency and PSNR, stroke F1), averaged over the samples."""
     from tqdm.auto import tqdm
 
     from .scoring import frechet_distance
     from .sample import sample
 
+    task = model.task
+    if task.keys and not condition_files:
+        raise ValueError(f"this is {'an' if task.name[0] in 'aeiou' else 'a'} {task.name!r} model: its evaluation "
+                         "conditions sample i on reference image i (pass --reference DIR)")
     seeds = [seed + i for i in range(len(prompts))]
     use_fid = reference is not None and extractor is not None
     rows = []
     for n in steps:
-        feats, clips = [], []
+        feats, clips, sums = [], [], {}
         for i in tqdm(range(0, len(prompts), batch_size), desc=f"{n} steps", disable=not progress):
             p = prompts[i: i + batch_size]
-            images = sample(model, p, seeds[i: i + batch_size], n, guidance=guidance)
+            condition = truth = None
+            if task.keys:
+                truth = read_images([condition_files[k % len(condition_files)] for k in range(i, i + len(p))],
+                                    model.pixel_shape[-1])
+                condition = conditions_from(task, truth, i)
+            images = sample(model, p, seeds[i: i + batch_size], n, guidance=guidance, condition=condition)
             if use_fid:
                 feats.append(np.asarray(extractor(images), dtype=np.float64))
             if scorer is not None:
                 clips.append(np.asarray(scorer(images, p), dtype=np.float64))
+            if task.keys:  # per-sample means: a batch's mean weighted by its size
+                for k, v in task.metrics(images, condition, truth).items():
+                    sums[k] = sums.get(k, 0.0) + v * len(p)
         rows.append({"steps": n, "num_samples": len(prompts),
                      "fid": frechet_distance(np.concatenate(feats), reference) if use_fid else None,
-                     "clip_score": float(np.concatenate(clips).mean()) if scorer is not None else None})
+                     "clip_score": float(np.concatenate(clips).mean()) if scorer is not None else None,
+                     **({"task": task.name, **{k: v / len(prompts) for k, v in sums.items()}} if task.keys else {})})
     return rows
