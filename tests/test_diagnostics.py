@@ -50,7 +50,14 @@ def conditioned_tiny_teacher(tmp_path_factory):
     return load_model(out)
 
 
-@pytest.mark.parametrize("kind,accuracy", [("blurred", 0.9), ("shifted", 0.9), ("wrong_digit", 0.75)])
+ACCURACY = [("blurred", 0.9), ("shifted", 0.9), ("wrong_digit", 0.75)]  # the least accuracy each must reach
+
+
+def test_every_bad_generator_has_a_separation_test():
+    assert [k for k, _ in ACCURACY] == list(BAD_GENERATORS)
+
+
+@pytest.mark.parametrize("kind,accuracy", ACCURACY)
 def test_discriminator_separates_known_bad_generators(conditioned_tiny_teacher, kind, accuracy):
     """Flash's head on the frozen teacher's encoder features at t' = 10, trained 150 steps on real
     digits against a deliberately wrong generator, tells them apart on held-out samples."""
