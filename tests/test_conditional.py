@@ -382,6 +382,17 @@ def _codi(teacher, **over):
     return m
 
 
+def test_codi_long_preset_is_the_digits_preset_at_4x_the_steps(tiny_teacher):
+    from flashdistill.config import to_dict
+    from flashdistill.methods.codi import build_config
+
+    short, _ = build_config(tiny_teacher, "digits")
+    long, preset = build_config(tiny_teacher, "digits-long")
+    a, b = to_dict(short), to_dict(long)
+    assert preset == "digits-long" and b["train"]["steps"] == 4 * a["train"]["steps"] == 2400
+    assert {k: v for k, v in a.items() if k != "train"} == {k: v for k, v in b.items() if k != "train"}
+
+
 def test_codi_adapted_model_is_the_teacher_at_step_0(tiny_teacher):
     """Eq. 12 with zero-initialised output convolutions: the ControlNet-steered UNet (with its LoRA
     at initialisation) equals the teacher bit for bit, whatever the condition."""

@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (student, checkpoints, log, previews, config)")
     p.add_argument("--preset", choices=["auto", *presets], default="auto",
                    help="per-teacher defaults of the method (auto: 'digits' for the built-in teacher, else the pipeline's "
-                        "family; flash: 'sd' is the paper's SD1.5 setting, 'digits-long' the digits preset at 4x the steps; "
-                        "splam: 'sd2' is the paper's SD2.1 setting)")
+                        "family; flash: 'sd' is the paper's SD1.5 setting; flash and codi: 'digits-long' the digits preset at "
+                        "4x the steps; splam: 'sd2' is the paper's SD2.1 setting)")
     p.add_argument("--full", action="store_true", help="train the whole student instead of a LoRA")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="dtype of the frozen teacher, text encoders and VAE (config key 'dtype', default fp32); "
