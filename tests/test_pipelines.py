@@ -526,3 +526,19 @@ def test_codi_on_a_pipeline_teacher_exports_a_controlnet_pipeline(teachers, fami
             ours = lcm_multistep(student.denoiser, lat, ts, student.cond(prompts, spatial), student.schedule, noises,
                                  gamma=gamma)
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item() + 1e-6)
+
+
+def test_upscaler_with_another_low_res_schedule_is_refused(tmp_path):
+    """The upscaler's low-res noise is ours only for the released low_res_scheduler; another one is
+    refused at load rather than noised differently from the stock pipeline. And the ControlNet
+    embedding CoDi builds downsamples by powers of two only."""
+    from flashdistill.models.controlled import controlnet_for
+    from flashdistill.models.loading import load_model
+
+    path = tp.build("sd-upscale", tmp_path / "up")
+    config = path / "low_res_scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "beta_end": 0.03}))
+    with pytest.raises(ValueError, match=r"low_res_scheduler differs .*'beta_end': \(0.03, 0.02\)"):
+        load_model(path)
+    with pytest.raises(ValueError, match="downsamples by 1, 2, 4 or 8, not 3"):
+        controlnet_for(tp.unet(32), 1, 3)
