@@ -442,7 +442,7 @@ def test_conditional_pipeline_flash_export_round_trip(conditional_teachers, fami
         pipe.load_lora_weights(out)
     pipe.scheduler = diffusers.LCMScheduler.from_pretrained(out, subfolder="scheduler")
     if task == "sr":  # the upscale pipeline takes no timesteps=: the scheduler's own picks must be the student's
-        assert "takes no `timesteps=`" in card and "student's own timesteps at 1, 2, 4 step count(s)." in card
+        assert "takes no `timesteps=`" in card and "student's own timesteps at 1, 2 and 4 steps." in card
         assert "timesteps=" not in card.split("```python")[1]
     for n in (1, 2, 4):
         ts = student_timesteps(student.sampling, n)

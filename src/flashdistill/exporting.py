@@ -112,6 +112,11 @@ def _scheduler_picks(meta: dict) -> dict:
             for k in meta["sampling"]["timesteps"]}
 
 
+def _listed(items: list[str], last: str = "and") -> str:
+    """Step counts as words: "1", "1 and 2", "1, 2 and 4" (``last``: the final conjunction)."""
+    return f" {last} ".join(filter(None, [", ".join(items[:-1]), items[-1] if items else ""]))
+
+
 def _metrics_table(metrics: dict | None) -> str:
     if not metrics or not metrics.get("rows"):
         return ("No metrics were recorded with this export. Score the student with `flashdistill evaluate "
@@ -132,7 +137,7 @@ def model_card(meta: dict, family: str, files: list[str], metrics: dict | None) 
     cls = method_module(method).Method
     short, long, tag = cls.label, cls.title, cls.label.lower().replace(" ", "-")
     ts = meta["sampling"]["timesteps"]
-    counts = " or ".join(filter(None, [", ".join(list(ts)[:-1]), list(ts)[-1]]))  # "1, 2 or 4"; "8"
+    counts = _listed(list(ts), "or")  # "1, 2 or 4"; "8"
     flow = family == "sd3"
     steps_arg = "sigmas" if flow else "timesteps"
     values = {k: ([round(v / 1000, 6) for v in t] if flow else t) for k, t in ts.items()}
@@ -205,7 +210,7 @@ image = pipe("a photo of a cat"{inputs}, num_inference_steps=2, {'' if picked el
         same = [k for k in values if picked[k] == values[k]]
         steps_note = (f"`{pipe_cls}` takes no `timesteps=`: the exported scheduler picks them from the step count "
                       f"(`original_inference_steps = {meta['scheduler_config'].get('original_inference_steps')}`), "
-                      f"which gives the student's own timesteps at {', '.join(same) or 'no'} step count(s)"
+                      f"which gives the student's own timesteps at {_listed(same) or 'no'} steps"
                       + ("" if len(same) == len(values) else
                          f" and the nearest it can elsewhere ({'; '.join(f'{k} steps: {picked[k]}' for k in values if k not in same)})")
                       + ". Guidance off.")
