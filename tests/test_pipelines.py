@@ -444,6 +444,7 @@ def test_conditional_pipeline_flash_export_round_trip(conditional_teachers, fami
     if task == "sr":  # the upscale pipeline takes no timesteps=: the scheduler's own picks must be the student's
         assert "takes no `timesteps=`" in card and "student's own timesteps at 1, 2 and 4 steps." in card
         assert "timesteps=" not in card.split("```python")[1]
+        assert fd.load(run).pipeline_kwargs(2) == {"num_inference_steps": 2, "guidance_scale": 1.0}
     for n in (1, 2, 4):
         ts = student_timesteps(student.sampling, n)
         lat = _noise(student, 2, 5)
@@ -514,6 +515,8 @@ def test_codi_on_a_pipeline_teacher_exports_a_controlnet_pipeline(teachers, fami
     pipe.scheduler = getattr(diffusers, sched).from_pretrained(out, subfolder="scheduler")
     gamma = student.sampling.get("gamma", 1.0)
     eta = {"eta": gamma} if sched == "TCDScheduler" else {}
+    built = loaded.pipeline()  # the same ControlNet pipeline built in memory from the run
+    assert type(built).__name__ == pipe_name
     for n in (1, 2, 4):
         ts = student_timesteps(student.sampling, n)
         lat = _noise(student, 2, 5)
@@ -526,6 +529,9 @@ def test_codi_on_a_pipeline_teacher_exports_a_controlnet_pipeline(teachers, fami
             ours = lcm_multistep(student.denoiser, lat, ts, student.cond(prompts, spatial), student.schedule, noises,
                                  gamma=gamma)
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item() + 1e-6)
+        same = built(prompts, **inputs, **loaded.pipeline_kwargs(n), **eta, latents=lat.clone(),
+                     generator=torch.Generator().manual_seed(7), output_type="latent").images
+        torch.testing.assert_close(same, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item() + 1e-6)
 
 
 def test_upscaler_with_another_low_res_schedule_is_refused(tmp_path):

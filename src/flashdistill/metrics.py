@@ -174,33 +174,34 @@ def evaluate_real(model, prompts: list[str], steps: list[int], guidance: float |
 
     from .scoring import frechet_distance
     from .sample import sample
+    from .tasks import article
 
     task = model.task
     if task.keys and not condition_files:
-        raise ValueError(f"this is {'an' if task.name[0] in 'aeiou' else 'a'} {task.name!r} model: its evaluation "
-                         "conditions sample i on reference image i (pass --reference DIR)")
+        raise ValueError(f"this is {article(task.name)} {task.name!r} model: its evaluation conditions sample i on "
+                         "reference image i (pass --reference DIR)")
     seeds = [seed + i for i in range(len(prompts))]
     use_fid = reference is not None and extractor is not None
-    rows = []
-    for n in steps:
-        feats, clips, sums = [], [], {}
-        for i in tqdm(range(0, len(prompts), batch_size), desc=f"{n} steps", disable=not progress):
-            p = prompts[i: i + batch_size]
-            condition = truth = None
-            if task.keys:
-                truth = read_images([condition_files[k % len(condition_files)] for k in range(i, i + len(p))],
-                                    model.pixel_shape[-1])
-                condition = conditions_from(task, truth, i)
+    feats, clips, sums = {n: [] for n in steps}, {n: [] for n in steps}, {n: {} for n in steps}
+    # batches outside, step counts inside: a batch's reference images are read and its conditions made once
+    for i in tqdm(range(0, len(prompts), batch_size), desc=f"steps {', '.join(map(str, steps))}", disable=not progress):
+        p = prompts[i: i + batch_size]
+        condition = truth = None
+        if task.keys:
+            truth = read_images([condition_files[k % len(condition_files)] for k in range(i, i + len(p))],
+                                model.pixel_shape[-1])
+            condition = conditions_from(task, truth, i)
+        for n in steps:
             images = sample(model, p, seeds[i: i + batch_size], n, guidance=guidance, condition=condition)
             if use_fid:
-                feats.append(np.asarray(extractor(images), dtype=np.float64))
+                feats[n].append(np.asarray(extractor(images), dtype=np.float64))
             if scorer is not None:
-                clips.append(np.asarray(scorer(images, p), dtype=np.float64))
+                clips[n].append(np.asarray(scorer(images, p), dtype=np.float64))
             if task.keys:  # per-sample means: a batch's mean weighted by its size
                 for k, v in task.metrics(images, condition, truth).items():
-                    sums[k] = sums.get(k, 0.0) + v * len(p)
-        rows.append({"steps": n, "num_samples": len(prompts),
-                     "fid": frechet_distance(np.concatenate(feats), reference) if use_fid else None,
-                     "clip_score": float(np.concatenate(clips).mean()) if scorer is not None else None,
-                     **({"task": task.name, **{k: v / len(prompts) for k, v in sums.items()}} if task.keys else {})})
-    return rows
+                    sums[n][k] = sums[n].get(k, 0.0) + v * len(p)
+    return [{"steps": n, "num_samples": len(prompts),
+             "fid": frechet_distance(np.concatenate(feats[n]), reference) if use_fid else None,
+             "clip_score": float(np.concatenate(clips[n]).mean()) if scorer is not None else None,
+             **({"task": task.name, **{k: v / len(prompts) for k, v in sums[n].items()}} if task.keys else {})}
+            for n in steps]

@@ -51,8 +51,6 @@ class Task:
     def make(self, images: torch.Tensor, generator: torch.Generator, train: bool = True) -> dict:
         return {}
 
-    latent = False  # whether the task also runs on latent (VAE) models: the condition is encoded by ``encode``
-
     def kwargs(self, condition: dict, adapter=None, scale: float = 1.0, generator: torch.Generator | None = None,
                encode=None) -> dict:
         """The backbone's keyword arguments for ``condition`` (image space). ``encode(images,
@@ -118,8 +116,6 @@ class Inpaint(Task):
             mask[full] = 1.0
         return {"mask": mask, "image": images.float()}
 
-    latent = True
-
     def kwargs(self, condition, adapter=None, scale=1.0, generator=None, encode=None):
         """Pixel models: ``[mask, masked image]``. Latent models (diffusers' 9-channel inpainting
         UNet, as ``StableDiffusionInpaintPipeline.prepare_mask_latents``): the masked image through
@@ -176,7 +172,6 @@ class SuperResolution(Task):
     metric_names = ("consistency", "psnr")
     max_noise_level = 250  # training: half the batch at 0, the rest U{1..max}
     noise_p = 0.5
-    latent = True  # StableDiffusionUpscalePipeline: the low-res RGB joins the latents at their size
 
     def __init__(self, factor: int = 2):
         self.factor = int(factor)
@@ -241,8 +236,6 @@ class Sketch(Task):
 
     def make(self, images, generator, train=True):
         return {"sketch": strokes(images)}
-
-    latent = True  # the stroke map enters through the adapter, which brings it to the latents' size itself
 
     def kwargs(self, condition, adapter=None, scale=1.0, generator=None, encode=None):
         """The adapter's features times ``scale`` (``StableDiffusionAdapterPipeline``'s

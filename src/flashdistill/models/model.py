@@ -108,19 +108,7 @@ class Model:
 
             return {CONTROL: task.control(condition)}
         scale = float(self.meta.get("adapter_scale", 1.0))
-        self.check_task()
         return task.kwargs(condition, self.adapter, scale, generator, encode=None if self.vae is None else self.encode)
-
-    def check_task(self) -> None:
-        """A ValueError unless the model's task runs on it: on latent (VAE) models only the tasks whose
-        condition the VAE, an adapter or the pipeline brings to the latents (inpaint; sr from a low-res
-        image at the latents' size; sketch through its adapter)."""
-        task = self.task
-        if task.keys and self.vae is not None and not task.latent:
-            raise ValueError(f"task {task.name!r} runs on the pixel-space digits teachers only, not on latent (VAE) "
-                             "models: latent teachers take inpaint (StableDiffusionInpaintPipeline), sr "
-                             "(StableDiffusionUpscalePipeline) and sketch (StableDiffusion[XL]AdapterPipeline, "
-                             "StableDiffusionControlNetPipeline)")
 
     def show(self, condition: dict) -> torch.Tensor:
         """The condition drawn as images in [-1, 1] with this model's channels (a grid's first row)."""
