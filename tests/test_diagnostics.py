@@ -110,3 +110,14 @@ def test_profile_step_splits_the_step(tiny_teacher):
     # the solve is part of the forward, and of the teacher CFG time
     assert parts["teacher_target"] < parts["forward"] and parts["teacher_cfg_outside_target"] >= 0
     assert parts["forward"] + parts["backward"] + parts["optimizer"] <= r["ms_per_step"] * 1.01
+
+
+def test_one_step_fit_learns_its_pool_and_scores_at_each_checkpoint(tiny_teacher):
+    from flashdistill.diagnostics import one_step_fit
+
+    teacher = load_model(tiny_teacher)
+    rows = one_step_fit(teacher, ["to_q", "to_v"], rank=2, pool=32, steps=40, eval_at=(1, 40), lr=1e-2, batch_size=8,
+                        K=8, num_samples=20)
+    assert [r["step"] for r in rows] == [1, 40]
+    assert rows[1]["pool_mse"] < 0.8 * rows[0]["pool_mse"]  # it regresses onto the fixed targets
+    assert all(np.isfinite(r["fd"]) and 0 <= r["adherence"] <= 1 for r in rows)

@@ -346,6 +346,53 @@ def test_trained_fake_score_is_a_lora_that_learns_the_student_samples(tiny_teach
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def test_target_reuse_solves_every_rth_step_replays_kept_batches_and_resumes_exactly(tiny_teacher, tmp_path, monkeypatch):
+    """target_reuse = R: the teacher solves at steps 0, R, 2R, ... only; the steps between train on
+    one of the last replay_batches solved batches; the buffer travels with each checkpoint (per
+    process), so a run resumed between solves is bit-identical to an unbroken one."""
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.train import train
+
+    solves, replayed = [], []
+    real_solve, real_step = FlashDistillation.teacher_target, FlashDistillation.step
+
+    def counting_solve(self, *args):
+        solves.append(self.current_step)
+        return real_solve(self, *args)
+
+    def tracking_step(self, batch, step, models, generator):
+        self.current_step = step
+        before = list(self.replay)
+        out = real_step(self, batch, step, models, generator)
+        if solves and solves[-1] != step:
+            replayed.append(any(e is self.replay_pick for e in before))
+        return out
+
+    real_pick = FlashDistillation._solved_batch
+
+    def recording_pick(self, batch, step, generator):
+        self.replay_pick = real_pick(self, batch, step, generator)
+        return self.replay_pick
+
+    monkeypatch.setattr(FlashDistillation, "teacher_target", counting_solve)
+    monkeypatch.setattr(FlashDistillation, "step", tracking_step)
+    monkeypatch.setattr(FlashDistillation, "_solved_batch", recording_pick)
+    ds = get_dataset("digits")
+    over = {"target_reuse": 3, "replay_batches": 2, "train": {**TINY["train"], "steps": 7, "checkpoint_every": 1}}
+    full = tmp_path / "full"
+    train(tiny_flash(tiny_teacher, **over), ds, full, progress=False)
+    assert solves == [0, 3, 6] and replayed == [True] * 4
+    split = tmp_path / "split"
+    train(tiny_flash(tiny_teacher, **{**over, "train": {**over["train"], "steps": 4}}), ds, split, progress=False)
+    solves.clear()
+    train(tiny_flash(tiny_teacher, **over), ds, split, resume=True, progress=False)
+    assert solves == [6]  # steps 4 and 5 replayed the restored buffer
+    a, b = _weights(full), _weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="target_reuse"):
+        tiny_flash(tiny_teacher, target_reuse=0)
+
+
 def test_full_student_trains_every_weight(tiny_teacher):
     m = tiny_flash(tiny_teacher, full=True)
     assert m.trainable == m.total

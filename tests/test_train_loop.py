@@ -361,3 +361,26 @@ def test_train_seed_controls_initialisation(make_method, digits_train, tmp_path)
         finals.append(_weights(method.unet))
     _assert_same_weights(finals[0], finals[1], atol=1e-6)
     assert max(float((finals[0][k] - finals[2][k]).abs().max()) for k in finals[0]) > 1e-3
+
+
+def test_pack_tree_round_trips_nested_state_through_safetensors(tmp_path):
+    """A replay buffer's batches (dicts of tensors, T2I-Adapter residual lists, plain values) go
+    through a safetensors file and come back equal, same structure."""
+    from flashdistill.checkpoint import load_file_tensors, pack_tree, save_file_tensors, unpack_tree
+
+    image, base = torch.randn(2, 1, 8, 8), torch.randn(4, 3)
+    tree = [{"x_t": torch.randn(2, 1, 8, 8), "cond": {"encoder_hidden_states": torch.randn(2, 3, 4),
+                                                      "adapter": [torch.ones(2, 4), torch.zeros(2, 8)], "scale": 0.5,
+                                                      "name": "sketch", "extra": None, "concat": image,
+                                                      "parts": [base[:2], base[2:]]},
+             "uncond": {"concat": image}}]  # one tensor in both branches; two views of one storage
+    save_file_tensors(pack_tree(tree), tmp_path / "s.safetensors")
+    back = unpack_tree(load_file_tensors(tmp_path / "s.safetensors"))
+    assert back[0].keys() == tree[0].keys() and back[0]["cond"].keys() == tree[0]["cond"].keys()
+    assert torch.equal(back[0]["x_t"], tree[0]["x_t"])
+    assert all(torch.equal(a, b) for a, b in zip(back[0]["cond"]["adapter"], tree[0]["cond"]["adapter"]))
+    assert (back[0]["cond"]["scale"], back[0]["cond"]["name"], back[0]["cond"]["extra"]) == (0.5, "sketch", None)
+    assert back[0]["uncond"]["concat"] is back[0]["cond"]["concat"] and torch.equal(back[0]["cond"]["concat"], image)
+    assert torch.equal(torch.cat(back[0]["cond"]["parts"]), base)
+    with pytest.raises(TypeError, match="cannot store a object"):
+        pack_tree({"bad": object()})

@@ -1,7 +1,7 @@
 """flashdistill: distil multi-step diffusion models into 1-4 step students.
 
 >>> import flashdistill as fd
->>> run = fd.distill(teacher="runs/demo/teacher", out="runs/x", steps=340)
+>>> run = fd.distill(teacher="runs/demo/teacher", out="runs/x", steps=510)
 >>> fd.load(run).generate(["a handwritten digit seven"], steps=2, seed=0)
 
 See :mod:`flashdistill.api`; the names load on first use, so ``import flashdistill`` stays cheap.

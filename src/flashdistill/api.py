@@ -1,14 +1,14 @@
 """The Python API; the ``flashdistill`` command line is a thin layer over it (one code path).
 
 >>> import flashdistill as fd
->>> run = fd.distill(teacher="runs/demo/teacher", out="runs/x", method="flash", steps=340)
+>>> run = fd.distill(teacher="runs/demo/teacher", out="runs/x", method="flash", steps=510)
 >>> student = fd.load(run)
 >>> images = student.generate(["a handwritten digit seven"], steps=2, seed=0)   # PIL images
 >>> rows = fd.evaluate(run, steps=[1, 2, 4])
 >>> fd.export(run, "exported/", format="diffusers")
 
 Config keys are the ones ``--set`` takes: keyword arguments name a key of the method's config
-(``lr=1e-4``, ``K=16``) or of its ``train`` section (``steps=340``, ``batch_size=32``); nested or
+(``lr=1e-4``, ``K=16``) or of its ``train`` section (``steps=510``, ``batch_size=32``); nested or
 dotted keys go in ``overrides={"train.lr_warmup": 10}``. Precedence: preset < ``config`` file <
 ``overrides`` < keyword arguments.
 """

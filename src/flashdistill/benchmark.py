@@ -59,6 +59,12 @@ class Preset:
     seeds_per_method: dict = field(default_factory=dict)  # method -> its own seeds (overrides method_seeds)
 
 
+# Flash's digits preset before target replay (2026-12-02): 340 steps, each on a fresh teacher solve.
+# The methods and ablations presets were sized against this budget and keep it.
+FLASH_FRESH_340 = {"target_reuse": 1, "phase_steps": [50, 100, 100],
+                   "mode_weights": [[0.0, 0.0, 0.5, 0.5], [0.1, 0.3, 0.3, 0.3], [0.25, 0.25, 0.25, 0.25], [0.4, 0.2, 0.2, 0.2]],
+                   "train": {"steps": 340, "checkpoint_every": 100, "sample_every": 100}}
+
 PRESETS = {
     "quick": Preset(),
     "full": Preset(num_samples=2000, teacher_steps=(32, 50), guidance_sweep=(1.0, 1.5, 2.0, 3.0, 4.0, 6.0)),
@@ -66,9 +72,9 @@ PRESETS = {
     # The baseline is the paper's full method, so the adversarial term is on here (the digits
     # preset turns it off; docs/quality.md says why).
     "ablations": Preset(solvers=(), student_steps=(2,), ablations=True,
-                        ablation_flash={"use_adv": True, "phase_steps": [25, 50, 50], "train": {"steps": 170}}),
+                        ablation_flash={**FLASH_FRESH_340, "use_adv": True, "phase_steps": [25, 50, 50], "train": {"steps": 170}}),
     # Equal training wall time: each method's digits preset, with LCM / SPLAM's steps set so that a
-    # run takes about as long as Flash's 340 steps on 2 CPU cores (60-step timing, one run each:
+    # run takes about as long as Flash's 340 fresh-target steps (FLASH_FRESH_340) on 2 CPU cores (60-step timing, one run each:
     # Flash 0.296 s/step, LCM 0.216, SPLAM 0.226, which undercounts Flash, whose DMD term starts after
     # 50 steps; a first benchmark run measured Flash 139 s for 340 steps, LCM 93 s for 460, SPLAM 92 s
     # for 440, hence 690 and 660 here; the report shows every run's own seconds).
@@ -77,7 +83,7 @@ PRESETS = {
     # with CFG and without.
     "methods": Preset(solvers=("dpmpp_2m", "unipc"), solver_steps=(1, 2, 4), nocfg_solver_steps=(1, 2, 4),
                       method_seeds=(0, 1), seeds_per_method={"lightning": (0, 1, 2)},
-                      methods={"flash": {}, "lcm": {"train": {"steps": 690}}, "splam": {"train": {"steps": 660}},
+                      methods={"flash": FLASH_FRESH_340, "lcm": {"train": {"steps": 690}}, "splam": {"train": {"steps": 660}},
                                "lightning": {}}),
 }
 

@@ -2,7 +2,9 @@
 
 Layout of ``RUN/checkpoints/step_00000100/``: ``<model>.safetensors`` (the trainable tensors of
 each model), ``<model>.optim.safetensors`` + ``<model>.optim.json`` (optimizer state), one
-``rng_rank<r>.safetensors`` per process and ``state.json``. A checkpoint is written into a
+``rng_rank<r>.safetensors`` per process, the method's own state where it keeps some
+(``method.safetensors``: an EMA target; ``method_rank<r>.safetensors`` per process: a replay
+buffer, packed by :func:`pack_tree`) and ``state.json``. A checkpoint is written into a
 temporary folder and renamed into place, and ``latest`` is replaced atomically afterwards, so
 a crash mid-save leaves the previous checkpoint intact.
 """
@@ -192,6 +194,52 @@ def load_file_tensors(path: Path) -> dict[str, torch.Tensor]:
     Values are equal either way, but a restored optimizer or EMA state must not differ from the
     live one in anything a kernel may dispatch on, so every tensor is cloned."""
     return {k: v.clone(memory_format=torch.contiguous_format) for k, v in load_file(str(path)).items()}
+
+
+def pack_tree(tree) -> dict[str, torch.Tensor]:
+    """A nest of dicts (string keys), lists and tensors, with JSON leaves (None, numbers, strings),
+    as flat safetensors tensors: ``tensor/<i>`` for the tensors and ``skeleton`` (the nest as
+    UTF-8 JSON, tensors replaced by their index). A tensor that appears twice (a condition shared by
+    both CFG branches) is stored once and comes back as one tensor. :func:`unpack_tree` inverts it."""
+    tensors: dict[str, torch.Tensor] = {}
+    index_of: dict[int, int] = {}  # id(tensor) -> its index: one tensor used twice is stored once
+    storages: set[int] = set()
+
+    def walk(x):
+        if torch.is_tensor(x):
+            if id(x) not in index_of:
+                ptr = x.untyped_storage().data_ptr()
+                # safetensors refuses tensors that share memory: a view of one already stored is copied
+                tensors[f"tensor/{len(tensors)}"] = x.clone() if ptr in storages else x
+                storages.add(ptr)
+                index_of[id(x)] = len(tensors) - 1
+            return {"tensor": index_of[id(x)]}
+        if isinstance(x, dict):
+            if not all(isinstance(k, str) for k in x):
+                raise TypeError(f"pack_tree: dict keys must be strings, got {list(x)}")
+            return {"dict": {k: walk(v) for k, v in x.items()}}
+        if isinstance(x, (list, tuple)):
+            return {"list": [walk(v) for v in x]}
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return {"value": x}
+        raise TypeError(f"pack_tree: cannot store a {type(x).__name__} in a checkpoint")
+
+    skeleton = json.dumps(walk(tree)).encode("utf-8")
+    return {**tensors, "skeleton": torch.tensor(list(skeleton), dtype=torch.uint8)}
+
+
+def unpack_tree(tensors: dict[str, torch.Tensor]):
+    def build(node):
+        (kind, v), = node.items()
+        if kind == "tensor":
+            return tensors[f"tensor/{v}"]
+        if kind == "dict":
+            return {k: build(x) for k, x in v.items()}
+        if kind == "list":
+            return [build(x) for x in v]
+        return v
+
+    return build(json.loads(bytes(tensors["skeleton"].tolist()).decode("utf-8")))
 
 
 def describe_tensor(t: torch.Tensor) -> dict:

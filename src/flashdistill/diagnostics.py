@@ -7,6 +7,9 @@
   with CFG from noised real digits) scored at each mode: an upper bound of what the student can
   learn from Eq. (2) alone.
 - ``regression_error``: the student's one-step error against that target on held-out digits.
+- ``one_step_fit``: how far a fresh LoRA gets on the one-step (t = 999) map alone, regressed on a
+  fixed pool of teacher targets for many updates: whether the one-step student is short of
+  updates or of capacity.
 
 ``python -m flashdistill.diagnostics --teacher DIR [--student RUN --what regression]`` prints them.
 """
@@ -119,6 +122,57 @@ def regression_error(student, teacher, K: int, guidance: tuple[float, float], nu
     return rows
 
 
+def one_step_fit(teacher, targets: list[str], rank: int = 5, pool: int = 4096, steps: int = 2000,
+                 eval_at=(250, 500, 1000, 2000), lr: float = 2e-3, batch_size: int = 16, K: int = 16,
+                 guidance: tuple[float, float] = (1.0, 2.0), num_samples: int = 1000, seed: int = 0) -> list[dict]:
+    """Regress a fresh LoRA (``rank`` on ``targets``) on ``pool`` Eq. (2) targets at the first mode
+    (t = 999, train digits, w ~ U[guidance]), reused for ``steps`` AdamW updates of ``batch_size``;
+    at each of ``eval_at`` score its one-step samples from pure noise on the evaluation prompts
+    (``num_samples``, seeds 0..n-1, as ``flashdistill evaluate``), and its MSE on the pool's first
+    256 targets (``pool_mse``: how well it fits what it trains on)."""
+    from .core.solvers import dpmpp_2m
+    from .models.adapters import base_copy
+    from .models.student import StudentDenoiser, make_student_backbone
+    from .sample import teacher_timesteps
+    from .scoring import eval_prompts, score
+
+    sch, g = teacher.schedule, torch.Generator().manual_seed(seed)
+    t999 = teacher_timesteps(sch, K)
+    data = load_digits("train")
+    idx = torch.randint(len(data.labels), (pool,), generator=g)
+    x0, labels = data.images[idx], data.labels[idx]
+    by_digit = teacher.cond([prompt_for(d) for d in range(10)])
+    cond_of = lambda lb: {k: v[lb] for k, v in by_digit.items()}  # noqa: E731
+    x_t, target = sch.add_noise(x0, torch.randn(x0.shape, generator=g), t999[0].float().expand(pool)), []
+    with torch.no_grad():
+        for i in range(0, pool, 256):
+            n = len(labels[i:i + 256])
+            w = guidance[0] + (guidance[1] - guidance[0]) * torch.rand(n, generator=g)
+            model = cfg_model(teacher.denoiser, cond_of(labels[i:i + 256]), teacher.uncond(n), w)
+            target.append(dpmpp_2m(model, x_t[i:i + 256], t999, sch))
+    target = torch.cat(target)
+    backbone = make_student_backbone(base_copy(teacher.denoiser.backbone), False, rank, None, targets)
+    student = StudentDenoiser(backbone, sch)
+    opt = torch.optim.AdamW([p for p in backbone.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    prompts, eval_labels, seeds = eval_prompts(num_samples)
+    eval_cond = teacher.cond(prompts)
+    eval_noise = torch.stack([torch.randn(teacher.image_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    rows = []
+    for step in range(1, steps + 1):
+        b = torch.randint(pool, (batch_size,), generator=g)
+        loss = ((student(x_t[b], t999[0].float().expand(batch_size), cond_of(labels[b])) - target[b]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in eval_at:
+            with torch.no_grad():
+                x = student(eval_noise, t999[0].float().expand(num_samples), eval_cond)
+                m = min(pool, 256)
+                fit = float(((student(x_t[:m], t999[0].float().expand(m), cond_of(labels[:m])) - target[:m]) ** 2).mean())
+            rows.append({"step": step, "pool_mse": fit, **score(x, eval_labels)})
+    return rows
+
+
 @torch.no_grad()
 def dmd_direction(student, teacher, guidance: tuple[float, float], num_samples: int = 500, seed: int = 2,
                   t_ranges=((0, 249), (250, 499), (500, 749), (750, 999))) -> list[dict]:
@@ -148,12 +202,13 @@ def dmd_direction(student, teacher, guidance: tuple[float, float], num_samples: 
     return rows
 
 
-def profile_step(teacher_dir, overrides: dict | None = None, steps: int = 30, batch_size: int = 16,
+def profile_step(teacher_dir, overrides: dict | None = None, steps: int = 32, batch_size: int = 16,
                  step_index: int = 10_000) -> dict:
-    """Wall time of one Flash training step (digits preset + ``overrides``; by default at a step
-    index in the last phase, every loss on), split into the teacher's Eq. (2) solve, the other
-    teacher CFG calls, the adversarial features, the student's forwards, backward and optimizer:
-    ms per step over ``steps`` steps after 3 warm-up steps."""
+    """Wall time of one Flash training step (digits preset + ``overrides``; by default at step
+    indices in the last phase, every loss on; with ``target_reuse`` R, one step in R solves), split
+    into the teacher's Eq. (2) solve, the other teacher CFG calls, the adversarial features, the
+    student's forwards, backward and optimizer: ms per step over ``steps`` consecutive steps after
+    3 warm-up steps."""
     import time
     from collections import Counter
     from unittest import mock
@@ -191,7 +246,7 @@ def profile_step(teacher_dir, overrides: dict | None = None, steps: int = 30, ba
                 spent.clear()
                 t_start = time.perf_counter()
             t0 = time.perf_counter()
-            losses, _ = method.step(batches.get(i, 0), step_index, models, g)
+            losses, _ = method.step(batches.get(i, 0), step_index + i, models, g)  # consecutive (target replay)
             t1 = time.perf_counter()
             for name, loss in losses:
                 loss.backward(inputs=[p for p in models[name].parameters() if p.requires_grad])
@@ -216,7 +271,11 @@ def main(argv=None) -> None:
     ap.add_argument("--K", type=int, default=16, help="teacher grid size (digits preset: 16)")
     ap.add_argument("--t-prime", type=int, nargs="+", default=[10, 250, 500, 750], help="re-noising timesteps to probe")
     ap.add_argument("--student", help="student run folder: adds its one-step regression error (--what regression)")
-    ap.add_argument("--what", nargs="+", default=["disc", "target"], choices=["disc", "target", "regression", "dmd", "profile"])
+    ap.add_argument("--what", nargs="+", default=["disc", "target"],
+                    choices=["disc", "target", "regression", "dmd", "profile", "onestep"])
+    ap.add_argument("--lora-rank", type=int, default=5, help="--what onestep: LoRA rank")
+    ap.add_argument("--lora-targets", nargs="+", help="--what onestep: LoRA target modules (default: the digits "
+                    "family's, attention and feed-forward; add conv1 conv2 for the resnet convolutions)")
     args = ap.parse_args(argv)
     from .models.loading import load_model
 
@@ -253,8 +312,18 @@ def main(argv=None) -> None:
         print("DMD direction (student as fake score) against the pure guidance direction, one-step samples")
         for r in dmd_direction(student, teacher, guidance):
             print(f"  t'' in {r['t_range']}: cosine {r['cos_to_guidance']:.3f}  norm ratio {r['norm_ratio']:.3f}")
+    if "onestep" in args.what:
+        from .models.pipelines import LORA_TARGETS
+
+        targets = args.lora_targets or LORA_TARGETS["digits"]
+        print(f"one-step (t = 999) fit of a fresh rank-{args.lora_rank} LoRA on {targets}, 4,096 fixed targets")
+        for r in one_step_fit(teacher, targets, args.lora_rank, K=args.K):
+            print(f"  {r['step']:>5} updates  FD {r['fd']:.2f}  pixel FD {r['pixel_fd']:.3f}  adherence {r['adherence']:.3f}"
+                  f"  mse on the pool {r['pool_mse']:.4f}")
     if "profile" in args.what:
-        for label, over in (("digits preset", {}), ("with the adversarial term", {"use_adv": True})):
+        for label, over in (("digits preset (a teacher solve every 4th step)", {}),
+                            ("a fresh teacher solve every step", {"target_reuse": 1}),
+                            ("fresh solves, with the adversarial term", {"target_reuse": 1, "use_adv": True})):
             r = profile_step(args.teacher, over)
             parts = r["parts_ms"]
             print(f"one Flash step, {label}, last phase, batch 16: {r['ms_per_step']:.0f} ms "

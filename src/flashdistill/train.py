@@ -17,7 +17,10 @@ A method object provides:
   discriminator);
 - optionally ``state_tensors() -> dict[str, Tensor]`` and ``load_state_tensors(tensors)``: state
   that is not a trained model but must survive a resume (an EMA target network), saved with
-  every checkpoint as ``method.safetensors``.
+  every checkpoint as ``method.safetensors``;
+- optionally ``rank_state_tensors()`` and ``load_rank_state_tensors(tensors)``: the same for state
+  that differs between processes (a replay buffer of this process's batches), saved by every
+  process as ``method_rank<r>.safetensors``.
 """
 from __future__ import annotations
 
@@ -309,6 +312,10 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
                     emas[n].shadow = {k: v.to(acc.device) for k, v in ckpt.load_file_tensors(found / f"{n}.ema.safetensors").items()}
             if hasattr(method, "state_tensors"):
                 method.load_state_tensors({k: v.to(acc.device) for k, v in ckpt.load_file_tensors(found / "method.safetensors").items()})
+            if hasattr(method, "load_rank_state_tensors"):
+                own = found / f"method_rank{acc.process_index}.safetensors"
+                method.load_rank_state_tensors({k: v.to(acc.device) for k, v in ckpt.load_file_tensors(own).items()}
+                                               if own.exists() else {})
             ckpt.load_rng(generator, found / f"rng_rank{acc.process_index}.safetensors")
             state = json.loads((found / "state.json").read_text())
             start = state["step"]
@@ -333,6 +340,9 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
                                        stage / "method.safetensors")
             (stage / "state.json").write_text(json.dumps({"step": step, "total_steps": cfg.steps}))
         ckpt.save_rng(generator, stage / f"rng_rank{acc.process_index}.safetensors")
+        if hasattr(method, "rank_state_tensors"):
+            ckpt.save_file_tensors({k: v.detach().cpu().contiguous() for k, v in method.rank_state_tensors().items()},
+                                   stage / f"method_rank{acc.process_index}.safetensors")
         acc.wait_for_everyone()
         if acc.is_main_process:
             ckpt.write_checksums(stage)
