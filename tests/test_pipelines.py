@@ -548,3 +548,19 @@ def test_upscaler_with_another_low_res_schedule_is_refused(tmp_path):
         load_model(path)
     with pytest.raises(ValueError, match="downsamples by 1, 2, 4 or 8, not 3"):
         controlnet_for(tp.unet(32), 1, 3)
+
+
+def test_upscaler_samples_at_the_stock_pipelines_noise_level_by_default(tmp_path):
+    """An upscale pipeline's condition defaults to StableDiffusionUpscalePipeline's own noise_level
+    (20), as its model card's example call; an explicit level is kept, one over the pipeline's
+    max_noise_level is refused."""
+    from PIL import Image
+
+    import flashdistill as fd
+
+    model = fd.load(tp.build("sd-upscale", tmp_path / "up"))
+    low = Image.new("RGB", (8, 8), (200, 30, 30))
+    assert model.condition(image=low, n=2)["noise_level"].tolist() == [20, 20]
+    assert model.condition(image=low, noise_level=0)["noise_level"].tolist() == [0]
+    with pytest.raises(ValueError, match=r"noise_level must be in \[0, 350\], got 351"):
+        model.condition(image=low, noise_level=351)

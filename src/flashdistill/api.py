@@ -242,11 +242,12 @@ class Loaded:
         """``t2i``, or the conditional task: ``inpaint``, ``sr`` or ``sketch``."""
         return self.model.task.name
 
-    def condition(self, image=None, mask=None, sketch=None, noise_level: int = 0, n: int = 1) -> dict | None:
+    def condition(self, image=None, mask=None, sketch=None, noise_level: int | None = None, n: int = 1) -> dict | None:
         """A conditional model's condition from images (PIL images, or paths of image files; any
         size, resized; converted to grey, except an RGB pipeline's inpainting image), repeated ``n`` times: inpaint takes ``image`` and
         ``mask`` (white = repaint), sr the low-resolution ``image`` (and ``noise_level``, the
-        low-res noise augmentation, 0..999), sketch a stroke map ``sketch`` (white = stroke)."""
+        low-res noise augmentation, 0..999; default the model's: 20 for a StableDiffusionUpscalePipeline
+        as diffusers, 0 for the digits sr task), sketch a stroke map ``sketch`` (white = stroke)."""
         return condition_from_images(self.model, image, mask, sketch, noise_level, n)
 
     def generate_tensor(self, prompts, steps: int | None = None, seed: int = 0, guidance: float | None = None,
@@ -342,7 +343,8 @@ def _read_image(image, size: int, what: str, channels: int = 1):
     return torch.from_numpy(pixels.reshape(size, size, channels)).permute(2, 0, 1)[None]
 
 
-def condition_from_images(model, image=None, mask=None, sketch=None, noise_level: int = 0, n: int = 1) -> dict | None:
+def condition_from_images(model, image=None, mask=None, sketch=None, noise_level: int | None = None,
+                          n: int = 1) -> dict | None:
     """The condition of a conditional model from user images (see :meth:`Loaded.condition`);
     None for text-to-image models, which take no image."""
     import torch
@@ -358,6 +360,8 @@ def condition_from_images(model, image=None, mask=None, sketch=None, noise_level
         raise ValueError(f"{str(model.path)!r} is {article(task)} {task!r} model: it takes {need}, got "
                          f"{', '.join(f'--{k}' for k in sorted(given)) or 'none'}")
     top = int(model.meta.get("max_noise_level", 999))  # an upscale pipeline's own limit (350 for the x4 upscaler)
+    if noise_level is None:  # the model's default: an upscale pipeline's 20 (diffusers'), 0 for the digits sr task
+        noise_level = int(model.meta.get("default_noise_level", 0))
     if not 0 <= int(noise_level) <= top:
         raise ValueError(f"noise_level must be in [0, {top}], got {noise_level}")
     if task == "t2i":

@@ -315,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(any size: resized to half the model's)")
     g.add_argument("--mask", default=None, help="inpaint: the mask image, white = repaint")
     g.add_argument("--sketch", default=None, help="sketch: the stroke map, white = stroke")
-    g.add_argument("--noise-level", type=_int_in(0, 999, "an integer in [0, 999]"), default=0,
-                   help="sr: noise augmentation of the low-res (class label), default 0")
+    g.add_argument("--noise-level", type=_int_in(0, 999, "an integer in [0, 999]"), default=None,
+                   help="sr: noise augmentation of the low-res (class label); default the model's: 20 for a "
+                        "StableDiffusionUpscalePipeline (diffusers' default), 0 for the digits sr task")
     _add_extra_lora(p)
     p.set_defaults(func=cmd_sample)
 

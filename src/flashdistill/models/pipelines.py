@@ -241,7 +241,9 @@ def load_pipeline_teacher(path: str | Path, device="cpu", dtype: torch.dtype = t
             "pipeline": type(pipe).__name__, "task": task}
     if task == "sr":  # the upscaler: x vae_scale_factor, its low-res noise schedule checked against ours
         _check_low_res_scheduler(path, pipe.low_res_scheduler)
-        meta.update(sr_factor=pipe.vae_scale_factor, max_noise_level=int(pipe.config.max_noise_level), default_guidance=9.0)
+        # default_noise_level: StableDiffusionUpscalePipeline.__call__'s own default, so samples match a stock call
+        meta.update(sr_factor=pipe.vae_scale_factor, max_noise_level=int(pipe.config.max_noise_level), default_guidance=9.0,
+                    default_noise_level=20)
     adapter = getattr(pipe, "adapter", None)  # a T2I-Adapter pipeline's adapter, at the pipeline's default scale 1
     if adapter is not None:
         adapter.eval().requires_grad_(False)
