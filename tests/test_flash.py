@@ -353,29 +353,21 @@ def test_target_reuse_solves_every_rth_step_replays_kept_batches_and_resumes_exa
     from flashdistill.data.digits import get_dataset
     from flashdistill.train import train
 
-    solves, replayed = [], []
-    real_solve, real_step = FlashDistillation.teacher_target, FlashDistillation.step
+    solves, replayed = [], []  # steps whose batch the teacher solved; per other step, whether it came from the buffer
+    real_solve, real_pick = FlashDistillation.teacher_target, FlashDistillation._solved_batch
 
     def counting_solve(self, *args):
         solves.append(self.current_step)
         return real_solve(self, *args)
 
-    def tracking_step(self, batch, step, models, generator):
-        self.current_step = step
-        before = list(self.replay)
-        out = real_step(self, batch, step, models, generator)
-        if solves and solves[-1] != step:
-            replayed.append(any(e is self.replay_pick for e in before))
-        return out
-
-    real_pick = FlashDistillation._solved_batch
-
     def recording_pick(self, batch, step, generator):
-        self.replay_pick = real_pick(self, batch, step, generator)
-        return self.replay_pick
+        self.current_step, kept = step, list(self.replay)
+        picked = real_pick(self, batch, step, generator)
+        if not solves or solves[-1] != step:
+            replayed.append(any(picked is e for e in kept))
+        return picked
 
     monkeypatch.setattr(FlashDistillation, "teacher_target", counting_solve)
-    monkeypatch.setattr(FlashDistillation, "step", tracking_step)
     monkeypatch.setattr(FlashDistillation, "_solved_batch", recording_pick)
     ds = get_dataset("digits")
     over = {"target_reuse": 3, "replay_batches": 2, "train": {**TINY["train"], "steps": 7, "checkpoint_every": 1}}

@@ -550,10 +550,10 @@ def test_upscaler_with_another_low_res_schedule_is_refused(tmp_path):
         controlnet_for(tp.unet(32), 1, 3)
 
 
-def test_upscaler_samples_at_the_stock_pipelines_noise_level_by_default(tmp_path):
+def test_upscaler_samples_at_the_stock_pipelines_noise_level_by_default(tmp_path, monkeypatch):
     """An upscale pipeline's condition defaults to StableDiffusionUpscalePipeline's own noise_level
-    (20), as its model card's example call; an explicit level is kept, one over the pipeline's
-    max_noise_level is refused."""
+    (20), as its model card's example call, and so does its real-model evaluation; an explicit level
+    is kept, one over the pipeline's max_noise_level is refused."""
     from PIL import Image
 
     import flashdistill as fd
@@ -564,3 +564,18 @@ def test_upscaler_samples_at_the_stock_pipelines_noise_level_by_default(tmp_path
     assert model.condition(image=low, noise_level=0)["noise_level"].tolist() == [0]
     with pytest.raises(ValueError, match=r"noise_level must be in \[0, 350\], got 351"):
         model.condition(image=low, noise_level=351)
+    # real-model evaluation conditions its samples at the same level
+    import flashdistill.sample as sampling
+    from flashdistill.metrics import evaluate_real
+
+    seen, real = [], sampling.sample
+
+    def spy(*args, condition=None, **kwargs):
+        seen.append(condition)
+        return real(*args, condition=condition, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample", spy)
+    low.save(tmp_path / "low.png")
+    rows = evaluate_real(model.model, ["a cat", "a dog"], [1], guidance=2.0, progress=False,
+                         condition_files=[tmp_path / "low.png"])
+    assert seen[0]["noise_level"].tolist() == [20, 20] and rows[0]["task"] == "sr"

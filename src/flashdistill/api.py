@@ -360,8 +360,7 @@ def condition_from_images(model, image=None, mask=None, sketch=None, noise_level
         raise ValueError(f"{str(model.path)!r} is {article(task)} {task!r} model: it takes {need}, got "
                          f"{', '.join(f'--{k}' for k in sorted(given)) or 'none'}")
     top = int(model.meta.get("max_noise_level", 999))  # an upscale pipeline's own limit (350 for the x4 upscaler)
-    if noise_level is None:  # the model's default: an upscale pipeline's 20 (diffusers'), 0 for the digits sr task
-        noise_level = int(model.meta.get("default_noise_level", 0))
+    noise_level = model.default_noise_level if noise_level is None else noise_level
     if not 0 <= int(noise_level) <= top:
         raise ValueError(f"noise_level must be in [0, {top}], got {noise_level}")
     if task == "t2i":

@@ -204,7 +204,7 @@ def build_app(model, teacher=None):
                                 type="pil", sources=["upload", "clipboard"], elem_id=f"cond-{k}", height=160)
                        for k in names]
             noise = gr.Slider(0, int(shown.model.meta.get("max_noise_level", 350)), step=1, label="low-res noise level",
-                              value=int(shown.model.meta.get("default_noise_level", 0)), visible=shown.task == "sr",
+                              value=shown.model.default_noise_level, visible=shown.task == "sr",
                               elem_id="noise-level")
         button = gr.Button("Generate", variant="primary", elem_id=ELEM["generate"])
         with gr.Row():

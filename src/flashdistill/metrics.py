@@ -100,12 +100,16 @@ def reference_features(folder: str | Path, extractor: Callable[[torch.Tensor], n
 COND_SEED = 20261203  # conditions of real-model evaluation: sample i's from generator COND_SEED + i
 
 
-def conditions_from(task, images: torch.Tensor, first: int) -> dict:
-    """The evaluation condition of each image (masks, low-res, stroke maps; no training noise), sample
-    ``first + j``'s made with its own generator, so a sample's condition does not depend on the batch."""
+def conditions_from(task, images: torch.Tensor, first: int, noise_level: int = 0) -> dict:
+    """The evaluation condition of each image (masks, low-res, stroke maps; no training noise; the sr
+    low-res at ``noise_level``, the model's default), sample ``first + j``'s made with its own
+    generator, so a sample's condition does not depend on the batch."""
     items = [task.make(images[j: j + 1], torch.Generator().manual_seed(COND_SEED + first + j), train=False)
              for j in range(len(images))]
-    return {k: torch.cat([it[k] for it in items]) for k in items[0]}
+    out = {k: torch.cat([it[k] for it in items]) for k in items[0]}
+    if "noise_level" in out:
+        out["noise_level"] = torch.full_like(out["noise_level"], noise_level)
+    return out
 
 
 def inception_extractor(weights: str | Path | None = None) -> Callable[[torch.Tensor], np.ndarray]:
@@ -190,7 +194,7 @@ def evaluate_real(model, prompts: list[str], steps: list[int], guidance: float |
         if task.keys:
             truth = read_images([condition_files[k % len(condition_files)] for k in range(i, i + len(p))],
                                 model.pixel_shape[-1])
-            condition = conditions_from(task, truth, i)
+            condition = conditions_from(task, truth, i, model.default_noise_level)
         for n in steps:
             images = sample(model, p, seeds[i: i + batch_size], n, guidance=guidance, condition=condition)
             if use_fid:

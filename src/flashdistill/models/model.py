@@ -73,6 +73,12 @@ class Model:
         return float(self.meta.get("default_guidance", 5.0))
 
     @property
+    def default_noise_level(self) -> int:
+        """The sr task's low-res noise level when none is given: 20 for a StableDiffusionUpscalePipeline
+        (its ``__call__`` default, which its model card passes), else 0."""
+        return int(self.meta.get("default_noise_level", 0))
+
+    @property
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.meta["image_shape"])
 
