@@ -143,7 +143,7 @@ PRESETS = {
         "train": {"steps": 1020, "batch_size": 16, "checkpoint_every": 200, "sample_every": 200, "ema_decay": 0.99},
     },
 }
-# The digits preset at 4x the steps (about 15 min on 2 CPU cores; docs/quality.md's convergence curve).
+# The digits preset at 4x the steps (1,475 s on one core beside another run; the last point of docs/quality.md's convergence curve).
 PRESETS["digits-long"] = {**PRESETS["digits"], "phase_steps": [600, 1200, 1200],
                           "train": {**PRESETS["digits"]["train"], "steps": 4080, "checkpoint_every": 500, "sample_every": 1000}}
 
