@@ -4,8 +4,10 @@ together), each scored by ``flashdistill evaluate`` at 1, 2 and 4 steps on 1,000
 its training wall time (the loop's own clock, the last ``time`` of its ``log.jsonl``).
 
 Runs go two at a time, one core each (``OMP_NUM_THREADS=1``), the condition every figure of
-docs/quality.md sections 8 and 9 was measured in. A point already in ``--out`` (its
-``NAME/log.jsonl`` and ``NAME.json``) is not run again, so an interrupted curve resumes.
+docs/quality.md sections 8 and 9 was measured in. A point already done in ``--out`` (its
+``NAME/student`` and ``NAME.json``) is not run again, and an interrupted one continues from its last
+checkpoint (``distill --resume``), so an interrupted curve resumes. (A resumed run's clock restarts:
+its ``train_seconds`` then undercounts.)
 Writes ``curve.json`` and ``curve.png`` in ``--out`` and prints a table.
 
     .venv/bin/python scripts/convergence.py --teacher runs/teacher --out runs/curve
@@ -42,15 +44,16 @@ def run_point(p: dict, teacher: str, out: Path) -> None:
     run, scores = out / p["name"], out / f"{p['name']}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     exe = Path(sys.executable).parent / "flashdistill"
-    log = open(out / f"{p['name']}.log", "a")
-    if not (run / "student").is_dir():
-        subprocess.run([str(exe), "distill", "--teacher", teacher, "--out", str(run), "--quiet",
-                        "--set", f"train.steps={p['steps']}", "--set", f"phase_steps={p['phase_steps']}",
-                        "--set", f"train.seed={p['seed']}", "--set", "train.sample_every=0", *VARIANTS[p["variant"]]],
-                       env=env, stdout=log, stderr=log, check=True)
-    if not scores.is_file():
-        subprocess.run([str(exe), "evaluate", "--model", str(run), "--steps", "1", "2", "4",
-                        "--num-samples", "1000", "--out", str(scores)], env=env, stdout=log, stderr=log, check=True)
+    with open(out / f"{p['name']}.log", "a") as log:
+        if not (run / "student").is_dir():
+            subprocess.run([str(exe), "distill", "--teacher", teacher, "--out", str(run), "--quiet",
+                            *(["--resume"] if run.is_dir() else []),
+                            "--set", f"train.steps={p['steps']}", "--set", f"phase_steps={p['phase_steps']}",
+                            "--set", f"train.seed={p['seed']}", "--set", "train.sample_every=0", *VARIANTS[p["variant"]]],
+                           env=env, stdout=log, stderr=log, check=True)
+        if not scores.is_file():
+            subprocess.run([str(exe), "evaluate", "--model", str(run), "--steps", "1", "2", "4",
+                            "--num-samples", "1000", "--out", str(scores)], env=env, stdout=log, stderr=log, check=True)
 
 
 def collect(p: dict, out: Path) -> dict:
