@@ -75,25 +75,37 @@ def discriminator_separation(teacher, real, real_labels, fake, fake_labels, t_pr
 
 
 @torch.no_grad()
-def _targets(teacher, K: int, guidance: tuple[float, float], split: str, num_samples: int, seed: int):
-    """Per mode of the K-grid: (mode, t, x0, labels, x_t, cond, target), the Eq. (2) target being the
-    teacher's K-grid DPM-Solver++ solve with CFG at w ~ U[guidance] from digits of ``split`` noised at t."""
+def _solve(teacher, x0, labels, index: int, K: int, guidance: tuple[float, float], g, chunk: int | None = None):
+    """(t, x_t, target): ``x0`` noised at grid point ``index`` of the K-grid and the Eq. (2) target,
+    the teacher's DPM-Solver++ solve from there with CFG at w ~ U[guidance] (in chunks of ``chunk``)."""
     from .core.solvers import dpmpp_2m
-    from .core.timesteps import mode_indices
     from .sample import teacher_timesteps
+
+    n, grid = len(labels), teacher_timesteps(teacher.schedule, K)
+    by_digit = teacher.cond([prompt_for(d) for d in range(10)])
+    t = grid[index].float().expand(n)
+    x_t = teacher.schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+    target = []
+    for i in range(0, n, chunk or n):
+        lb = labels[i:i + (chunk or n)]
+        w = guidance[0] + (guidance[1] - guidance[0]) * torch.rand(len(lb), generator=g)
+        model = cfg_model(teacher.denoiser, {k: v[lb] for k, v in by_digit.items()}, teacher.uncond(len(lb)), w)
+        target.append(dpmpp_2m(model, x_t[i:i + len(lb)], grid[index:], teacher.schedule))
+    return t, x_t, torch.cat(target)
+
+
+def _targets(teacher, K: int, guidance: tuple[float, float], split: str, num_samples: int, seed: int):
+    """Per mode of the K-grid: (mode, t, x0, labels, x_t, cond, target) from digits of ``split``
+    (cycled), the target as in ``_solve``."""
+    from .core.timesteps import mode_indices
 
     data = load_digits(split)
     idx = torch.arange(num_samples) % len(data.labels)
     x0, labels = data.images[idx], data.labels[idx]
-    grid = teacher_timesteps(teacher.schedule, K)
     g = torch.Generator().manual_seed(seed)
-    cond, uncond = teacher.cond([prompt_for(int(d)) for d in labels]), teacher.uncond(num_samples)
+    cond = teacher.cond([prompt_for(int(d)) for d in labels])
     for mode, index in enumerate(mode_indices(K)):
-        t = grid[index].float().expand(num_samples)
-        noise = torch.randn(x0.shape, generator=g)
-        w = guidance[0] + (guidance[1] - guidance[0]) * torch.rand(num_samples, generator=g)
-        x_t = teacher.schedule.add_noise(x0, noise, t)
-        target = dpmpp_2m(cfg_model(teacher.denoiser, cond, uncond, w), x_t, grid[index:], teacher.schedule)
+        t, x_t, target = _solve(teacher, x0, labels, int(index), K, guidance, g)
         yield mode, t, x0, labels, x_t, cond, target
 
 
@@ -130,27 +142,18 @@ def one_step_fit(teacher, targets: list[str], rank: int = 5, pool: int = 4096, s
     at each of ``eval_at`` score its one-step samples from pure noise on the evaluation prompts
     (``num_samples``, seeds 0..n-1, as ``flashdistill evaluate``), and its MSE on the pool's first
     256 targets (``pool_mse``: how well it fits what it trains on)."""
-    from .core.solvers import dpmpp_2m
     from .models.adapters import base_copy
     from .models.student import StudentDenoiser, make_student_backbone
-    from .sample import teacher_timesteps
     from .scoring import eval_prompts, score
 
     sch, g = teacher.schedule, torch.Generator().manual_seed(seed)
-    t999 = teacher_timesteps(sch, K)
     data = load_digits("train")
     idx = torch.randint(len(data.labels), (pool,), generator=g)
     x0, labels = data.images[idx], data.labels[idx]
     by_digit = teacher.cond([prompt_for(d) for d in range(10)])
     cond_of = lambda lb: {k: v[lb] for k, v in by_digit.items()}  # noqa: E731
-    x_t, target = sch.add_noise(x0, torch.randn(x0.shape, generator=g), t999[0].float().expand(pool)), []
-    with torch.no_grad():
-        for i in range(0, pool, 256):
-            n = len(labels[i:i + 256])
-            w = guidance[0] + (guidance[1] - guidance[0]) * torch.rand(n, generator=g)
-            model = cfg_model(teacher.denoiser, cond_of(labels[i:i + 256]), teacher.uncond(n), w)
-            target.append(dpmpp_2m(model, x_t[i:i + 256], t999, sch))
-    target = torch.cat(target)
+    t, x_t, target = _solve(teacher, x0, labels, 0, K, guidance, g, chunk=256)
+    t999 = t[0]
     backbone = make_student_backbone(base_copy(teacher.denoiser.backbone), False, rank, None, targets)
     student = StudentDenoiser(backbone, sch)
     opt = torch.optim.AdamW([p for p in backbone.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -160,15 +163,15 @@ def one_step_fit(teacher, targets: list[str], rank: int = 5, pool: int = 4096, s
     rows = []
     for step in range(1, steps + 1):
         b = torch.randint(pool, (batch_size,), generator=g)
-        loss = ((student(x_t[b], t999[0].float().expand(batch_size), cond_of(labels[b])) - target[b]) ** 2).mean()
+        loss = ((student(x_t[b], t999.expand(batch_size), cond_of(labels[b])) - target[b]) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step in eval_at:
             with torch.no_grad():
-                x = student(eval_noise, t999[0].float().expand(num_samples), eval_cond)
+                x = student(eval_noise, t999.expand(num_samples), eval_cond)
                 m = min(pool, 256)
-                fit = float(((student(x_t[:m], t999[0].float().expand(m), cond_of(labels[:m])) - target[:m]) ** 2).mean())
+                fit = float(((student(x_t[:m], t999.expand(m), cond_of(labels[:m])) - target[:m]) ** 2).mean())
             rows.append({"step": step, "pool_mse": fit, **score(x, eval_labels)})
     return rows
 
