@@ -121,8 +121,8 @@ def test_ablations_schema(tmp_path, monkeypatch):
         ("K", [("8", {}, None), ("16", {"K": 16}, (22.64, 30.61))]),
     ])
     out = tmp_path / "out"
-    result = run_benchmark(tiny(solvers=(), student_steps=(2,), ablations=True), out, cache=tmp_path / "cache",
-                           progress=False)
+    result = run_benchmark(tiny(solvers=(), student_steps=(2,), ablations=True, ablation_seeds=(0, 1)), out,
+                           cache=tmp_path / "cache", progress=False)
     for name in ("results.json", "report.md", "grid.png", "ablations.png"):
         assert (out / name).is_file(), name
     groups = json.loads((out / "results.json").read_text())["ablations"]
@@ -130,11 +130,17 @@ def test_ablations_schema(tmp_path, monkeypatch):
     assert groups[0]["ranking_agrees"] in (True, False) and groups[1]["ranking_agrees"] is None
     for g in groups:
         for e in g["variants"]:
-            assert _finite(e["fd"]) and _finite(e["adherence"]) and e["row"]["steps"] == 2
-    # the baseline ("all" and "8" are the same config) trains once: 3 runs, not 4
-    assert len([p for p in (tmp_path / "cache").iterdir() if p.name.startswith("flash-")]) == 3
-    assert "paper FID" in (out / "report.md").read_text()
-    assert len(result["rows"]) == 1 + 3  # the teacher reference, then one row per distinct run
+            assert [r["seed"] for r in e["rows"]] == [0, 1] and all(r["steps"] == 2 for r in e["rows"])
+            # a variant's figures are the mean of its seeds' rows
+            assert e["fd_per_seed"] == [r["fd"] for r in e["rows"]] and e["fd"] == pytest.approx(sum(e["fd_per_seed"]) / 2)
+            assert e["pixel_fd"] == pytest.approx(sum(r["pixel_fd"] for r in e["rows"]) / 2)
+            assert _finite(e["fd"]) and _finite(e["adherence"])
+            assert e["rows"][0]["run"] != e["rows"][1]["run"]  # each seed is its own run
+    # the baseline ("all" and "8" are the same config) trains once per seed: 3 x 2 runs, not 4 x 2
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.name.startswith("flash-")]) == 6
+    report_text = (out / "report.md").read_text()
+    assert "paper FID" in report_text and "pixel FD" in report_text
+    assert len(result["rows"]) == 1 + 6  # the teacher reference, then one row per distinct run
     assert all(r["images_per_second"] > 0 for r in result["rows"])
 
 

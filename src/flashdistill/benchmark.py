@@ -50,6 +50,7 @@ class Preset:
     guidance_sweep: tuple[float, ...] = ()
     ablations: bool = False
     ablation_flash: dict = field(default_factory=dict)  # budget of each ablation run (over the digits preset)
+    ablation_seeds: tuple[int, ...] = (0,)  # training seeds of each ablation variant (its figures are their mean)
     speed_batch: int = 64
     speed_repeats: int = 3
     teacher: dict = field(default_factory=dict)  # overrides of TeacherConfig
@@ -60,7 +61,7 @@ class Preset:
 
 
 # Flash's digits preset before target replay (2026-12-02): 340 steps, each on a fresh teacher solve.
-# The methods and ablations presets were sized against this budget and keep it.
+# The methods preset was sized against this budget and keeps it.
 FLASH_FRESH_340 = {"target_reuse": 1, "phase_steps": [50, 100, 100],
                    "mode_weights": [[0.0, 0.0, 0.5, 0.5], [0.1, 0.3, 0.3, 0.3], [0.25, 0.25, 0.25, 0.25], [0.4, 0.2, 0.2, 0.2]],
                    "train": {"steps": 340, "checkpoint_every": 100, "sample_every": 100}}
@@ -68,11 +69,12 @@ FLASH_FRESH_340 = {"target_reuse": 1, "phase_steps": [50, 100, 100],
 PRESETS = {
     "quick": Preset(),
     "full": Preset(num_samples=2000, teacher_steps=(32, 50), guidance_sweep=(1.0, 1.5, 2.0, 3.0, 4.0, 6.0)),
-    # Half the digits preset's budget per run (170 steps, phases halved): 13 runs in about 30 min.
-    # The baseline is the paper's full method, so the adversarial term is on here (the digits
-    # preset turns it off; docs/quality.md says why).
-    "ablations": Preset(solvers=(), student_steps=(2,), ablations=True,
-                        ablation_flash={**FLASH_FRESH_340, "use_adv": True, "phase_steps": [25, 50, 50], "train": {"steps": 170}}),
+    # Half the digits preset's budget per run (510 steps, phases halved, the preset's target replay and
+    # mode weights), two training seeds per variant: 26 runs in about 40 min on 2 cores. The baseline
+    # is the paper's full method, so the adversarial term is on here (the digits preset turns it off;
+    # docs/quality.md says why).
+    "ablations": Preset(solvers=(), student_steps=(2,), ablations=True, ablation_seeds=(0, 1),
+                        ablation_flash={"use_adv": True, "phase_steps": [75, 150, 150], "train": {"steps": 510}}),
     # Equal training wall time: each method's digits preset, with LCM / SPLAM's steps set so that a
     # run takes about as long as Flash's 340 fresh-target steps (FLASH_FRESH_340) on 2 CPU cores (60-step timing, one run each:
     # Flash 0.296 s/step, LCM 0.216, SPLAM 0.226, which undercounts Flash, whose DMD term starts after
@@ -380,7 +382,7 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
     if preset.ablations:
         result["ablations"] = run_ablations(bench, teacher_dir, cache, preset, progress)
         # one row per distinct run (variants with the same config share a run and its row)
-        rows += list({id(e["row"]): e["row"] for g in result["ablations"] for e in g["variants"]}.values())
+        rows += list({id(r): r for g in result["ablations"] for e in g["variants"] for r in e["rows"]}.values())
     elif preset.methods:
         rows += run_methods(bench, teacher_dir, cache, preset, progress)
     else:
@@ -464,27 +466,35 @@ def ablation_overrides(preset: Preset, variant: dict) -> dict:
 
 
 def run_ablations(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, progress: bool) -> list[dict]:
-    """Each variant: a Flash run (cached by config) at the same budget, scored at 2 steps."""
+    """Each variant: one Flash run (cached by config) per training seed at the same budget, scored at
+    2 steps; a variant's figures are the mean over its seeds (per-seed FDs kept)."""
+    from .config import merge
+
     groups, done = [], {}
-    total = sum(len(v) for _, v in ABLATIONS)
+    total = sum(len(v) for _, v in ABLATIONS) * len(preset.ablation_seeds)
     bar = tqdm(total=total, desc="ablations", disable=not progress)
     for group, variants in ABLATIONS:
         entries = []
         for label, variant, paper in variants:
-            overrides = ablation_overrides(preset, variant)
-            key = flash_key(preset.teacher, overrides)
-            if key not in done:
-                run = cache / f"flash-{key}"
-                seconds = ensure_flash(teacher_dir, run, overrides, progress)
-                student = load_model(run)
-                extra = {"train_seconds": seconds, "trainable_params": student.meta["trainable_params"], "run": str(run)}
-                done[key] = bench.row(student, "flash student", 2, None, extra={**extra, "variants": []})
-            row = done[key]
-            row["variants"].append(f"{group.split(' (')[0]}: {label}")
-            entries.append({"variant": label, "overrides": variant, "row": row, "fd": row["fd"],
-                            "adherence": row["adherence"], "paper_fid": paper[0] if paper else None,
-                            "paper_clip": paper[1] if paper else None})
-            bar.update()
+            rows = []
+            for seed in preset.ablation_seeds:
+                overrides = merge(ablation_overrides(preset, variant), {"train": {"seed": seed}})
+                key = flash_key(preset.teacher, overrides)
+                if key not in done:
+                    run = cache / f"flash-{key}"
+                    seconds = ensure_flash(teacher_dir, run, overrides, progress)
+                    student = load_model(run)
+                    extra = {"train_seconds": seconds, "trainable_params": student.meta["trainable_params"], "run": str(run),
+                             "seed": seed}
+                    done[key] = bench.row(student, "flash student", 2, None, extra={**extra, "variants": []})
+                done[key]["variants"].append(f"{group.split(' (')[0]}: {label}")
+                rows.append(done[key])
+                bar.update()
+            mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+            entries.append({"variant": label, "overrides": variant, "rows": rows, "seeds": list(preset.ablation_seeds),
+                            "fd": mean("fd"), "fd_per_seed": [r["fd"] for r in rows], "pixel_fd": mean("pixel_fd"),
+                            "adherence": mean("adherence"), "train_seconds": [r["train_seconds"] for r in rows],
+                            "paper_fid": paper[0] if paper else None, "paper_clip": paper[1] if paper else None})
         groups.append({"group": group, "variants": entries, "ranking_agrees": _ranking_agrees(entries)})
     bar.close()
     return groups
@@ -507,7 +517,7 @@ def write_grid(bench: Bench, rows: list[dict], path: Path) -> None:
 
     prompts, seeds = [prompt_for(d) for d in range(10)], list(range(10))
     strips = [run(prompts, seeds) for run in bench.samplers]
-    labels = [" = ".join(r["variants"]) if r.get("variants") else
+    labels = [" = ".join(r["variants"]) + f" (seed {r['seed']})" if r.get("variants") else
               f"{r['method']}, {r['steps']} steps ({r['nfe']} NFE)" + ("" if r["guidance"] is None else f", w={r['guidance']:g}")
               for r in rows]
     size = 8 * 4
@@ -567,10 +577,14 @@ def plot_ablations(result: dict, path: Path) -> None:
     groups = result["ablations"]
     fig, axes = plt.subplots(1, len(groups), figsize=(3 * len(groups), 3.2), dpi=120, sharey=True)
     for ax, g in zip(axes, groups):
-        ax.bar([e["variant"] for e in g["variants"]], [e["fd"] for e in g["variants"]], color="C0")
+        names = [e["variant"] for e in g["variants"]]
+        ax.bar(names, [e["fd"] for e in g["variants"]], color="C0", label="mean over seeds")
+        for i, e in enumerate(g["variants"]):  # each training seed's own figure
+            ax.plot([i] * len(e["fd_per_seed"]), e["fd_per_seed"], "k.", ms=4, label="one seed" if i == 0 else None)
         ax.set_title(g["group"].split(" (")[0], fontsize=9)
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)
     axes[0].set_ylabel("FD at 2 steps")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -618,9 +632,11 @@ def report(result: dict) -> str:
     for g in result.get("ablations", []):
         agrees = {True: "same order as the paper", False: "**order differs from the paper**", None: "no paper order"}
         lines += ["", f"### {g['group']} — {agrees[g['ranking_agrees']]}", "",
-                  "| variant | FD ↓ (ours, 2 steps) | adherence ↑ | paper FID ↓ | paper CLIP ↑ | train s |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| variant | FD ↓ (ours, 2 steps; mean (per seed)) | pixel FD ↓ | adherence ↑ | paper FID ↓ | paper CLIP ↑ | train s (per seed) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for e in g["variants"]:
-            lines.append(f"| {e['variant']} | {e['fd']:.2f} | {e['adherence']:.3f} | {_fmt(e['paper_fid'], '.2f')} | "
-                         f"{_fmt(e['paper_clip'], '.2f')} | {_fmt(e['row']['train_seconds'], '.0f')} |")
+            per = ", ".join(f"{v:.2f}" for v in e["fd_per_seed"])
+            secs = ", ".join(_fmt(v, ".0f") for v in e["train_seconds"])
+            lines.append(f"| {e['variant']} | {e['fd']:.2f} ({per}) | {_fmt(e['pixel_fd'], '.3f')} | {e['adherence']:.3f} | "
+                         f"{_fmt(e['paper_fid'], '.2f')} | {_fmt(e['paper_clip'], '.2f')} | {secs} |")
     return "\n".join(lines) + "\n"
