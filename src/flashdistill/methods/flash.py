@@ -127,8 +127,9 @@ PRESETS = {
     # 1.2 against the raw final weights of the same run. The sampler moves deterministically between
     # steps (sampler_gamma = 0, TCD's DDIM move) instead of LCM's re-noising: on the same students
     # 2-step FD 14.5 -> 9.3 and pixel FD 0.357 -> 0.229, 4-step FD 14.7 -> 7.9, at ~4 points of
-    # adherence. The adversarial term is off: with DMD on, two seeds with and without it score within
-    # seed noise (2-step FD 9.7 vs 9.8, adherence 0.949 vs 0.958) and it costs a teacher encoder pass;
+    # adherence. The adversarial term is off, for adherence: at this preset's budget it takes the
+    # 2-step FD from 9.7 to 7.9 (the teacher's 8.0) and the adherence from 0.968 to 0.952 (two seeds),
+    # the same fidelity/adherence trade as a lower DMD weight (docs/quality.md section 10);
     # if turned on, t' in {10, 250} is where the teacher's 8x8 features separate real from fake.
     # The one-step map from pure noise is what limits the student (it needs many updates at t = 999),
     # and the teacher's solve is ~70% of a step, so each solve trains 4 steps (target_reuse = 4,
