@@ -518,7 +518,7 @@ def write_grid(bench: Bench, rows: list[dict], path: Path) -> None:
     prompts, seeds = [prompt_for(d) for d in range(10)], list(range(10))
     strips = [run(prompts, seeds) for run in bench.samplers]
     labels = [" = ".join(r["variants"]) + f" (seed {r['seed']})" if r.get("variants") else
-              f"{r['method']}, {r['steps']} steps ({r['nfe']} NFE)" + ("" if r["guidance"] is None else f", w={r['guidance']:g}")
+              f"{r['method']}, {r['steps']} step{'s' * (r['steps'] != 1)} ({r['nfe']} NFE)" + ("" if r["guidance"] is None else f", w={r['guidance']:g}")
               for r in rows]
     size = 8 * 4
     label_w = 8 + 6 * max(len(s) for s in labels)  # PIL's default bitmap font: about 6 px per character
