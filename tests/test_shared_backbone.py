@@ -2,6 +2,8 @@
 weights bit for bit, the LoRA never leaks into them, frozen weight sets are swapped in and out of
 the live module, gradient checkpointing leaves the gradients unchanged, and the frozen weights can
 be bf16 while the trainable ones stay float32."""
+import json
+
 import pytest
 import torch
 
@@ -218,3 +220,59 @@ def test_bf16_frozen_weights_with_float32_trainable_weights(tiny_teacher, method
     x, t, cond = inputs(ref)
     with torch.no_grad():
         torch.testing.assert_close(m.teacher.denoiser.predict(x, t, cond), ref.denoiser.predict(x, t, cond), rtol=0.05, atol=0.05)
+
+
+def test_compiled_forward_keeps_teacher_and_student_calls_apart(tiny_teacher):
+    """train.compile: one compiled forward on the shared module serves the teacher (adapters off)
+    and the LoRA student (on), at the same shapes and grad mode, each matching its eager call to
+    float rounding; calls with gradients (the student's training forward) and the discriminator's
+    features stay eager, so gradients are the eager ones bit for bit."""
+    from flashdistill.models.denoiser import uncompile_forward
+    from flashdistill.train import compile_models
+
+    m = flash(tiny_teacher)
+    perturb_lora(m.student)
+    teacher, student = m.teacher.denoiser, StudentDenoiser(m.student, m.schedule)
+    x, t, cond = inputs(m.teacher)
+    params = [p for p in m.student.parameters() if p.requires_grad]
+    want_grads = torch.autograd.grad(student(x, t, cond).square().sum(), params)
+    with torch.no_grad():
+        want_teacher, want_student = teacher(x, t, cond), student(x, t, cond)
+        want_feats = teacher.encoder_features(x, t, cond)
+    assert compile_models(m.compile_targets(), "cpu") == [m.student]  # one module: the student is the teacher's
+    with torch.no_grad():
+        for _ in range(2):  # teacher then student, twice: neither reuses the other's graph
+            got_teacher, got_student = teacher(x, t, cond), student(x, t, cond)
+            torch.testing.assert_close(got_teacher, want_teacher, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got_student, want_student, rtol=1e-4, atol=1e-5)
+        assert torch.equal(teacher.encoder_features(x, t, cond), want_feats)
+    grads = torch.autograd.grad(student(x, t, cond).square().sum(), params)
+    assert all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+    uncompile_forward(m.student)
+    assert "forward" not in m.student.__dict__ and "_eager_forward" not in m.student.__dict__
+
+
+def test_train_compile_trains_like_eager_and_restores_the_eager_forward(tiny_teacher, digits_train, tmp_path):
+    """The loop compiles with train.compile, trains (its first logged loss, computed before any
+    update, equals an eager run's) and puts the eager forward back."""
+    from flashdistill.train import train
+
+    first = {}
+    for compiled in (False, True):
+        run = flash(tiny_teacher, use_adv=False, use_dmd=False, train={**TINY["train"], "steps": 2, "compile": compiled})
+        train(run, digits_train, tmp_path / str(compiled), progress=False)
+        lines = (tmp_path / str(compiled) / "log.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1, 2]
+        first[compiled] = json.loads(lines[0])["loss"]
+        assert "forward" not in run.student.__dict__  # eager again after training
+    assert first[True] == pytest.approx(first[False], rel=1e-4)
+
+
+def test_train_compile_without_a_cpp_compiler_says_so(monkeypatch):
+    import shutil
+
+    from flashdistill.train import compile_models
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="C\\+\\+ compiler.*train.compile=false"):
+        compile_models([torch.nn.Linear(2, 2)], "cpu")

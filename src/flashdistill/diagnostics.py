@@ -206,12 +206,12 @@ def dmd_direction(student, teacher, guidance: tuple[float, float], num_samples: 
 
 
 def profile_step(teacher_dir, overrides: dict | None = None, steps: int = 32, batch_size: int = 16,
-                 step_index: int = 10_000) -> dict:
+                 step_index: int = 10_000, compile: bool = False) -> dict:
     """Wall time of one Flash training step (digits preset + ``overrides``; by default at step
     indices in the last phase, every loss on; with ``target_reuse`` R, one step in R solves), split
     into the teacher's Eq. (2) solve, the other teacher CFG calls, the adversarial features, the
     student's forwards, backward and optimizer: ms per step over ``steps`` consecutive steps after
-    3 warm-up steps."""
+    3 warm-up steps (which hold the compilation with ``compile``: ``train.compile``)."""
     import time
     from collections import Counter
     from unittest import mock
@@ -236,6 +236,10 @@ def profile_step(teacher_dir, overrides: dict | None = None, steps: int = 32, ba
         return wrapper
 
     models = method.models()
+    if compile:
+        from .train import compile_models
+
+        compile_models(method.compile_targets(), "cpu")
     opts = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], **method.optimizer_settings(n))
             for n, m in models.items()}
     batches = DeterministicBatches(get_dataset("digits"), batch_size, 1, 0, 0, 1)
@@ -276,6 +280,8 @@ def main(argv=None) -> None:
     ap.add_argument("--student", help="student run folder: adds its one-step regression error (--what regression)")
     ap.add_argument("--what", nargs="+", default=["disc", "target"],
                     choices=["disc", "target", "regression", "dmd", "profile", "onestep"])
+    ap.add_argument("--compile", action="store_true", help="--what profile: also profile with train.compile=true "
+                                                          "(fresh solves and the preset, side by side with the eager runs)")
     ap.add_argument("--lora-rank", type=int, default=5, help="--what onestep: LoRA rank")
     ap.add_argument("--lora-targets", nargs="+", help="--what onestep: LoRA target modules (default: the digits "
                     "family's, attention and feed-forward; add conv1 conv2 for the resnet convolutions)")
@@ -324,10 +330,14 @@ def main(argv=None) -> None:
             print(f"  {r['step']:>5} updates  FD {r['fd']:.2f}  pixel FD {r['pixel_fd']:.3f}  adherence {r['adherence']:.3f}"
                   f"  mse on the pool {r['pool_mse']:.4f}")
     if "profile" in args.what:
-        for label, over in (("digits preset (a teacher solve every 4th step)", {}),
-                            ("a fresh teacher solve every step", {"target_reuse": 1}),
-                            ("fresh solves, with the adversarial term", {"target_reuse": 1, "use_adv": True})):
-            r = profile_step(args.teacher, over)
+        runs = [("digits preset (a teacher solve every 4th step)", {}, False),
+                ("a fresh teacher solve every step", {"target_reuse": 1}, False),
+                ("fresh solves, with the adversarial term", {"target_reuse": 1, "use_adv": True}, False)]
+        if args.compile:
+            runs += [("fresh solves, train.compile=true", {"target_reuse": 1}, True),
+                     ("digits preset, train.compile=true", {}, True)]
+        for label, over, compiled in runs:
+            r = profile_step(args.teacher, over, compile=compiled)
             parts = r["parts_ms"]
             print(f"one Flash step, {label}, last phase, batch 16: {r['ms_per_step']:.0f} ms "
                   f"({r['samples_per_second']:.1f} samples/s)")

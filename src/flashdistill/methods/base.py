@@ -209,6 +209,11 @@ class StudentMethod:
     def models(self) -> dict:
         return {"student": self.student, **self.extra}
 
+    def compile_targets(self) -> list[torch.nn.Module]:
+        """What ``train.compile`` compiles: the teacher's backbone and the student's (one module
+        for a LoRA student); discriminator heads and other small extras stay eager."""
+        return [self.teacher.denoiser.backbone, self.student]
+
     def optimizer_settings(self, name: str) -> dict:
         return {"lr": self.config.lr, "betas": tuple(self.config.adam_betas), "weight_decay": 0.0}
 
