@@ -35,7 +35,8 @@ def compile_forward(module: nn.Module) -> None:
     teacher's solve and CFG scores, a student's no-grad calls (DMD's fake score). Calls with
     gradients stay eager: on the digits UNet, inductor's backward of the whole forward gives wrong
     LoRA gradients (up to 2.3x off a finite difference on half the LoRA tensors, torch 2.13 CPU;
-    aot_eager is exact; docs/quality.md section 11), so nothing that trains goes through it. One
+    aot_eager is exact, and so is inductor with max_fusion_size=1: a node-fusion fault;
+    docs/quality.md section 11), so nothing that trains goes through it. One
     compiled forward serves a LoRA student and its teacher on the shared module: dynamo's guards tell
     them apart (the adapter scope swaps layers and flips training modes), at one graph per
     (adapters, input shapes). The eager forward stays at hand for calls that must not be traced
