@@ -252,15 +252,25 @@ def test_compiled_forward_keeps_teacher_and_student_calls_apart(tiny_teacher):
     assert "forward" not in m.student.__dict__ and "_eager_forward" not in m.student.__dict__
 
 
-def test_train_compile_trains_like_eager_and_restores_the_eager_forward(tiny_teacher, digits_train, tmp_path):
-    """The loop compiles with train.compile, trains (its first logged loss, computed before any
-    update, equals an eager run's) and puts the eager forward back."""
-    from flashdistill.train import train
+def test_train_compile_trains_like_eager_and_restores_the_eager_forward(tiny_teacher, digits_train, tmp_path, monkeypatch):
+    """The loop compiles with train.compile (and only then), trains (its first logged loss, computed
+    before any update, equals an eager run's) and puts the eager forward back."""
+    import flashdistill.train as loop
 
+    seen = []  # what the loop compiled, and whether the forward was compiled once training ran
+
+    def spy(modules, device):
+        out = loop_compile(modules, device)
+        seen.append(out)
+        return out
+
+    loop_compile = loop.compile_models
+    monkeypatch.setattr(loop, "compile_models", spy)
     first = {}
     for compiled in (False, True):
         run = flash(tiny_teacher, use_adv=False, use_dmd=False, train={**TINY["train"], "steps": 2, "compile": compiled})
-        train(run, digits_train, tmp_path / str(compiled), progress=False)
+        loop.train(run, digits_train, tmp_path / str(compiled), progress=False)
+        assert seen == ([[run.student]] if compiled else [])
         lines = (tmp_path / str(compiled) / "log.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in lines] == [1, 2]
         first[compiled] = json.loads(lines[0])["loss"]

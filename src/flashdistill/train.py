@@ -380,7 +380,7 @@ def train(method, dataset, out_dir: str | Path, resume: bool = False, progress: 
 
         if acc.is_main_process:
             with torch.compiler.set_stance("force_eager"):  # sampling shapes would each cost a compilation
-                    images, nrow = method.preview({n: acc.unwrap_model(m) for n, m in models.items()}, torch.Generator().manual_seed(0))
+                images, nrow = method.preview({n: acc.unwrap_model(m) for n, m in models.items()}, torch.Generator().manual_seed(0))
             grid = save_image_grid(images, out / "samples" / f"step_{step:08d}.png", nrow, scale=4)
             image = np.asarray(grid.convert("RGB")) if acc.trackers else None  # HWC uint8
             for tracker in acc.trackers:  # tensorboard: a batch of NHWC images; wandb: a list
