@@ -579,3 +579,36 @@ def test_upscaler_samples_at_the_stock_pipelines_noise_level_by_default(tmp_path
     rows = evaluate_real(model.model, ["a cat", "a dog"], [1], guidance=2.0, progress=False,
                          condition_files=[tmp_path / "low.png"])
     assert seen[0]["noise_level"].tolist() == [20, 20] and rows[0]["task"] == "sr"
+
+
+def test_controlnet_teachers_discriminator_features_see_the_controlnets_condition():
+    """The encoder features of a ControlNet-steered backbone are what diffusers' UNet hands its
+    decoder: the mid block's output plus the ControlNet's mid residual (not the bare mid block,
+    which no ControlNet residual reaches), so they change with the condition image."""
+    from flashdistill.core.schedules import VPSchedule
+    from flashdistill.models.controlled import ControlledUNet, controlnet_for
+    from flashdistill.models.denoiser import Denoiser
+
+    torch.manual_seed(0)
+    unet = tp.unet(32)
+    controlnet = controlnet_for(unet, 1, 1)
+    with torch.no_grad():  # past the zero initialisation: a ControlNet that steers
+        for p in controlnet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    d = Denoiser(ControlledUNet(unet, controlnet), VPSchedule())
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([300.0, 700.0])
+    text = torch.randn(2, 5, 32)
+    sketches = [torch.rand(2, 1, 8, 8).round(), torch.rand(2, 1, 8, 8).round()]
+    with torch.no_grad():
+        feats = [d.encoder_features(x, t, {"encoder_hidden_states": text, "controlnet_cond": c}) for c in sketches]
+        for c, f in zip(sketches, feats):
+            _, mid = controlnet(x, t, encoder_hidden_states=text, controlnet_cond=c, return_dict=False)
+            seen = []
+            handle = unet.mid_block.register_forward_hook(lambda _m, _i, out: seen.append(out))
+            unet(x, t, encoder_hidden_states=text)  # the bare mid block does not depend on the condition
+            handle.remove()
+            torch.testing.assert_close(f, seen[0] + mid)
+    assert not torch.allclose(feats[0], feats[1])
+    # a plain UNet's features are its mid block's output, as before
+    plain = Denoiser(unet, VPSchedule()).encoder_features(x, t, {"encoder_hidden_states": text})
+    torch.testing.assert_close(plain, seen[0])

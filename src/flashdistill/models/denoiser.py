@@ -140,15 +140,25 @@ class Denoiser(nn.Module):
         laid back on the patch grid.
 
         The backbone's own forward runs up to that module, where a hook stops it, so every
-        conditioning path (time, text, added embeddings) is the backbone's own code.
+        conditioning path (time, text, added embeddings) is the backbone's own code. A ControlNet's
+        mid residual, which diffusers' UNet adds right after its mid block, is added here too (the
+        encoder output the decoder sees), so the features see the ControlNet's condition; its down
+        residuals go to the skip connections only, not into this output.
         """
         captured = {}
+
+        def residual(_module, _args, kwargs):
+            captured["mid"] = kwargs.get("mid_block_additional_residual")
 
         def hook(_module, _inputs, output):
             captured["h"] = output[-1] if isinstance(output, tuple) else output  # SD3 blocks: (context, image)
             raise _StopForward
 
-        handle = self._feature_module().register_forward_hook(hook)
+        # the module whose forward takes the residual: a ControlledUNet's UNet, or the backbone itself
+        inner = getattr(self.backbone, "unet", None)
+        inner = inner if isinstance(inner, nn.Module) else self.backbone
+        handles = [inner.register_forward_pre_hook(residual, with_kwargs=True),
+                   self._feature_module().register_forward_hook(hook)]
         x, kwargs = backbone_call(x_t, cond, self.dtype)
         try:
             with self._scope():
@@ -156,8 +166,12 @@ class Denoiser(nn.Module):
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        h = captured["h"].float()
+            for handle in handles:
+                handle.remove()
+        h = captured["h"]
+        if captured.get("mid") is not None and h.ndim == 4:
+            h = h + captured["mid"]
+        h = h.float()
         if h.ndim == 3:  # tokens (B, N, D) on an (H/p, W/p) grid
             p = self.backbone.config.patch_size
             gh, gw = x_t.shape[-2] // p, x_t.shape[-1] // p
