@@ -101,15 +101,26 @@ def test_cache_keys_follow_source_and_version(monkeypatch, tmp_path):
     assert benchmark.teacher_key(None) != teacher and benchmark.flash_key(None, None) != flash
     monkeypatch.undo()
     assert benchmark.teacher_key(None) == teacher
-    # an edited method file changes the Flash key and not the teacher's
-    real = benchmark.Path.read_bytes
+    # an edited method file changes the Flash key and not the teacher's; an edited comment or
+    # docstring changes nothing
+    real = benchmark.Path.read_text
 
-    def edited(self):
-        data = real(self)
-        return data + b"# edited" if self.name == "flash.py" else data
+    def edit(change):
+        def read_text(self, *args, **kwargs):
+            text = real(self, *args, **kwargs)
+            return change(text) if self.name == "flash.py" else text
+        monkeypatch.setattr(benchmark.Path, "read_text", read_text)
 
-    monkeypatch.setattr(benchmark.Path, "read_bytes", edited)
+    edit(lambda text: text + "\n# a new comment\n")
+    assert benchmark.flash_key(None, None) == flash
+    doc = '"""Flash Diffusion'
+    assert doc in real(benchmark.Path(flashdistill.__file__).parent / "methods" / "flash.py")
+    edit(lambda text: text.replace(doc, '"""Rewritten docstring. Flash Diffusion', 1))
+    assert benchmark.flash_key(None, None) == flash
+    edit(lambda text: text + "\nEDITED = 1\n")
     assert benchmark.flash_key(None, None) != flash and benchmark.teacher_key(None) == teacher
+    monkeypatch.undo()
+    assert benchmark.flash_key(None, None) == flash
     for name in benchmark.FLASH_SOURCES:  # every listed file exists
         assert (benchmark.Path(flashdistill.__file__).parent / name).is_file(), name
 

@@ -166,14 +166,31 @@ METHOD_SOURCES = {"flash": FLASH_SOURCES, "lcm": STUDENT_SOURCES + ("methods/lcm
                   "codi": STUDENT_SOURCES + ("methods/codi.py", "models/controlled.py")}
 
 
+def code_of(source: str) -> str:
+    """What a Python source does, without what only explains it: its syntax tree with docstrings
+    dropped (comments, blank lines and line numbers are not in the tree), so that editing a comment
+    or a docstring keeps a cache entry and any change to the code makes a new one."""
+    import ast
+
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def source_hash(files: tuple[str, ...]) -> str:
-    """sha256 over the package version and the named source files of this package."""
+    """sha256 over the package version and the code (:func:`code_of`) of the named source files of
+    this package."""
     from . import __version__
 
     root = Path(__file__).parent
     h = hashlib.sha256(__version__.encode())
     for name in files:
-        h.update(name.encode() + b"\0" + (root / name).read_bytes())
+        h.update(name.encode() + b"\0" + code_of((root / name).read_text()).encode())
     return h.hexdigest()[:12]
 
 
