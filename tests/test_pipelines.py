@@ -612,3 +612,33 @@ def test_controlnet_teachers_discriminator_features_see_the_controlnets_conditio
     # a plain UNet's features are its mid block's output, as before
     plain = Denoiser(unet, VPSchedule()).encoder_features(x, t, {"encoder_hidden_states": text})
     torch.testing.assert_close(plain, seen[0])
+
+
+def test_lightning_discriminator_on_a_controlnet_teacher_copies_no_decoder():
+    """Lightning's discriminator copies a ControlNet teacher's encoder: the ControlNet and the UNet's
+    down and mid blocks, not its up path (which it never runs: dead trainable weights, and unused
+    parameters under DDP); its logits follow the condition image."""
+    from flashdistill.core.schedules import VPSchedule
+    from flashdistill.methods.lightning import LightningDiscriminator
+    from flashdistill.models.controlled import ControlledUNet, controlnet_for
+
+    torch.manual_seed(0)
+    unet = tp.unet(32)
+    controlnet = controlnet_for(unet, 1, 1)
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    teacher = ControlledUNet(unet, controlnet)
+    cond = {"encoder_hidden_states": torch.randn(2, 5, 32), "controlnet_cond": torch.rand(2, 1, 8, 8).round()}
+    disc = LightningDiscriminator(teacher, VPSchedule(), {k: v[:1] for k, v in cond.items()}, (4, 8, 8))
+    names = [n for n, _ in disc.named_parameters()]
+    assert not any(".unet.up_blocks." in n or ".unet.conv_out." in n for n in names)
+    assert any(".unet.down_blocks." in n for n in names) and any(".unet.mid_block." in n for n in names)
+    assert any(n.startswith("encoder.backbone.controlnet.") for n in names)
+    assert len(teacher.unet.up_blocks) > 0  # the teacher keeps its decoder
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([250.0, 500.0])
+    logits = disc(x, t, cond)
+    other = disc(x, t, {**cond, "controlnet_cond": 1 - cond["controlnet_cond"]})
+    assert logits.shape[0] == 2 and not torch.allclose(logits, other)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in disc.parameters() if p.requires_grad)

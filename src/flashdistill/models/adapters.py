@@ -153,14 +153,16 @@ def base_copy(module: nn.Module, replace: dict[str, nn.Module] | None = None) ->
     """A deep copy of ``module`` without its adapters: the teacher alone, for models that need
     their own trainable copy (Lightning's discriminator, DMD2's trained fake score).
 
-    ``replace`` maps names of direct children to what the copy holds instead; those children are
-    never copied (Lightning's discriminator drops the decoder half of a UNet without a transient
-    copy of it)."""
+    ``replace`` maps names of submodules (dotted: ``unet.up_blocks``) to what the copy holds
+    instead; those submodules are never copied (Lightning's discriminator drops the decoder half of
+    a UNet without a transient copy of it). Names the module lacks are ignored."""
     memo = {}
     for name, new in (replace or {}).items():
-        old = getattr(module, name, None)
-        if old is not None:
-            memo[id(old)] = new  # deepcopy returns memo[id(x)] for an object it has seen
+        try:
+            old = module.get_submodule(name)
+        except AttributeError:
+            continue
+        memo[id(old)] = new  # deepcopy returns memo[id(x)] for an object it has seen
     return strip_adapters(copy.deepcopy(module, memo))
 
 
