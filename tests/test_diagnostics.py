@@ -121,3 +121,33 @@ def test_one_step_fit_learns_its_pool_and_scores_at_each_checkpoint(tiny_teacher
     assert [r["step"] for r in rows] == [1, 40]
     assert rows[1]["pool_mse"] < 0.8 * rows[0]["pool_mse"]  # it regresses onto the fixed targets
     assert all(np.isfinite(r["fd"]) and 0 <= r["adherence"] <= 1 for r in rows)
+
+
+def test_one_call_context_error_is_the_task_metric_of_one_call(tmp_path, tiny_teacher):
+    """The one-call bound is the task's own metric (inpaint: unmasked_mse) of x0(x_t, t) from the
+    true image noised at t: a denoiser that returns the truth scores 0, every t gets a row, and a
+    text-to-image teacher is refused in one line."""
+    from flashdistill.diagnostics import one_call_context_error
+    from flashdistill.methods.dsm import TeacherConfig, TeacherTraining
+    from flashdistill.config import from_dict
+    from flashdistill.scoring import eval_set
+
+    cfg = from_dict(TeacherConfig, {"channels": [8, 16], "task": "inpaint", "train": {"batch_size": 8, "steps": 2}})
+    method = TeacherTraining(cfg)
+    method.finalize(tmp_path / "inpaint", method.models())
+    teacher = load_model(tmp_path / "inpaint")
+
+    class Oracle:  # a "student" whose every call returns the true images
+        task = teacher.task
+        cond, spatial = teacher.cond, teacher.spatial
+        _, _, _, _, truth = eval_set(16, teacher.task)
+
+        def denoiser(self, x, t, cond):
+            return self.truth
+
+    rows = one_call_context_error(teacher, {"oracle": Oracle()}, ts=(999, 30), num_samples=16)
+    assert [r["t"] for r in rows] == [999, 30] and all(r["metric"] == "unmasked_mse" for r in rows)
+    assert all(r["oracle"] == 0.0 for r in rows)
+    assert all(r[k] > 0 for r in rows for k in r if k.startswith("teacher"))
+    with pytest.raises(ValueError, match="inpaint or sr teacher"):
+        one_call_context_error(load_model(tiny_teacher), num_samples=4)

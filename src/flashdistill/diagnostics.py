@@ -10,6 +10,10 @@
 - ``one_step_fit``: how far a fresh LoRA gets on the one-step (t = 999) map alone, regressed on a
   fixed pool of teacher targets for many updates: whether the one-step student is short of
   updates or of capacity.
+- ``one_call_context_error``: for a conditional teacher (inpaint: the error outside the mask;
+  sr: the low-res consistency), the task metric of *one* denoiser call x0(x_t, t) from the noised
+  true image, per t, for the teacher and for students: the least error a sampler whose last call
+  is at that t can leave, whatever it learned.
 
 ``python -m flashdistill.diagnostics --teacher DIR [--student RUN --what regression]`` prints them.
 """
@@ -205,6 +209,41 @@ def dmd_direction(student, teacher, guidance: tuple[float, float], num_samples: 
     return rows
 
 
+@torch.no_grad()
+def one_call_context_error(teacher, students: dict | None = None, ts=(999, 749, 499, 249, 124, 30),
+                           num_samples: int = 1000, guidance: float | None = None, seed: int = 0) -> list[dict]:
+    """Per t, the task's consistency metric (inpaint: ``unmasked_mse``; sr: ``consistency``) of one
+    call x0(x_t, t) on the evaluation set's true images noised at t (one noise draw for all t), for
+    the teacher with CFG at ``guidance`` (default: its own) and without, and for each student."""
+    from .scoring import eval_set
+
+    task = teacher.task
+    names = [m for m in task.metric_names if m in ("unmasked_mse", "consistency")]
+    if not names:
+        raise ValueError(f"one_call_context_error needs an inpaint or sr teacher (a context metric), not task {task.name!r}")
+    metric = names[0]
+    prompts, _, _, condition, truth = eval_set(num_samples, task)
+    noise = torch.randn(teacher.encode(truth).shape, generator=torch.Generator().manual_seed(seed))
+    x0 = teacher.encode(truth)
+    sp = teacher.spatial(condition, num_samples, torch.Generator().manual_seed(seed))
+    cond, uncond = teacher.cond(prompts, sp), teacher.uncond(num_samples, sp)
+    w = teacher.default_guidance if guidance is None else guidance
+    calls = {f"teacher, CFG w = {w}": cfg_model(teacher.denoiser, cond, uncond, w), "teacher, no CFG":
+             lambda x, t: teacher.denoiser(x, t, cond)}
+    for name, s in (students or {}).items():
+        scond = s.cond(prompts, s.spatial(condition, num_samples, torch.Generator().manual_seed(seed)))
+        calls[name] = lambda x, t, s=s, scond=scond: s.denoiser(x, t, scond)
+    rows = []
+    for t in ts:
+        tt = torch.full((num_samples,), float(t))
+        x_t = teacher.schedule.add_noise(x0, noise, tt)
+        row = {"t": t, "metric": metric}
+        for name, call in calls.items():
+            row[name] = task.metrics(teacher.decode(call(x_t, tt)), condition, truth)[metric]
+        rows.append(row)
+    return rows
+
+
 def profile_step(teacher_dir, overrides: dict | None = None, steps: int = 32, batch_size: int = 16,
                  step_index: int = 10_000, compile: bool = False) -> dict:
     """Wall time of one Flash training step (digits preset + ``overrides``; by default at step
@@ -277,9 +316,10 @@ def main(argv=None) -> None:
     ap.add_argument("--teacher", required=True, help="digits teacher folder")
     ap.add_argument("--K", type=int, default=16, help="teacher grid size (digits preset: 16)")
     ap.add_argument("--t-prime", type=int, nargs="+", default=[10, 250, 500, 750], help="re-noising timesteps to probe")
-    ap.add_argument("--student", help="student run folder: adds its one-step regression error (--what regression)")
+    ap.add_argument("--student", nargs="+", help="student run folder(s): its one-step regression error (--what "
+                    "regression, the first), their one-call context error (--what context)")
     ap.add_argument("--what", nargs="+", default=["disc", "target"],
-                    choices=["disc", "target", "regression", "dmd", "profile", "onestep"])
+                    choices=["disc", "target", "regression", "dmd", "profile", "onestep", "context"])
     ap.add_argument("--compile", action="store_true", help="--what profile: also profile with train.compile=true "
                                                           "(fresh solves and the preset, side by side with the eager runs)")
     ap.add_argument("--lora-rank", type=int, default=5, help="--what onestep: LoRA rank")
@@ -308,7 +348,7 @@ def main(argv=None) -> None:
     if {"regression", "dmd"} & set(args.what):
         if not args.student:
             ap.error("--what regression and --what dmd need --student RUN")
-        student = load_model(args.student)
+        student = load_model(args.student[0])
         cfg = student.meta.get("config", {})  # the run's own grid and guidance range
         K, guidance = cfg.get("K", args.K), (cfg.get("guidance_min", 1.0), cfg.get("guidance_max", 2.0))
     if "regression" in args.what:
@@ -329,6 +369,12 @@ def main(argv=None) -> None:
         for r in one_step_fit(teacher, targets, args.lora_rank, K=args.K):
             print(f"  {r['step']:>5} updates  FD {r['fd']:.2f}  pixel FD {r['pixel_fd']:.3f}  adherence {r['adherence']:.3f}"
                   f"  mse on the pool {r['pool_mse']:.4f}")
+    if "context" in args.what:
+        students = {s: load_model(s) for s in args.student or []}
+        rows = one_call_context_error(teacher, students)
+        print(f"{rows[0]['metric']} of one call x0(x_t, t) from the noised true test images (1,000)")
+        for r in rows:
+            print(f"  t={r['t']:>4}  " + "  ".join(f"{k}: {v:.5f}" for k, v in r.items() if k not in ("t", "metric")))
     if "profile" in args.what:
         runs = [("digits preset (a teacher solve every 4th step)", {}, False),
                 ("a fresh teacher solve every step", {"target_reuse": 1}, False),
