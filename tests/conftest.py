@@ -19,7 +19,8 @@ def _busy_cores(seconds: float = 0.5) -> float:
         return sum(v), v[3] + v[4]  # all, idle + iowait
 
     try:
-        (a0, i0), _ = ticks(), time.sleep(seconds)
+        a0, i0 = ticks()
+        time.sleep(seconds)
         a1, i1 = ticks()
         return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(a1 - a0, 1))
     except OSError:

@@ -223,8 +223,8 @@ def one_call_context_error(teacher, students: dict | None = None, ts=(999, 749, 
         raise ValueError(f"one_call_context_error needs an inpaint or sr teacher (a context metric), not task {task.name!r}")
     metric = names[0]
     prompts, _, _, condition, truth = eval_set(num_samples, task)
-    noise = torch.randn(teacher.encode(truth).shape, generator=torch.Generator().manual_seed(seed))
     x0 = teacher.encode(truth)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     sp = teacher.spatial(condition, num_samples, torch.Generator().manual_seed(seed))
     cond, uncond = teacher.cond(prompts, sp), teacher.uncond(num_samples, sp)
     w = teacher.default_guidance if guidance is None else guidance
