@@ -642,3 +642,8 @@ def test_lightning_discriminator_on_a_controlnet_teacher_copies_no_decoder():
     assert logits.shape[0] == 2 and not torch.allclose(logits, other)
     logits.sum().backward()
     assert all(p.grad is not None for p in disc.parameters() if p.requires_grad)
+    # a plain UNet's copy drops the same decoder half, and every copied weight trains
+    plain = LightningDiscriminator(unet, VPSchedule(), {"encoder_hidden_states": cond["encoder_hidden_states"][:1]}, (4, 8, 8))
+    plain_names = [n for n, p in plain.named_parameters() if p.requires_grad]
+    assert not any(".up_blocks." in n or ".conv_out." in n for n in plain_names)
+    assert any(".mid_block." in n for n in plain_names) and len(unet.up_blocks) > 0

@@ -39,7 +39,7 @@ from ..core.schedules import append_dims, lightning_forward
 from ..core.solvers import cat_cond, cfg_model, ddim_move
 from ..core.timesteps import phase_at
 from ..losses import distillation_loss, ns_gan_discriminator_loss, ns_gan_generator_loss
-from ..models.adapters import base_copy
+from ..models.adapters import encoder_copy
 from ..models.denoiser import Denoiser, X0Denoiser
 from ..models.discriminator import DiscriminatorHead
 from ..sample import teacher_timesteps
@@ -130,15 +130,10 @@ class LightningDiscriminator(nn.Module):
         super().__init__()
         if getattr(teacher_backbone, "mid_block", None) is None:
             raise ValueError(f"Lightning's discriminator copies a UNet encoder and mid block; {type(teacher_backbone).__name__} has none")
-        # the decoder half is never reached (the forward stops after the mid block): not copied;
-        # a ControlNet teacher's is its UNet's (the ControlNet, part of the encoder, is copied)
-        unet = "unet." if isinstance(getattr(teacher_backbone, "unet", None), nn.Module) else ""
-        backbone = base_copy(teacher_backbone, {unet + "up_blocks": nn.ModuleList(), unet + "conv_norm_out": nn.Identity(),
-                                                unet + "conv_out": nn.Identity()})
-        backbone.float()  # trainable: float32 whatever the teacher's dtype
-        self.encoder = Denoiser(backbone.requires_grad_(True).train(), schedule)
-        if unet:  # the ControlNet's down residuals feed only the skipped decoder: no gradient reaches them
-            backbone.controlnet.controlnet_down_blocks.requires_grad_(False)
+        # the forward stops after the mid block: the copy has no decoder (a ControlNet pair's copy
+        # keeps its ControlNet, part of the encoder)
+        backbone = encoder_copy(teacher_backbone).float()  # trainable: float32 whatever the teacher's dtype
+        self.encoder = Denoiser(backbone.train(), schedule)
         with torch.no_grad():  # the head's input size, from one dry pass
             feats = self.encoder.encoder_features(torch.zeros(1, *image_shape), torch.zeros(1), cond_one)
         self.head = DiscriminatorHead(2 * feats.shape[1], feats.shape[-1])

@@ -166,6 +166,21 @@ def base_copy(module: nn.Module, replace: dict[str, nn.Module] | None = None) ->
     return strip_adapters(copy.deepcopy(module, memo))
 
 
+def decoder_stubs(prefix: str = "") -> dict[str, nn.Module]:
+    """``base_copy`` replacements that drop a diffusers UNet's decoder half (up blocks, output norm
+    and convolution), for copies that only ever run the encoder and mid block."""
+    return {prefix + "up_blocks": nn.ModuleList(), prefix + "conv_norm_out": nn.Identity(), prefix + "conv_out": nn.Identity()}
+
+
+def encoder_copy(backbone: nn.Module) -> nn.Module:
+    """A trainable (``requires_grad``) copy of ``backbone``'s encoder and mid block, without its
+    adapters or decoder. A backbone that knows better (``ControlledUNet``) makes its own."""
+    own = getattr(backbone, "encoder_copy", None)
+    if callable(own):
+        return own()
+    return base_copy(backbone, decoder_stubs()).requires_grad_(True)
+
+
 @contextmanager
 def swapped_weights(module: nn.Module, weights: dict[str, torch.Tensor]):
     """Within the scope, the parameters named in ``weights`` hold those tensors (their storage is

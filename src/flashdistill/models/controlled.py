@@ -36,6 +36,17 @@ class ControlledUNet(nn.Module):
         """The UNet's mid block (encoder features for discriminators)."""
         return self.unet.mid_block
 
+    def encoder_copy(self) -> "ControlledUNet":
+        """A trainable copy of the pair for encoder features (Lightning's discriminator): the
+        ControlNet and the UNet's encoder and mid block. The UNet's decoder is not copied, and the
+        ControlNet's down-residual convolutions, which feed only that decoder, are frozen (DDP would
+        report them unused); its mid residual reaches the features."""
+        from .adapters import base_copy, decoder_stubs
+
+        pair = base_copy(self, decoder_stubs("unet.")).requires_grad_(True)
+        pair.controlnet.controlnet_down_blocks.requires_grad_(False)
+        return pair
+
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 controlnet_cond: torch.Tensor, return_dict: bool = False, **kwargs):
         channels = self.controlnet.config.conditioning_channels
