@@ -42,13 +42,16 @@ class TextEncoder(torch.nn.Module):
         from transformers.utils import logging as hf_logging
 
         path = minilm_path()
-        verbosity = hf_logging.get_verbosity()
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # a sub-second load of a built-in model: no "Loading weights" bar
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
         finally:
             hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
         self.name, self.max_length = name, max_length
         self.hidden_size = self.model.config.hidden_size
         self._cache: dict[str, torch.Tensor] = {}
