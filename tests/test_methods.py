@@ -13,7 +13,7 @@ from flashdistill.core.timesteps import lcm_inference_timesteps, next_on_grid, s
 from flashdistill.losses import consistency_loss
 from flashdistill.methods import METHODS, method_module
 from flashdistill.methods.lcm import LCMConfig, LCMDistillation
-from flashdistill.methods.splam import SPLAMConfig, SPLAMDistillation, subpath_point, subpath_sigma
+from flashdistill.methods.splam import SPLAMConfig, SPLAMDistillation, subpath_input_scale, subpath_point, subpath_sigma
 
 TINY_TRAIN = {"steps": 2, "batch_size": 4, "checkpoint_every": 1, "log_every": 1, "sample_every": 0}
 
@@ -148,14 +148,37 @@ def test_splam_code_sigma_is_the_noise_of_the_subpath_point():
         assert z.std().item() == pytest.approx(expected.item(), rel=5e-3)
 
 
-def test_splam_gamma_embedding_is_exactly_zero_at_gamma_one(tiny_teacher, monkeypatch):
+@pytest.mark.parametrize("t_val", [999.0, 600.0, 39.0])
+def test_splam_variance_input_scale_gives_z_gamma_the_variance_of_x_t(t_val):
+    """input_scale = "variance": for unit-variance data, c_in z_gamma has x_t's variance
+    (alpha_t^2 + sigma_t^2 = 1) at every gamma (Monte Carlo over the true forward process), and
+    c_in = 1 at gamma = 1."""
+    sch = VPSchedule()
+    t, t_n = torch.tensor(t_val), torch.tensor(t_val - 20)
+    a, s, a_n, s_n = (f(v) for f, v in ((sch.alpha, t), (sch.sigma, t), (sch.alpha, t_n), (sch.sigma, t_n)))
+    g = torch.Generator().manual_seed(0)
+    n = 400_000
+    x0 = torch.randn(n, generator=g, dtype=torch.float64)
+    x_n = a_n * x0 + s_n * torch.randn(n, generator=g, dtype=torch.float64)
+    x_t = (a / a_n) * x_n + (s**2 - (a * s_n / a_n) ** 2).sqrt() * torch.randn(n, generator=g, dtype=torch.float64)
+    for gamma in (0.0, 0.5, 1.0):
+        gam = torch.tensor([gamma])
+        z = subpath_point(x_t[:, None], x_n[:, None], (a / a_n).expand(n), torch.full((n,), gamma))
+        c_in = subpath_input_scale(a[None], s[None], subpath_sigma(s[None], s_n[None], (a / a_n)[None], gam, "code"))
+        assert (c_in * z.std()).item() == pytest.approx((a**2 + s**2).sqrt().item(), rel=5e-3)
+        if gamma == 1.0:
+            assert c_in.item() == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("input_scale", ["none", "variance"])
+def test_splam_gamma_embedding_is_exactly_zero_at_gamma_one(tiny_teacher, monkeypatch, input_scale):
     """At gamma = 1 the online prediction equals the LCM student without the projection, even with
     non-zero projection weights: the branch can be dropped after training."""
     from flashdistill.models.student import StudentDenoiser, fourier_features
 
     assert fourier_features(torch.zeros(3), 8).abs().max() == 0
     assert fourier_features(torch.full((1,), 0.3), 8).abs().max() > 0
-    m = tiny(SPLAMDistillation, SPLAMConfig, tiny_teacher, gamma_dim=8)
+    m = tiny(SPLAMDistillation, SPLAMConfig, tiny_teacher, gamma_dim=8, input_scale=input_scale)
     m.setup("cpu")
     proj = m.student.time_embedding.cond_proj
     assert proj.weight.requires_grad and proj.weight.abs().max() == 0  # starts as the teacher

@@ -60,6 +60,16 @@ def subpath_sigma(sigma_t: torch.Tensor, sigma_next: torch.Tensor, ratio: torch.
     raise ValueError(f"unknown sigma form {form!r}; expected 'code' or 'linear'")
 
 
+def subpath_input_scale(alpha_t: torch.Tensor, sigma_t: torch.Tensor, sigma_gamma: torch.Tensor) -> torch.Tensor:
+    """``input_scale = "variance"``: ``sqrt(alpha_t^2 + sigma_t^2) / sqrt(alpha_t^2 + sigma(gamma, t)^2)``
+    (float64, per sample), EDM's c_in for z_gamma. z_gamma = alpha_t x0 + sigma(gamma, t) eps carries
+    less noise than the network's timestep t says (sigma(0, t) = 0.87 against sigma_t = 0.998 at
+    t = 999 on SD's schedule); scaled, its variance (for unit-variance data) is the one a VP network
+    sees at t, so the teacher's eps at step 0 is already close to z_gamma's (the official code feeds
+    z_gamma as is). 1 at gamma = 1, where sigma(1, t) = sigma_t."""
+    return (alpha_t.double() ** 2 + sigma_t.double() ** 2).sqrt() / (alpha_t.double() ** 2 + sigma_gamma.double() ** 2).sqrt()
+
+
 @dataclass
 class SPLAMConfig(LCMConfig):
     sigma_form: Literal["code", "linear"] = field("code", "sigma(gamma, t): the official code's (exact at both ends) "
@@ -69,6 +79,9 @@ class SPLAMConfig(LCMConfig):
     gamma_one_prob: float = field(0.0, "probability of drawing gamma = 1 exactly, the inference point (0: the paper's U[0, 1])")
     target_ema: float = field(-1.0, "EMA decay of the target network theta- (-1: 0.95, the official code's; "
                                     "0: the student itself without gradient)")
+    input_scale: Literal["none", "variance"] = field("none", "scaling of z_gamma before the network: none (the "
+                                                     "official code) or variance (1 / sqrt(alpha_t^2 + sigma(gamma, t)^2), the "
+                                                     "variance a VP network expects at t; 1 at gamma = 1)")
 
     def validate(self):
         super().validate()
@@ -130,8 +143,11 @@ class SPLAMDistillation(LCMDistillation):
         z = subpath_point(x_t, x_next, ratio, gamma)
         sig = subpath_sigma(s_t, s_n, ratio, gamma, c.sigma_form)
         emb = fourier_features(1.0 - gamma, c.gamma_dim, scale=c.gamma_scale).to(z.device)
-        native = Denoiser(models["student"], sch).predict(z, t, {**cond, "timestep_cond": emb})
-        eps = sch.to_eps(native, z, t)  # the network's own eps at timestep t
+        z_in = z
+        if c.input_scale == "variance":
+            z_in = (z.double() * append_dims(subpath_input_scale(a_t, s_t, sig), z.ndim)).to(z.dtype)
+        native = Denoiser(models["student"], sch).predict(z_in, t, {**cond, "timestep_cond": emb})
+        eps = sch.to_eps(native, z_in, t)  # the network's own eps at timestep t, in its input's frame
         x0 = (z.double() - append_dims(sig, z.ndim) * eps.double()) / append_dims(a_t, z.ndim)
         c_skip, c_out = (append_dims(v, z.ndim) for v in lcm_boundary_scalings(t))
         pred = (c_skip * z.double() + c_out * x0).float()
