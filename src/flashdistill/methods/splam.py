@@ -130,14 +130,17 @@ class SPLAMDistillation(LCMDistillation):
     def make_student(self) -> torch.nn.Module:
         return add_condition_projection(super().make_student(), self.config.gamma_dim)
 
-    def online(self, models: dict, x_t, x_next, t, t_next, cond: dict, generator) -> tuple[torch.Tensor, dict]:
+    def online(self, models: dict, x_t, x_next, t, t_next, cond: dict, generator,
+               gamma: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """F_theta(z_gamma, gamma, t) with gradient; gamma ~ U[0, 1] per sample unless given."""
         sch = self.schedule
         c = self.config
-        gamma = torch.rand(x_t.shape[0], generator=generator, dtype=torch.float64)
-        if c.gamma_one_prob > 0:
-            one = torch.rand(x_t.shape[0], generator=generator, dtype=torch.float64) < c.gamma_one_prob
-            gamma = torch.where(one, torch.ones_like(gamma), gamma)
-        gamma = gamma.to(x_t.device)
+        if gamma is None:
+            gamma = torch.rand(x_t.shape[0], generator=generator, dtype=torch.float64)
+            if c.gamma_one_prob > 0:
+                one = torch.rand(x_t.shape[0], generator=generator, dtype=torch.float64) < c.gamma_one_prob
+                gamma = torch.where(one, torch.ones_like(gamma), gamma)
+        gamma = gamma.double().to(x_t.device)
         a_t, s_t, a_n, s_n = sch.alpha(t.double()), sch.sigma(t.double()), sch.alpha(t_next.double()), sch.sigma(t_next.double())
         ratio = a_t / a_n
         z = subpath_point(x_t, x_next, ratio, gamma)
