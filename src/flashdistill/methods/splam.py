@@ -17,9 +17,14 @@ the official code, on purpose: the features are ``[sin, cos - 1]``, so gamma = 1
 zero and the projection is dropped after training (the paper's claim; the code's embedding passes
 cos 0 = 1 through the projection, see the notes). Inference and export are LCM's, at gamma = 1.
 
-At toy scale the one-step student does not work (docs/methods.md: every variant tried, LoRA or
-full, scores far worse than LCM at 1 and 2 steps); ``gamma_one_prob`` > 0, which also trains the
-online student at the inference point gamma = 1, is the variant that helped most.
+z_gamma carries less noise than the timestep t the network is told (sigma(0, t) = 0.87 against
+sigma_t = 0.998 at t = 999 on SD's schedule), and x0 = (z - sigma eps) / alpha_t multiplies the
+resulting eps error by up to 15: at step 0 the gamma = 0 prediction is 1.31 RMS from its target
+against 0.22 at gamma = 1 (``scripts/splam_step0.py``). ``input_scale = "variance"`` (EDM's c_in,
+1 at gamma = 1, so inference and export are unchanged) scales z_gamma to the variance the network
+expects at t and cuts that to 0.12. The official code feeds z_gamma as is (``"none"``, the
+default); the digits preset scales, since unscaled its 1- and 2-step students collapse (FD 256 /
+236, docs/methods.md). Even scaled, SPLAM stays behind LCM there at 2 and 4 steps.
 
 Everything else (skipping grid, guided DDIM teacher step, multiple estimation via
 ``teacher_steps``, EMA target, pseudo-Huber) is :mod:`flashdistill.methods.lcm`'s.
@@ -104,7 +109,9 @@ PRESETS = {
     "sd3": {},
     # SD2.1 (paper) and the official code: w = 8 in LCM form, k = k_phi = 20.
     "sd2": {"guidance": 9.0},
-    "digits": {**LCM_PRESETS["digits"], "gamma_dim": 32},
+    # input_scale = variance: the official code's unscaled z_gamma collapses the 1- and 2-step
+    # students at this scale (FD 256 / 236); scaled, 44.7 / 33.9 over two seeds (docs/methods.md)
+    "digits": {**LCM_PRESETS["digits"], "gamma_dim": 32, "input_scale": "variance"},
 }
 
 
