@@ -644,6 +644,8 @@ def test_lightning_discriminator_on_a_controlnet_teacher_copies_no_decoder():
     assert all(p.grad is not None for p in disc.parameters() if p.requires_grad)
     # a plain UNet's copy drops the same decoder half, and every copied weight trains
     plain = LightningDiscriminator(unet, VPSchedule(), {"encoder_hidden_states": cond["encoder_hidden_states"][:1]}, (4, 8, 8))
-    plain_names = [n for n, p in plain.named_parameters() if p.requires_grad]
+    plain_names = [n for n, _ in plain.named_parameters()]
     assert not any(".up_blocks." in n or ".conv_out." in n for n in plain_names)
     assert any(".mid_block." in n for n in plain_names) and len(unet.up_blocks) > 0
+    plain(x, t, {"encoder_hidden_states": cond["encoder_hidden_states"]}).sum().backward()
+    assert all(p.requires_grad and p.grad is not None for p in plain.parameters())
