@@ -185,15 +185,60 @@ def test_teacher_target_equals_independent_diffusers_dpm_solver(tiny_teacher):
     ref.set_timesteps(m.config.K)
     assert ref.timesteps.tolist() == m.grid.tolist()
     ref.set_begin_index(index)
-    x = x_t.clone()
+    x, states = x_t.clone(), {}
     with torch.no_grad():
-        for ts in ref.timesteps[index:]:
+        for i, ts in enumerate(ref.timesteps[index:], start=index + 1):
             tt = ts.expand(2)
             eps_c = unet(x, tt, encoder_hidden_states=cond["encoder_hidden_states"]).sample
             eps_u = unet(x, tt, encoder_hidden_states=uncond["encoder_hidden_states"]).sample
             eps = eps_u + w.view(-1, 1, 1, 1) * (eps_c - eps_u)
-            x = ref.step(eps, ts, x).prev_sample
+            x = states[i] = ref.step(eps, ts, x).prev_sample
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+    # the consistency option's state K/4 points down is the same solve's state there
+    same, kept = m.teacher_target(x_t, index, cond, uncond, w, keep=index + 2)
+    assert torch.equal(same, ours)
+    torch.testing.assert_close(kept, states[index + 2], rtol=1e-4, atol=1e-4)
+
+
+def test_consistency_target_mixes_the_students_x0_from_the_solve_one_sampler_step_lower(tiny_teacher, monkeypatch):
+    """consistency = c: Eq. (2)'s target becomes (1 - c) * solve + c * student(x_next, t_next) (no
+    grad), x_next the solve's state K/4 grid points below t; the last quarter keeps the solve."""
+    import flashdistill.methods.flash as flash
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.models.student import StudentDenoiser
+    from flashdistill.train import DeterministicBatches
+
+    batch = DeterministicBatches(get_dataset("digits"), 4, 1, 0, 0, 1).get(0, 0)
+    for c, index in ((1.0, 0), (0.25, 1), (0.5, 6)):  # K = 8: keep = index + 2; index 6 has none
+        m = tiny_flash(tiny_teacher, consistency=c, use_dmd=False, use_adv=False)
+        m.setup("cpu")
+        models = m.models()
+        with torch.no_grad():  # a LoRA away from zero, so that the student differs from the teacher
+            for p in models["student"].parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        seen, real = {}, m.teacher_target
+        monkeypatch.setattr(flash, "sample_grid_index", lambda *a: torch.tensor([index]))
+        monkeypatch.setattr(m, "teacher_target", lambda *a, **k: seen.setdefault("solve", real(*a, **k)))
+
+        def recording_loss(pred, target, kind):
+            seen["target"] = target
+            return ((pred - target) ** 2).mean(), {}
+
+        monkeypatch.setattr(flash, "distillation_loss", recording_loss)
+        m.step(batch, 10, models, torch.Generator().manual_seed(0))
+        if index + 2 < m.config.K:
+            solve, x_next = seen["solve"]
+            with torch.no_grad():
+                x0_next = StudentDenoiser(models["student"], m.schedule)(x_next, m.grid[index + 2].float().expand(4), m.inputs(
+                    batch, torch.Generator().manual_seed(0))[1])
+            assert not torch.allclose(x0_next, solve, atol=1e-3)
+            torch.testing.assert_close(seen["target"], (1 - c) * solve + c * x0_next)
+        else:
+            assert torch.equal(seen["target"], seen["solve"])
+        assert not seen["target"].requires_grad
+    with pytest.raises(ValueError, match="consistency"):
+        tiny_flash(tiny_teacher, consistency=1.5)
 
 
 # --- Losses ----------------------------------------------------------------------------------

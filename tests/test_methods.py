@@ -270,6 +270,40 @@ def test_lora_targets_and_refusals(tiny_teacher):
         from_dict(LCMConfig, {"teacher": "x", "N": 4, "teacher_steps": 4})
 
 
+def test_init_weights_starts_one_method_from_another_runs_lora(tiny_teacher, tmp_path):
+    """init_weights: a Flash student starts from an LCM run's LoRA (same rank and targets) exactly;
+    another rank, other targets or a missing file are refused, naming what differs."""
+    from safetensors.torch import load_file
+
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.methods.flash import FlashConfig, FlashDistillation
+    from flashdistill.models.student import LORA_FILE
+    from flashdistill.train import train
+
+    lcm = tiny(LCMDistillation, LCMConfig, tiny_teacher)
+    train(lcm, get_dataset("digits"), tmp_path / "lcm", progress=False)
+    saved = load_file(str(tmp_path / "lcm" / "student" / LORA_FILE))
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained away from zero
+
+    def flash(**over):
+        cfg = {"teacher": str(tiny_teacher), "K": 8, "lora_rank": 2, "lora_targets": lcm.lora_targets, **over}
+        return FlashDistillation(from_dict(FlashConfig, cfg))
+
+    for source in (tmp_path / "lcm", tmp_path / "lcm" / "student" / LORA_FILE):
+        m = flash(init_weights=str(source))
+        live = {n: p for n, p in m.student.named_parameters() if p.requires_grad}
+        assert len(live) == len(saved)
+        for name, value in saved.items():  # peft's saved names drop the adapter name
+            match = [p for n, p in live.items() if n.replace(".default", "") == name]
+            assert len(match) == 1 and torch.equal(match[0].detach(), value), name
+    with pytest.raises(ValueError, match="another LoRA rank"):
+        flash(init_weights=str(tmp_path / "lcm"), lora_rank=3)
+    with pytest.raises(ValueError, match="other layers"):
+        flash(init_weights=str(tmp_path / "lcm"), lora_targets=["to_q", "to_k"])
+    with pytest.raises(FileNotFoundError, match="expected a run folder"):
+        flash(init_weights=str(tmp_path / "nowhere"))
+
+
 def test_runs_are_portable_with_their_teacher_or_a_teacher_flag(tiny_teacher, tmp_path, capsys):
     """A run records its teacher absolutely and relative to itself: moved together with the
     teacher it still loads; moved alone, loading names the missing folder and --teacher fixes it."""

@@ -84,6 +84,25 @@ def test_dpmpp_2m_matches_diffusers(n, spacing, prediction_type):
     assert_rel_close(dpmpp_2m(as_x0_model(sch), x, ref.timesteps, sch), diffusers_loop(ref, x))
 
 
+def test_dpmpp_2m_callback_sees_diffusers_intermediate_states():
+    """The trajectory the callback reports (Flash's consistency option reads its state K/4 grid
+    points down) is diffusers' state after each step, and the solve itself is unchanged."""
+    ref = DPMSolverMultistepScheduler(**SD, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero",
+                                      lower_order_final=True, timestep_spacing="trailing")
+    ref.set_timesteps(8)
+    sch, x = VPSchedule(**SD), _rand(2, 4, 8, 8)
+    expected, y = [], x
+    for t in ref.timesteps:
+        y = ref.step(dummy(y, t.expand(2)), t, y).prev_sample
+        expected.append(y)
+    seen = {}
+    out = dpmpp_2m(as_x0_model(sch), x, ref.timesteps, sch, callback=lambda i, s: seen.update({i: s}))
+    assert sorted(seen) == list(range(1, 8))  # the states at timesteps[1:], not the clean sample
+    for i, state in seen.items():
+        assert_rel_close(state, expected[i - 1])
+    assert torch.equal(out, dpmpp_2m(as_x0_model(sch), x, ref.timesteps, sch))
+
+
 @pytest.mark.parametrize("n", STEPS)
 def test_flow_euler_matches_diffusers(n):
     ref = FlowMatchEulerDiscreteScheduler(shift=3.0)

@@ -140,15 +140,19 @@ def euler(model: Model, x: Tensor, timesteps: Tensor, schedule, generator=None) 
     return x.to(dtype)
 
 
-def dpmpp_2m(model: Model, x: Tensor, timesteps: Tensor, schedule, generator=None) -> Tensor:
+def dpmpp_2m(model: Model, x: Tensor, timesteps: Tensor, schedule, generator=None,
+             callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
     """DPM-Solver++(2M), data prediction, midpoint form (Lu et al. 2022, Alg. 2), lambda = log(alpha/sigma).
 
     First step first order, later steps second order, final step to sigma = 0 first order (which
     lands on the last x0 prediction); matches diffusers' DPMSolverMultistepScheduler(
     algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero").
+    ``callback(i, x)``, if given, sees the state at ``timesteps[i]`` for i >= 1 (in ``x.dtype``),
+    after each step that reaches it: the solve's trajectory, without a second solve.
     """
     dtype, x = x.dtype, x.double()
     x0_prev = h_prev = None
+    i = 0
     for t, a, s, a_n, s_n in _steps(timesteps, schedule, x.device):
         x0 = _denoise(model, x, t, dtype)
         h = (a_n.log() - s_n.log()) - (a.log() - s.log())  # +inf on the final step
@@ -156,6 +160,9 @@ def dpmpp_2m(model: Model, x: Tensor, timesteps: Tensor, schedule, generator=Non
         d = x0 if first_order else x0 + (x0 - x0_prev) * (h / (2 * h_prev))
         x = (s_n / s) * x - a_n * torch.expm1(-h) * d
         x0_prev, h_prev = x0, h
+        i += 1
+        if callback is not None and i < len(timesteps):
+            callback(i, x.to(dtype))
     return x.to(dtype)
 
 

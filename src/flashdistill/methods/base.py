@@ -17,9 +17,9 @@ from typing import Literal
 import torch
 
 from ..config import field
-from ..models.adapters import swapped_weights
+from ..models.adapters import lora_root, swapped_weights
 from ..models.pipelines import LORA_TARGETS, teacher_family
-from ..models.student import StudentDenoiser, count_params, lcm_multistep, make_student_backbone, save_student
+from ..models.student import LORA_FILE, StudentDenoiser, count_params, lcm_multistep, make_student_backbone, save_student
 from ..sample import seeded_noise
 from ..tasks import preview_condition
 from ..train import TrainConfig
@@ -44,6 +44,9 @@ class StudentConfig:
     lora_rank: int = field(64, "LoRA rank")
     lora_alpha: float = field(0.0, "LoRA alpha (0: equal to the rank)")
     lora_targets: list[str] = field([], "module names that get a LoRA ([]: the method's default for the family, see the README)")
+    init_weights: str = field("", "start the LoRA from another run's instead of zero (the teacher): its folder or its "
+                                  "student/student_lora.safetensors; same rank and targets. The run starts at step 0 "
+                                  "with fresh optimizer state (--resume continues a run instead)")
     dtype: Literal["fp32", "bf16", "fp16"] = field(
         "fp32", "dtype of the frozen weights (teacher backbone, text encoders, VAE); trainable weights (LoRA, "
                 "full student, discriminators) stay float32. bf16/fp16 halve the teacher's memory (for GPUs)")
@@ -152,10 +155,36 @@ class StudentMethod:
         with torch.random.fork_rng(devices=[]):  # initialisation is a function of the config's seed
             torch.manual_seed(c.train.seed)
             self.student = self.make_student()
+            if c.init_weights:
+                self._load_init_weights(c.init_weights)
             if not c.full:  # one module: the teacher is the student's backbone with its LoRA off
                 self.teacher.denoiser.lora = False
             self.extra = self.extra_models()
         self.trainable = count_params(self.student)[0]
+
+    def _load_init_weights(self, source: str) -> None:
+        """``init_weights``: another run's LoRA into this student (a warm start, e.g. Flash from an
+        LCM student); refuses a LoRA of another rank or other targets, naming the difference."""
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if self.config.full:
+            raise ValueError(f"init_weights={source!r} loads a LoRA, but full=true trains the whole student")
+        path = Path(source)
+        path = path / "student" / LORA_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"init_weights={source!r}: no {path.name} there; expected a run folder or its "
+                                    f"student/{LORA_FILE}")
+        state, own = load_file(str(path)), get_peft_model_state_dict(lora_root(self.student))
+        if state.keys() != own.keys():
+            raise ValueError(f"init_weights={source!r} is a LoRA on other layers than this student's "
+                             f"(lora_targets {self.lora_targets}): only there {sorted(state.keys() - own.keys())[:3]}, "
+                             f"only here {sorted(own.keys() - state.keys())[:3]}")
+        bad = [k for k in own if own[k].shape != state[k].shape]
+        if bad:
+            raise ValueError(f"init_weights={source!r} has another LoRA rank: {bad[0]} is {tuple(state[bad[0]].shape)}, "
+                             f"this student's (lora_rank={self.config.lora_rank}) {tuple(own[bad[0]].shape)}")
+        set_peft_model_state_dict(lora_root(self.student), state)
 
     # --- hooks for subclasses ----------------------------------------------------------
     def prepare(self) -> None:

@@ -16,7 +16,9 @@ Departures from the public reference code (see shared/METHOD_NOTES.md), on purpo
 - options the reference lacks, off by default: a DMD2-style trained fake score
   (``dmd_fake_score``), DMD restricted to high-noise batches (``dmd_input_t_min``), the
   student sampler's stochasticity ``sampler_gamma`` (TCD; 1 = the reference's LCM sampling), and
-  target replay (``target_reuse``: a teacher solve trains R steps; the digits preset uses 4).
+  target replay (``target_reuse``: a teacher solve trains R steps; the digits preset uses 4), and
+  a consistency share in the Eq. (2) target (``consistency``: the student's own x0 from the
+  teacher's solve one 4-step-sampler step lower, as LCM's target).
 """
 from __future__ import annotations
 
@@ -77,6 +79,9 @@ class FlashConfig(StudentConfig):
                                  "(the paper); R > 1 solves at every R-th step and trains the steps between on batches "
                                  "replayed from the last replay_batches solved ones")
     replay_batches: int = field(16, "solved batches kept for replay when target_reuse > 1")
+    consistency: float = field(0.0, "share c of a consistency target in Eq. (2): the student's own x0 (no grad) at "
+                                    "the teacher solve's state K/4 grid points lower, mixed as (1 - c) * solve + "
+                                    "c * that; the last quarter of the grid keeps the solve (0: the paper)")
     train: TrainConfig = dc_field(default_factory=_flash_train_defaults, metadata={"help": "training loop"})
 
     def validate(self):
@@ -109,6 +114,8 @@ class FlashConfig(StudentConfig):
             raise ValueError(f"disc_lr must be > 0, got {self.disc_lr}")
         if self.target_reuse < 1 or self.replay_batches < 1:
             raise ValueError(f"target_reuse and replay_batches must be >= 1, got {self.target_reuse}, {self.replay_batches}")
+        if not 0 <= self.consistency <= 1:
+            raise ValueError(f"consistency must be a share in [0, 1], got {self.consistency}")
 
 
 # Per-teacher defaults layered under a user's config file and --set (notes: SD1.5 values are the
@@ -201,10 +208,17 @@ class FlashDistillation(StudentMethod):
         return grid_probabilities(c.K, c.pi, c.mode_weights[self.phase(step)], c.pi_std)
 
     @torch.no_grad()
-    def teacher_target(self, x_t: torch.Tensor, index: int, cond: dict, uncond: dict, w: torch.Tensor) -> torch.Tensor:
-        """Eq. (2) target: DPM-Solver++(2M) with CFG from grid[index] down to x0 on the K-grid."""
+    def teacher_target(self, x_t: torch.Tensor, index: int, cond: dict, uncond: dict, w: torch.Tensor,
+                       keep: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Eq. (2) target: DPM-Solver++(2M) with CFG from grid[index] down to x0 on the K-grid.
+        With ``keep`` (a grid index below ``index``), also the solve's state at grid[keep]."""
         model = cfg_model(self.teacher.denoiser, cond, uncond, w)
-        return dpmpp_2m(model, x_t, self.grid[index:], self.schedule)
+        if keep is None:
+            return dpmpp_2m(model, x_t, self.grid[index:], self.schedule)
+        kept = {}
+        target = dpmpp_2m(model, x_t, self.grid[index:], self.schedule,
+                          callback=lambda i, x: kept.update(x=x) if i == keep - index else None)
+        return target, kept["x"]
 
     def _guidance(self, b: int, generator) -> torch.Tensor:
         c = self.config
@@ -222,8 +236,14 @@ class FlashDistillation(StudentMethod):
         index = int(sample_grid_index(self.probabilities(step), 1, generator))
         t = self.grid[index].float().expand(x0.shape[0]).to(dev)
         x_t = sch.add_noise(x0, torch.randn(x0.shape, generator=generator).to(dev), t)
-        target = self.teacher_target(x_t, index, cond, uncond, self._guidance(x0.shape[0], generator))
-        solved = {"x0": x0, "x_t": x_t, "t": t, "target": target, "cond": cond, "uncond": uncond}
+        w = self._guidance(x0.shape[0], generator)
+        solved = {"x0": x0, "x_t": x_t, "t": t, "cond": cond, "uncond": uncond}
+        keep = index + c.K // 4  # one step of the 4-step sampler below t
+        if c.consistency > 0 and keep < c.K:
+            solved["target"], solved["x_next"] = self.teacher_target(x_t, index, cond, uncond, w, keep=keep)
+            solved["t_next"] = self.grid[keep].float().expand(x0.shape[0]).to(dev).contiguous()
+        else:
+            solved["target"] = self.teacher_target(x_t, index, cond, uncond, w)
         if c.target_reuse > 1:
             solved["t"] = t.contiguous()  # laid out as a checkpoint restores it
             self.replay = (self.replay + [solved])[-c.replay_batches:]
@@ -243,6 +263,12 @@ class FlashDistillation(StudentMethod):
         b = x0.shape[0]
         phase = self.phase(step)
 
+        if "x_next" in solved:
+            # Consistency: the student's own x0 from the teacher's state one 4-step-sampler step
+            # lower (no grad; recomputed when a batch is replayed, as the student has moved).
+            with torch.no_grad():
+                x0_next = StudentDenoiser(_unwrap(models["student"]), sch)(solved["x_next"], solved["t_next"], cond)
+            target = torch.lerp(target, x0_next, c.consistency)
         student = StudentDenoiser(models["student"], sch)
         x0_student = student(x_t, t, cond)
         loss, logs = distillation_loss(x0_student, target, c.distill_loss)
