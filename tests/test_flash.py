@@ -202,15 +202,18 @@ def test_teacher_target_equals_independent_diffusers_dpm_solver(tiny_teacher):
 
 def test_consistency_target_mixes_the_students_x0_from_the_solve_one_sampler_step_lower(tiny_teacher, monkeypatch):
     """consistency = c: Eq. (2)'s target becomes (1 - c) * solve + c * student(x_next, t_next) (no
-    grad), x_next the solve's state K/4 grid points below t; the last quarter keeps the solve."""
+    grad), x_next the solve's state K/4 grid points below t (or ``consistency_skip`` points); batches
+    with no grid point that far below keep the solve."""
     import flashdistill.methods.flash as flash
     from flashdistill.data.digits import get_dataset
     from flashdistill.models.student import StudentDenoiser
     from flashdistill.train import DeterministicBatches
 
     batch = DeterministicBatches(get_dataset("digits"), 4, 1, 0, 0, 1).get(0, 0)
-    for c, index in ((1.0, 0), (0.25, 1), (0.5, 6)):  # K = 8: keep = index + 2; index 6 has none
-        m = tiny_flash(tiny_teacher, consistency=c, use_dmd=False, use_adv=False)
+    # K = 8: keep = index + 2 by default (K/4); index 6 has none; consistency_skip = 1: index + 1
+    for c, index, skip in ((1.0, 0, 0), (0.25, 1, 0), (0.5, 6, 0), (0.5, 6, 1), (1.0, 7, 1)):
+        m = tiny_flash(tiny_teacher, consistency=c, consistency_skip=skip, use_dmd=False, use_adv=False)
+        keep = index + (skip or 2)
         m.setup("cpu")
         models = m.models()
         with torch.no_grad():  # a LoRA away from zero, so that the student differs from the teacher
@@ -227,10 +230,10 @@ def test_consistency_target_mixes_the_students_x0_from_the_solve_one_sampler_ste
 
         monkeypatch.setattr(flash, "distillation_loss", recording_loss)
         m.step(batch, 10, models, torch.Generator().manual_seed(0))
-        if index + 2 < m.config.K:
+        if keep < m.config.K:
             solve, x_next = seen["solve"]
             with torch.no_grad():
-                x0_next = StudentDenoiser(models["student"], m.schedule)(x_next, m.grid[index + 2].float().expand(4), m.inputs(
+                x0_next = StudentDenoiser(models["student"], m.schedule)(x_next, m.grid[keep].float().expand(4), m.inputs(
                     batch, torch.Generator().manual_seed(0))[1])
             assert not torch.allclose(x0_next, solve, atol=1e-3)
             torch.testing.assert_close(seen["target"], (1 - c) * solve + c * x0_next)
@@ -239,6 +242,8 @@ def test_consistency_target_mixes_the_students_x0_from_the_solve_one_sampler_ste
         assert not seen["target"].requires_grad
     with pytest.raises(ValueError, match="consistency"):
         tiny_flash(tiny_teacher, consistency=1.5)
+    with pytest.raises(ValueError, match="consistency_skip"):
+        tiny_flash(tiny_teacher, consistency=0.5, consistency_skip=8)
 
 
 # --- Losses ----------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ Departures from the public reference code (see shared/METHOD_NOTES.md), on purpo
   student sampler's stochasticity ``sampler_gamma`` (TCD; 1 = the reference's LCM sampling), and
   target replay (``target_reuse``: a teacher solve trains R steps; the digits preset uses 4), and
   a consistency share in the Eq. (2) target (``consistency``: the student's own x0 from the
-  teacher's solve one 4-step-sampler step lower, as LCM's target).
+  teacher's solve one 4-step-sampler step lower, or ``consistency_skip`` grid points lower, as
+  LCM's target).
 """
 from __future__ import annotations
 
@@ -82,6 +83,9 @@ class FlashConfig(StudentConfig):
     consistency: float = field(0.0, "share c of a consistency target in Eq. (2): the student's own x0 (no grad) at "
                                     "the teacher solve's state K/4 grid points lower, mixed as (1 - c) * solve + "
                                     "c * that; the last quarter of the grid keeps the solve (0: the paper)")
+    consistency_skip: int = field(0, "grid points from t down to the consistency target's state (0: K/4, one "
+                                     "step of the 4-step sampler; 1: LCM's one-link chain on the K-grid); "
+                                     "batches with no grid point that far below keep the solve")
     train: TrainConfig = dc_field(default_factory=_flash_train_defaults, metadata={"help": "training loop"})
 
     def validate(self):
@@ -116,6 +120,9 @@ class FlashConfig(StudentConfig):
             raise ValueError(f"target_reuse and replay_batches must be >= 1, got {self.target_reuse}, {self.replay_batches}")
         if not 0 <= self.consistency <= 1:
             raise ValueError(f"consistency must be a share in [0, 1], got {self.consistency}")
+        if not 0 <= self.consistency_skip < self.K:
+            raise ValueError(f"consistency_skip must be in [0, K) grid points (0: K/4), got {self.consistency_skip} "
+                             f"with K = {self.K}")
 
 
 # Per-teacher defaults layered under a user's config file and --set (notes: SD1.5 values are the
@@ -238,7 +245,7 @@ class FlashDistillation(StudentMethod):
         x_t = sch.add_noise(x0, torch.randn(x0.shape, generator=generator).to(dev), t)
         w = self._guidance(x0.shape[0], generator)
         solved = {"x0": x0, "x_t": x_t, "t": t, "cond": cond, "uncond": uncond}
-        keep = index + c.K // 4  # one step of the 4-step sampler below t
+        keep = index + (c.consistency_skip or c.K // 4)  # default: one step of the 4-step sampler below t
         if c.consistency > 0 and keep < c.K:
             solved["target"], solved["x_next"] = self.teacher_target(x_t, index, cond, uncond, w, keep=keep)
             solved["t_next"] = self.grid[keep].float().expand(x0.shape[0]).to(dev).contiguous()
