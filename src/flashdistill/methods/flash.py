@@ -81,8 +81,8 @@ class FlashConfig(StudentConfig):
                                  "replayed from the last replay_batches solved ones")
     replay_batches: int = field(16, "solved batches kept for replay when target_reuse > 1")
     consistency: float = field(0.0, "share c of a consistency target in Eq. (2): the student's own x0 (no grad) at "
-                                    "the teacher solve's state K/4 grid points lower, mixed as (1 - c) * solve + "
-                                    "c * that; the last quarter of the grid keeps the solve (0: the paper)")
+                                    "the teacher solve's state consistency_skip grid points lower, mixed as "
+                                    "(1 - c) * solve + c * that (0: the paper)")
     consistency_skip: int = field(0, "grid points from t down to the consistency target's state (0: K/4, one "
                                      "step of the 4-step sampler; 1: LCM's one-link chain on the K-grid); "
                                      "batches with no grid point that far below keep the solve")
@@ -271,7 +271,7 @@ class FlashDistillation(StudentMethod):
         phase = self.phase(step)
 
         if "x_next" in solved:
-            # Consistency: the student's own x0 from the teacher's state one 4-step-sampler step
+            # Consistency: the student's own x0 from the teacher's state consistency_skip grid points
             # lower (no grad; recomputed when a batch is replayed, as the student has moved).
             with torch.no_grad():
                 x0_next = StudentDenoiser(_unwrap(models["student"]), sch)(solved["x_next"], solved["t_next"], cond)
