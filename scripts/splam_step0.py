@@ -1,6 +1,6 @@
 """SPLAM at step 0 (student = teacher): RMS of the online prediction F_theta(z_gamma, gamma, t)
 against the consistency target F_theta-(xhat_t', 1, t'), per grid timestep t and gamma, for each
-``input_scale``. What the student must learn before gamma < 1 stops dragging the gamma = 1 map
+``input_scale`` and ``input_time``. What the student must learn before gamma < 1 stops dragging the gamma = 1 map
 used at inference (docs/methods.md, "SPLAM at toy scale").
 
     .venv/bin/python scripts/splam_step0.py --teacher runs/teacher
@@ -28,9 +28,11 @@ def main(argv=None) -> int:
     data = load_digits("test")
     n = min(args.num, len(data.labels))
     batch = {"image": data.images[:n], "prompt": [prompt_for(int(label)) for label in data.labels[:n]]}
-    print("input_scale  t -> t'  " + "  ".join(f"gamma={g:g}" for g in args.gammas))
-    for scale in ("none", "variance"):
-        m = SPLAMDistillation(from_dict(SPLAMConfig, {**PRESETS["digits"], "teacher": args.teacher, "input_scale": scale}))
+    print("input           t -> t'  " + "  ".join(f"gamma={g:g}" for g in args.gammas))
+    for scale, when in (("none", "t"), ("variance", "t"), ("none", "snr")):
+        label = f"time={when}" if when == "snr" else f"scale={scale}"
+        m = SPLAMDistillation(from_dict(SPLAMConfig, {**PRESETS["digits"], "teacher": args.teacher, "input_scale": scale,
+                                                      "input_time": when}))
         m.setup("cpu")
         models = m.models()
         g = torch.Generator().manual_seed(0)
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
                 target = m.target(models, x_next, t_next, cond)
                 rms = [m.online(models, x_t, x_next, t, t_next, cond, None, torch.full((n,), gam))[0].sub(target)
                        .pow(2).mean().sqrt().item() for gam in args.gammas]
-            print(f"{scale:11s} {t_val:4d} -> {int(t_next[0]):4d}  " + "  ".join(f"{r:9.3f}" for r in rms), flush=True)
+            print(f"{label:14s} {t_val:4d} -> {int(t_next[0]):4d}  " + "  ".join(f"{r:9.3f}" for r in rms), flush=True)
     return 0
 
 

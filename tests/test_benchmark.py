@@ -183,3 +183,64 @@ def test_methods_schema_seeds_and_summary(tmp_path):
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Methods at equal training wall time" in report and "| lcm | 2 |" in report
     assert (tmp_path / "out" / "quality_vs_nfe.png").is_file()
+
+
+def _job(path, after=(), fail=False, sleep=0.0, progress=True):
+    """A training job for train_jobs: checks its dependencies' files exist, then writes its own with
+    the torch thread count it ran with and whether its progress bars were on."""
+    import time
+    import torch
+    from pathlib import Path
+
+    if fail:
+        raise ValueError("this run is broken")
+    time.sleep(sleep)
+    assert all(Path(a).is_file() for a in after), f"{path} started before {after} finished"
+    Path(path).write_text(json.dumps({"threads": torch.get_num_threads(), "progress": progress}))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_train_jobs_respects_dependencies_threads_and_failures(tmp_path, workers):
+    import torch
+    from flashdistill.benchmark import TrainJob, train_jobs
+
+    a, b, c = (tmp_path / n for n in "abc")
+    jobs = [TrainJob("b", _job, (b, (a,)), after=("a",)), TrainJob("a", _job, (a,)), TrainJob("c", _job, (c,))]
+    train_jobs(jobs, workers, progress=True)
+    got = [json.loads(p.read_text()) for p in (a, b, c)]
+    if workers == 1:  # here, in this process
+        assert got == [{"threads": torch.get_num_threads(), "progress": True}] * 3
+    else:  # spawned workers, each with its share of the threads, bars off
+        assert got == [{"threads": max(1, torch.get_num_threads() // 2), "progress": False}] * 3
+    with pytest.raises(RuntimeError if workers > 1 else ValueError,
+                       match="training y failed: ValueError: this run is broken" if workers > 1 else "broken"):
+        train_jobs([TrainJob("x", _job, (tmp_path / "x",)), TrainJob("y", _job, (tmp_path / "y", (), True))],
+                   workers, progress=False)
+    if workers > 1:  # a failure stops the run beside it at once, and starts nothing new
+        import multiprocessing
+
+        with pytest.raises(RuntimeError, match="training bad failed"):
+            train_jobs([TrainJob("slow", _job, (tmp_path / "slow", (), False, 120.0)),
+                        TrainJob("bad", _job, (tmp_path / "bad", (), True)),
+                        TrainJob("later", _job, (tmp_path / "later",))], workers, progress=False)
+        assert multiprocessing.active_children() == []
+        assert not (tmp_path / "slow").exists() and not (tmp_path / "later").exists()
+    with pytest.raises(ValueError, match="cycle"):
+        train_jobs([TrainJob("p", _job, (tmp_path / "p",), after=("q",)),
+                    TrainJob("q", _job, (tmp_path / "q",), after=("p",))], workers, progress=False)
+    with pytest.raises(ValueError, match="unknown dependencies"):
+        train_jobs([TrainJob("p", _job, (tmp_path / "p",), after=("z",))], workers, progress=False)
+
+
+def test_ablation_runs_are_the_cache_keys_each_once_slowest_first():
+    from flashdistill.config import merge
+
+    preset = benchmark.PRESETS["ablations"]
+    runs = benchmark.ablation_runs(preset)
+    wanted = {benchmark.flash_key(preset.teacher, merge(benchmark.ablation_overrides(preset, variant), {"train": {"seed": seed}}))
+              for seed in preset.ablation_seeds for _, variants in benchmark.ABLATIONS for _, variant, _ in variants}
+    assert set(runs) == wanted
+    # 13 distinct configs (the baseline is shared by five groups) times the seeds
+    assert len(runs) == 13 * len(preset.ablation_seeds)
+    grids = [over.get("K", 16) for over in runs.values()]
+    assert grids == sorted(grids, reverse=True) and grids[0] == 64

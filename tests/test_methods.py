@@ -170,15 +170,15 @@ def test_splam_variance_input_scale_gives_z_gamma_the_variance_of_x_t(t_val):
             assert c_in.item() == pytest.approx(1.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("input_scale", ["none", "variance"])
-def test_splam_gamma_embedding_is_exactly_zero_at_gamma_one(tiny_teacher, monkeypatch, input_scale):
+@pytest.mark.parametrize("input_scale,input_time", [("none", "t"), ("variance", "t"), ("none", "snr")])
+def test_splam_gamma_embedding_is_exactly_zero_at_gamma_one(tiny_teacher, monkeypatch, input_scale, input_time):
     """At gamma = 1 the online prediction equals the LCM student without the projection, even with
     non-zero projection weights: the branch can be dropped after training."""
     from flashdistill.models.student import StudentDenoiser, fourier_features
 
     assert fourier_features(torch.zeros(3), 8).abs().max() == 0
     assert fourier_features(torch.full((1,), 0.3), 8).abs().max() > 0
-    m = tiny(SPLAMDistillation, SPLAMConfig, tiny_teacher, gamma_dim=8, input_scale=input_scale)
+    m = tiny(SPLAMDistillation, SPLAMConfig, tiny_teacher, gamma_dim=8, input_scale=input_scale, input_time=input_time)
     m.setup("cpu")
     proj = m.student.time_embedding.cond_proj
     assert proj.weight.requires_grad and proj.weight.abs().max() == 0  # starts as the teacher
@@ -194,6 +194,25 @@ def test_splam_gamma_embedding_is_exactly_zero_at_gamma_one(tiny_teacher, monkey
     with torch.no_grad():
         lcm = StudentDenoiser(m.student, m.schedule)(x_t, t, cond)
     torch.testing.assert_close(pred.detach(), lcm, rtol=1e-6, atol=1e-6)
+
+
+def test_splam_snr_input_time_at_gamma_zero_reads_the_skip_end(tiny_teacher):
+    """input_time = "snr": z_gamma at gamma = 0 is (alpha_t / alpha_t') x_t', whose signal-to-noise
+    ratio is t''s, so the network sees x_t' itself at timestep t'."""
+    from flashdistill.core.schedules import lcm_boundary_scalings
+    from flashdistill.models.student import StudentDenoiser
+
+    m = tiny(SPLAMDistillation, SPLAMConfig, tiny_teacher, gamma_dim=8, input_time="snr")
+    m.setup("cpu")
+    cond = m.teacher.cond(["a handwritten digit two"] * 2)
+    x_t, x_n = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    t, t_n = torch.tensor([599.0, 299.0]), torch.tensor([479.5, 199.0])
+    with torch.no_grad():
+        pred, _ = m.online({"student": m.student}, x_t, x_n, t, t_n, cond, None, gamma=torch.zeros(2))
+        x0 = StudentDenoiser(m.student, m.schedule)(x_n, t_n, cond)  # zero projection: the student at step 0
+    ratio = (m.schedule.alpha(t) / m.schedule.alpha(t_n)).view(2, 1, 1, 1)
+    c_skip, c_out = (v.view(2, 1, 1, 1) for v in lcm_boundary_scalings(t))
+    torch.testing.assert_close(pred, (c_skip * ratio * x_n + c_out * x0).float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["lcm", "splam"])

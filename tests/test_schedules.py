@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -66,6 +67,19 @@ def test_vp_closed_forms_and_interpolation():
     mid = sch.sigma(torch.tensor(10.25)) / sch.alpha(torch.tensor(10.25))
     torch.testing.assert_close(mid, 0.75 * ve[0] + 0.25 * ve[1])
 
+
+
+def test_timestep_at_inverts_the_interpolated_ve_sigma():
+    sch = VPSchedule(**SD)
+    t = torch.tensor([0.0, 3.5, 10.25, 499.0, 871.6, 999.0], dtype=torch.float64)
+    torch.testing.assert_close(sch.timestep_at(sch.sigma(t) / sch.alpha(t)), t)
+    # an SNR found by np.interp over the table, independently
+    table = np.sqrt((1 - sch.alphas_cumprod().numpy()) / sch.alphas_cumprod().numpy())
+    ve = torch.tensor([0.5, 2.0, 30.0], dtype=torch.float64)
+    ref = np.interp(ve.numpy(), table, np.arange(1000.0))
+    torch.testing.assert_close(sch.timestep_at(ve), torch.from_numpy(ref))
+    # out of range clamps to the ends
+    assert sch.timestep_at(torch.tensor([0.0, 1e6])).tolist() == [0.0, 999.0]
 
 def test_parametrisation_round_trips():
     x0, eps = _rand(3, 2, 4, 4, seed=3), _rand(3, 2, 4, 4, seed=4)

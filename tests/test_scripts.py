@@ -1,10 +1,7 @@
-"""The scripts in scripts/: convergence.py trains the digits preset's budgets, scaled; ablation_cache.py
-trains exactly the runs the ablations benchmark looks up in its cache."""
+"""The scripts in scripts/: convergence.py trains the digits preset's budgets, scaled."""
 import importlib.util
 from pathlib import Path
 
-from flashdistill import benchmark as b
-from flashdistill.config import merge
 from flashdistill.methods.flash import PRESETS
 
 
@@ -28,19 +25,3 @@ def test_points_scale_the_digits_preset_steps_and_phases_together():
     long = PRESETS["digits-long"]
     assert four["steps"] == long["train"]["steps"] and four["phase_steps"] == long["phase_steps"]
     assert len({p["name"] for p in pts}) == len(pts)
-
-
-def test_jobs_are_the_benchmarks_cache_keys_each_once_slowest_first():
-    preset = b.PRESETS["ablations"]
-    jobs = _script("ablation_cache").jobs(preset)
-    wanted = {b.flash_key(preset.teacher, merge(b.ablation_overrides(preset, variant), {"train": {"seed": seed}}))
-              for seed in preset.ablation_seeds for _, variants in b.ABLATIONS for _, variant, _ in variants}
-    keys = [key for _, _, key, _ in jobs]
-    assert sorted(keys) == sorted(wanted) and len(keys) == len(set(keys))
-    # 13 distinct configs (the baseline is shared by five groups) times the seeds
-    assert len(keys) == 13 * len(preset.ablation_seeds)
-    grids = [over.get("K", 16) for _, _, _, over in jobs]
-    assert grids == sorted(grids, reverse=True) and grids[0] == 64
-    # the workers' shares (every n-th job) cover every job once
-    shares = [jobs[i::2] for i in range(2)]
-    assert sorted(k for s in shares for _, _, k, _ in s) == sorted(keys)

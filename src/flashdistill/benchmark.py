@@ -260,10 +260,15 @@ def ensure_teacher(path: Path, overrides: dict | None = None, progress: bool = T
     return _ensure_trained(path, "teacher", cfg, lambda: TeacherTraining(cfg), get_dataset(cfg.dataset), progress)
 
 
+def base_teacher_dir(cache: Path) -> Path:
+    """Where the default digits teacher, the base of the conditional and composition presets, is
+    cached in ``cache``."""
+    return Path(cache) / f"teacher-{teacher_key(None)}"
+
+
 def base_teacher(cache: Path, progress: bool = True) -> Path:
-    """The default digits teacher in the cache folder ``cache`` (trained if needed): the base of
-    the conditional and composition presets."""
-    path = Path(cache) / f"teacher-{teacher_key(None)}"
+    """The default digits teacher in the cache folder ``cache`` (trained if needed)."""
+    path = base_teacher_dir(cache)
     ensure_teacher(path, None, progress)
     return path
 
@@ -288,6 +293,97 @@ def ensure_student(method: str, teacher: Path, path: Path, overrides: dict | Non
 def ensure_flash(teacher: Path, path: Path, overrides: dict | None = None, progress: bool = True) -> float | None:
     """A Flash student of ``teacher`` (digits preset + ``overrides``) in ``path``, trained if needed."""
     return ensure_student("flash", teacher, path, overrides, progress)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One cache entry to train: ``fn(*args, progress=...)`` (a module-level ``ensure_*`` function, so
+    that it can run in another process), started once the jobs named in ``after`` have finished."""
+
+    name: str
+    fn: object
+    args: tuple
+    after: tuple[str, ...] = ()
+
+
+def default_jobs() -> int:
+    """Training processes side by side for ``--jobs 0``: one per CPU core, at most 2, on CPU (a
+    digits run uses one core well and two poorly); 1 when a GPU would be shared."""
+    import os
+
+    if torch.cuda.is_available():
+        return 1
+    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _run_job(fn, args: tuple, threads: int, conn) -> None:
+    """A training job's process: ``fn(*args)`` on ``threads`` threads, progress bars off; the
+    error, if any, goes back through ``conn`` (and the exit code is 1)."""
+    torch.set_num_threads(threads)
+    try:
+        fn(*args, progress=False)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it by name
+        conn.send(f"{type(e).__name__}: {e}")
+        raise SystemExit(1)
+    conn.send(None)
+
+
+def train_jobs(jobs: list[TrainJob], workers: int = 1, progress: bool = True) -> None:
+    """Train every job, ``workers`` at a time, each in its own spawned process with
+    ``torch.get_num_threads() // workers`` threads and its progress bars off; ``workers = 1``
+    trains them here, in order. A failed job stops the others and is raised with its name. On an
+    interrupt (Ctrl-C, SIGTERM) the running jobs are sent SIGTERM, so that each saves a checkpoint
+    and stops (the next call resumes them), and no new job starts."""
+    import multiprocessing
+    import multiprocessing.connection
+
+    names = [j.name for j in jobs]
+    unknown = sorted({a for j in jobs for a in j.after} - set(names))
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"bad training jobs: unknown dependencies {unknown} or repeated names in {names}")
+    if workers <= 1:
+        done: set[str] = set()
+        while len(done) < len(jobs):
+            ready = [j for j in jobs if j.name not in done and set(j.after) <= done]
+            if not ready:
+                raise ValueError(f"training jobs depend on each other in a cycle: {sorted(set(names) - done)}")
+            ready[0].fn(*ready[0].args, progress=progress)
+            done.add(ready[0].name)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, torch.get_num_threads() // workers)
+    print(f"training {len(jobs)} runs, {workers} at a time, {threads} thread(s) each")
+    pending, running, done = list(jobs), {}, set()
+    bar = tqdm(total=len(jobs), desc="training runs", disable=not progress)
+    try:
+        while pending or running:
+            for j in [j for j in pending if set(j.after) <= done][: workers - len(running)]:
+                pending.remove(j)
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_run_job, args=(j.fn, j.args, threads, send), name=j.name)
+                proc.start()
+                send.close()
+                running[j.name] = (proc, recv)
+            if not running:
+                raise ValueError(f"training jobs depend on each other in a cycle: {sorted(j.name for j in pending)}")
+            multiprocessing.connection.wait([p.sentinel for p, _ in running.values()])
+            for name, (proc, recv) in list(running.items()):
+                if proc.is_alive():
+                    continue
+                proc.join()
+                error = recv.recv() if recv.poll() else f"its process exited with code {proc.exitcode}"
+                del running[name]
+                if error is not None or proc.exitcode != 0:
+                    raise RuntimeError(f"training {name} failed: {error}")
+                done.add(name)
+                bar.update()
+    finally:
+        for proc, _ in running.values():  # an error or an interrupt: the others checkpoint and stop
+            if proc.is_alive():
+                proc.terminate()
+        for proc, _ in running.values():
+            proc.join()
+        bar.close()
 
 
 def _recorded_seconds(path: Path) -> float | None:
@@ -365,8 +461,11 @@ def _machine() -> dict:
 
 
 def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "runs/cache",
-                  num_samples: int | None = None, progress: bool = True) -> dict:
+                  num_samples: int | None = None, progress: bool = True, jobs: int = 1) -> dict:
+    """``jobs``: training runs side by side, each in its own process (0: :func:`default_jobs`); the
+    ``methods`` and ``ablations`` presets train all their runs first, then score them here."""
     t0 = time.time()
+    jobs = jobs or default_jobs()
     name = preset if isinstance(preset, str) else "custom"
     if isinstance(preset, str):
         if preset not in PRESETS:
@@ -385,11 +484,12 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
     print(f"scoring {preset.num_samples} samples per row against the teacher's 32-step reference")
     bench = Bench(teacher, preset, progress)
     w = bench.guidance
-    jobs = [("teacher dpmpp_2m", s, w, "dpmpp_2m") for s in preset.teacher_steps]
-    jobs += [("teacher dpmpp_2m", 32, g, "dpmpp_2m") for g in preset.guidance_sweep if g != w]
-    jobs += [(f"{solver} (training-free)", s, w, solver) for solver in preset.solvers for s in preset.solver_steps]
-    jobs += [(f"{solver} (training-free)", s, 1.0, solver) for solver in preset.solvers for s in preset.nocfg_solver_steps]
-    rows = [bench.row(teacher, *job) for job in tqdm(jobs, desc="teacher rows", disable=not progress)]
+    teacher_rows = [("teacher dpmpp_2m", s, w, "dpmpp_2m") for s in preset.teacher_steps]
+    teacher_rows += [("teacher dpmpp_2m", 32, g, "dpmpp_2m") for g in preset.guidance_sweep if g != w]
+    teacher_rows += [(f"{solver} (training-free)", s, w, solver) for solver in preset.solvers for s in preset.solver_steps]
+    teacher_rows += [(f"{solver} (training-free)", s, 1.0, solver) for solver in preset.solvers
+                     for s in preset.nocfg_solver_steps]
+    rows = [bench.row(teacher, *r) for r in tqdm(teacher_rows, desc="teacher rows", disable=not progress)]
     result = {"preset": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "num_samples": preset.num_samples, "fd_floor": fd_floor(preset.num_samples), "pixel_fd_floor": pixel_fd_floor(preset.num_samples),
               "fd_floor_all_train": fd_floor(), "teacher": str(teacher_dir),
@@ -397,11 +497,11 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
               "teacher_params": sum(p.numel() for p in teacher.denoiser.parameters())}
 
     if preset.ablations:
-        result["ablations"] = run_ablations(bench, teacher_dir, cache, preset, progress)
+        result["ablations"] = run_ablations(bench, teacher_dir, cache, preset, progress, jobs)
         # one row per distinct run (variants with the same config share a run and its row)
         rows += list({id(r): r for g in result["ablations"] for e in g["variants"] for r in e["rows"]}.values())
     elif preset.methods:
-        rows += run_methods(bench, teacher_dir, cache, preset, progress)
+        rows += run_methods(bench, teacher_dir, cache, preset, progress, jobs)
     else:
         flash_dir = cache / f"flash-{flash_key(preset.teacher, preset.flash)}"
         flash_seconds = ensure_flash(teacher_dir, flash_dir, preset.flash, progress)
@@ -418,6 +518,7 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
     result["teacher_best_fd"] = min(r["fd"] for r in rows if r["method"] == "teacher dpmpp_2m" and r["steps"] >= 32)
     result["speedup_2step_student_vs_teacher_32"] = _speedup(rows, w)
     result["versions"], result["machine"] = _versions(), _machine()
+    result["jobs"] = jobs
     result["wall_seconds"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(result, indent=2))
     write_grid(bench, rows, out / "grid.png")
@@ -430,20 +531,24 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
     return result
 
 
-def run_methods(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, progress: bool) -> list[dict]:
-    """Every method of the preset, once per training seed, scored at the preset's student steps."""
+def run_methods(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, progress: bool, jobs: int = 1) -> list[dict]:
+    """Every method of the preset, once per training seed (trained ``jobs`` at a time), scored at
+    the preset's student steps."""
     from .config import merge
 
-    rows = []
+    runs = []
     for method, overrides in preset.methods.items():
         for seed in preset.seeds_per_method.get(method, preset.method_seeds):
             over = merge(overrides, {"train": {"seed": seed}})
-            run = cache / f"{method}-{method_key(method, preset.teacher, over)}"
-            seconds = ensure_student(method, teacher_dir, run, over, progress)
-            student = load_model(run)
-            extra = {"train_seconds": seconds, "trainable_params": student.meta["trainable_params"], "seed": seed,
-                     "train_steps": student.meta["config"]["train"]["steps"], "run": str(run)}
-            rows += [bench.row(student, f"{method} student", s, None, extra=extra) for s in preset.student_steps]
+            runs.append((method, seed, over, cache / f"{method}-{method_key(method, preset.teacher, over)}"))
+    train_jobs([TrainJob(f"{method} seed {seed}", ensure_student, (method, teacher_dir, run, over))
+                for method, seed, over, run in runs], jobs, progress)
+    rows = []
+    for method, seed, over, run in runs:
+        student = load_model(run)
+        extra = {"train_seconds": _recorded_seconds(run), "trainable_params": student.meta["trainable_params"], "seed": seed,
+                 "train_steps": student.meta["config"]["train"]["steps"], "run": str(run)}
+        rows += [bench.row(student, f"{method} student", s, None, extra=extra) for s in preset.student_steps]
     return rows
 
 
@@ -482,11 +587,28 @@ def ablation_overrides(preset: Preset, variant: dict) -> dict:
     return merge(merge(preset.flash, preset.ablation_flash), variant)
 
 
-def run_ablations(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, progress: bool) -> list[dict]:
-    """Each variant: one Flash run (cached by config) per training seed at the same budget, scored at
-    2 steps; a variant's figures are the mean over its seeds (per-seed FDs kept)."""
+def ablation_runs(preset: Preset) -> dict:
+    """Cache key -> overrides of every distinct ablation run (variants sharing a config share a run),
+    the slowest (largest K) first, so that runs trained side by side finish together."""
     from .config import merge
 
+    runs = {}
+    for _, variants in ABLATIONS:
+        for _, variant, _ in variants:
+            for seed in preset.ablation_seeds:
+                overrides = merge(ablation_overrides(preset, variant), {"train": {"seed": seed}})
+                runs.setdefault(flash_key(preset.teacher, overrides), overrides)
+    return dict(sorted(runs.items(), key=lambda kv: -kv[1].get("K", 16)))
+
+
+def run_ablations(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, progress: bool, jobs: int = 1) -> list[dict]:
+    """Each variant: one Flash run (cached by config) per training seed at the same budget, scored at
+    2 steps; a variant's figures are the mean over its seeds (per-seed FDs kept). Every distinct run
+    is trained first, ``jobs`` at a time."""
+    from .config import merge
+
+    train_jobs([TrainJob(f"flash {key[:8]}", ensure_flash, (teacher_dir, cache / f"flash-{key}", over))
+                for key, over in ablation_runs(preset).items()], jobs, progress)
     groups, done = [], {}
     total = sum(len(v) for _, v in ABLATIONS) * len(preset.ablation_seeds)
     bar = tqdm(total=total, desc="ablations", disable=not progress)
@@ -499,10 +621,9 @@ def run_ablations(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, 
                 key = flash_key(preset.teacher, overrides)
                 if key not in done:
                     run = cache / f"flash-{key}"
-                    seconds = ensure_flash(teacher_dir, run, overrides, progress)
                     student = load_model(run)
-                    extra = {"train_seconds": seconds, "trainable_params": student.meta["trainable_params"], "run": str(run),
-                             "seed": seed}
+                    extra = {"train_seconds": _recorded_seconds(run), "trainable_params": student.meta["trainable_params"],
+                             "run": str(run), "seed": seed}
                     done[key] = bench.row(student, "flash student", 2, None, extra={**extra, "variants": []})
                 done[key]["variants"].append(f"{group.split(' (')[0]}: {label}")
                 rows.append(done[key])

@@ -199,11 +199,12 @@ def cmd_benchmark(args) -> None:
     if args.preset == "conditional":
         from .conditional_benchmark import run_conditional
 
-        run_conditional(args.out, cache=args.cache, num_samples=args.num_samples, progress=not args.quiet)
+        run_conditional(args.out, cache=args.cache, num_samples=args.num_samples, progress=not args.quiet, jobs=args.jobs)
         return
     from .benchmark import run_benchmark
 
-    run_benchmark(args.preset, args.out, cache=args.cache, num_samples=args.num_samples, progress=not args.quiet)
+    run_benchmark(args.preset, args.out, cache=args.cache, num_samples=args.num_samples, progress=not args.quiet,
+                  jobs=args.jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "runs and presets (default runs/cache)")
     p.add_argument("--num-samples", type=positive_int, default=None,
                    help="samples per row (default: quick 500, full 2000, ablations 500)")
+    p.add_argument("--jobs", type=non_negative_int, default=0,
+                   help="training runs side by side (the methods, ablations and conditional presets), each in its own "
+                        "process with its share of the cores (default 0: one per core, at most 2, on CPU; 1 with a GPU)")
     _add_quiet(p)
     p.set_defaults(func=cmd_benchmark)
     return ap

@@ -36,25 +36,49 @@ def _teacher_overrides(task: str, base_dir: Path) -> dict:
 CODI = {"codi student": {}, "pe-codi student": {"pe": True}}
 
 
+BASE_JOB = "text-to-image teacher"
+
+
+def _base_job(base_dir: Path):
+    from .benchmark import TrainJob, ensure_teacher
+
+    return TrainJob(BASE_JOB, ensure_teacher, (base_dir, None))
+
+
+def task_runs(task: str, base_dir: Path, cache: Path) -> dict:
+    """The cache folders of one task's runs: its teacher, its Flash student and the CoDi students,
+    with the training jobs that fill them (:func:`~flashdistill.benchmark.train_jobs`)."""
+    from .benchmark import TrainJob, ensure_flash, ensure_student, ensure_teacher, flash_key, method_key, teacher_key
+
+    overrides = _teacher_overrides(task, base_dir)
+    teacher_dir = cache / f"teacher-{teacher_key(overrides)}"
+    flash_dir = cache / f"flash-{flash_key(overrides)}"
+    on_base = (BASE_JOB,)  # the sketch adapter and CoDi train on the text-to-image teacher
+    jobs = [TrainJob(f"{task} teacher", ensure_teacher, (teacher_dir, overrides), after=on_base if task == "sketch" else ()),
+            TrainJob(f"{task} flash", ensure_flash, (teacher_dir, flash_dir, None), after=(f"{task} teacher",))]
+    codi = {}
+    for name, over in CODI.items():
+        over = {**over, "task": task}
+        codi[name] = cache / f"codi-{method_key('codi', None, over)}"
+        jobs.append(TrainJob(f"{task} {name}", ensure_student, ("codi", base_dir, codi[name], over), after=on_base))
+    return {"teacher": teacher_dir, "flash": flash_dir, "codi": codi, "jobs": jobs}
+
+
 def run_task(task: str, base_dir: Path, cache: Path, num_samples: int, progress: bool) -> tuple[list[dict], list]:
-    """Rows of one task and the grid strips (label, images) of its first ``GRID_ITEMS`` conditions."""
+    """Rows of one task and the grid strips (label, images) of its first ``GRID_ITEMS`` conditions
+    (its runs are trained here, in order, unless already in ``cache``)."""
     from .api import score_digits, teacher_reference
-    from .benchmark import ensure_flash, ensure_student, ensure_teacher, flash_key, method_key, teacher_key
+    from .benchmark import _recorded_seconds, train_jobs
     from .models.loading import load_model
     from .sample import sample
     from .scoring import eval_set, retrieval_row
 
     spec = get_task(task)
-    overrides = _teacher_overrides(task, base_dir)
-    teacher_dir = cache / f"teacher-{teacher_key(overrides)}"
-    teacher_seconds = ensure_teacher(teacher_dir, overrides, progress)
-    flash_dir = cache / f"flash-{flash_key(overrides)}"
-    flash_seconds = ensure_flash(teacher_dir, flash_dir, None, progress)
-    codi = {}
-    for name, over in CODI.items():
-        over = {**over, "task": task}
-        codi_dir = cache / f"codi-{method_key('codi', None, over)}"
-        codi[name] = (codi_dir, ensure_student("codi", base_dir, codi_dir, over, progress))
+    runs = task_runs(task, base_dir, cache)
+    train_jobs([_base_job(base_dir), *runs["jobs"]], 1, progress)
+    teacher_dir, flash_dir = runs["teacher"], runs["flash"]
+    teacher_seconds, flash_seconds = _recorded_seconds(teacher_dir), _recorded_seconds(flash_dir)
+    codi = {name: (d, _recorded_seconds(d)) for name, d in runs["codi"].items()}
     teacher, student = load_model(teacher_dir), load_model(flash_dir)
     w = teacher.default_guidance
     reference = teacher_reference(teacher, num_samples)
@@ -181,7 +205,10 @@ def report(result: dict) -> str:
 
     lines = [f"# Conditional benchmark ({result['date']})", "",
              f"{result['num_samples']} samples per row (conditions from the test digits), teacher w = "
-             f"{result['teacher_guidance']:g}; {result['wall_seconds'] / 60:.1f} min in all.", ""]
+             f"{result['teacher_guidance']:g}; {result['wall_seconds'] / 60:.1f} min in all"
+             + (f", of which {result['train_wall_seconds'] / 60:.1f} min training, {result['jobs']} run(s) at a time "
+                "(a row's train seconds are its own run's, on its share of the cores)"
+                if result.get("jobs") else "") + ".", ""]
     for task in result["tasks"]:
         names = get_task(task).metric_names
         lines += [f"## {task}", "",
@@ -204,14 +231,20 @@ def report(result: dict) -> str:
 
 
 def run_conditional(out, cache="runs/cache", num_samples: int | None = None, progress: bool = True,
-                    tasks=TASK_NAMES) -> dict:
-    from .benchmark import _machine, _versions, base_teacher
+                    tasks=TASK_NAMES, jobs: int = 1) -> dict:
+    """``jobs``: training processes side by side (0: :func:`~flashdistill.benchmark.default_jobs`);
+    every run of every task is trained first, then scored here."""
+    from .benchmark import _machine, _versions, base_teacher_dir, default_jobs, train_jobs
 
     t0 = time.time()
     num_samples = num_samples or 1000
+    jobs = jobs or default_jobs()
     out, cache = Path(out), Path(cache)
     out.mkdir(parents=True, exist_ok=True)
-    base_dir = base_teacher(cache, progress)
+    base_dir = base_teacher_dir(cache)
+    train_jobs([_base_job(base_dir), *(j for task in tasks for j in task_runs(task, base_dir, cache)["jobs"])],
+               jobs, progress)
+    train_seconds = time.time() - t0
     rows, strips = [], {}
     for task in tqdm(tasks, desc="tasks", disable=not progress):
         r, s = run_task(task, base_dir, cache, num_samples, progress)
@@ -222,7 +255,8 @@ def run_conditional(out, cache="runs/cache", num_samples: int | None = None, pro
     result = {"preset": "conditional", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "num_samples": num_samples, "tasks": list(tasks), "rows": rows,
               "teacher_guidance": load_model(base_dir).default_guidance, "targets": targets(rows),
-              "versions": _versions(), "machine": _machine(), "wall_seconds": time.time() - t0}
+              "versions": _versions(), "machine": _machine(), "jobs": jobs,
+              "train_wall_seconds": train_seconds, "wall_seconds": time.time() - t0}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     write_grid(strips, out / "grid.png")
     plot(result, out / "quality_vs_nfe.png")

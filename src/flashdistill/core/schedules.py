@@ -161,6 +161,15 @@ class VPSchedule(_Schedule):
         i = i.long()
         return table[i] * (1 - w) + table[i + 1] * w
 
+    def timestep_at(self, ve_sigma) -> Tensor:
+        """The inverse of the interpolated ``sigma / alpha``: the fractional ``t`` whose noise-to-signal
+        ratio is ``ve_sigma`` (float64, shape of ``ve_sigma``; clamped to ``[0, T - 1]``)."""
+        ve = torch.as_tensor(ve_sigma).double()
+        table = ((1.0 - self.alphas_cumprod()) / self.alphas_cumprod()).sqrt().to(ve.device)
+        ve = ve.clamp(table[0], table[-1])
+        i = (torch.searchsorted(table, ve.contiguous(), right=True) - 1).clamp(0, len(table) - 2)
+        return i.double() + (ve - table[i]) / (table[i + 1] - table[i])
+
     def alpha(self, t) -> Tensor:
         """sqrt(acp(t)), float64, shape of ``t``."""
         return (1.0 + self._ve_sigma(t) ** 2).rsqrt()

@@ -25,6 +25,10 @@ against 0.22 at gamma = 1 (``scripts/splam_step0.py``). ``input_scale = "varianc
 expects at t and cuts that to 0.12. The official code feeds z_gamma as is (``"none"``, the
 default); the digits preset scales, since unscaled its 1- and 2-step students collapse (FD 256 /
 236, docs/methods.md). Even scaled, SPLAM stays behind LCM there at 2 and 4 steps.
+``input_time = "snr"`` (ours, off) also tells the network the timestep whose signal-to-noise ratio
+is z_gamma's, which makes z_gamma an exact forward-process state: the step-0 error at gamma = 0
+becomes 0, and the trained students are no better (docs/methods.md), so that mismatch is not what
+holds SPLAM back here.
 
 Everything else (skipping grid, guided DDIM teacher step, multiple estimation via
 ``teacher_steps``, EMA target, pseudo-Huber) is :mod:`flashdistill.methods.lcm`'s.
@@ -87,6 +91,9 @@ class SPLAMConfig(LCMConfig):
     input_scale: Literal["none", "variance"] = field("none", "scaling of z_gamma before the network: none (the "
                                                      "official code) or variance (1 / sqrt(alpha_t^2 + sigma(gamma, t)^2), the "
                                                      "variance a VP network expects at t; 1 at gamma = 1)")
+    input_time: Literal["t", "snr"] = field("t", "the timestep the network is told for z_gamma: t (the paper and the "
+                                            "code) or snr (the fractional t whose signal-to-noise ratio is z_gamma's, "
+                                            "with z_gamma scaled to that t's VP state; t at gamma = 1)")
 
     def validate(self):
         super().validate()
@@ -153,11 +160,15 @@ class SPLAMDistillation(LCMDistillation):
         z = subpath_point(x_t, x_next, ratio, gamma)
         sig = subpath_sigma(s_t, s_n, ratio, gamma, c.sigma_form)
         emb = fourier_features(1.0 - gamma, c.gamma_dim, scale=c.gamma_scale).to(z.device)
-        z_in = z
-        if c.input_scale == "variance":
+        z_in, t_in = z, t
+        if c.input_time == "snr":
+            # z_gamma = alpha_t x0 + sigma(gamma, t) eps is the VP state at t_in scaled by alpha_t / alpha(t_in)
+            t_in = sch.timestep_at(sig / a_t).float()
+            z_in = (z.double() * append_dims(sch.alpha(t_in.double()) / a_t, z.ndim)).to(z.dtype)
+        elif c.input_scale == "variance":
             z_in = (z.double() * append_dims(subpath_input_scale(a_t, s_t, sig), z.ndim)).to(z.dtype)
-        native = Denoiser(models["student"], sch).predict(z_in, t, {**cond, "timestep_cond": emb})
-        eps = sch.to_eps(native, z_in, t)  # the network's own eps at timestep t, in its input's frame
+        native = Denoiser(models["student"], sch).predict(z_in, t_in, {**cond, "timestep_cond": emb})
+        eps = sch.to_eps(native, z_in, t_in)  # the network's own eps at timestep t_in, in its input's frame
         x0 = (z.double() - append_dims(sig, z.ndim) * eps.double()) / append_dims(a_t, z.ndim)
         c_skip, c_out = (append_dims(v, z.ndim) for v in lcm_boundary_scalings(t))
         pred = (c_skip * z.double() + c_out * x0).float()
