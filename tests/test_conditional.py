@@ -356,7 +356,14 @@ def test_conditional_benchmark_writes_every_row(teachers, tmp_path, monkeypatch)
         {**(o or {}), "channels": TINY, "train": {"steps": 2, "batch_size": 4, "sample_every": 2, "checkpoint_every": 2}}))
     monkeypatch.setattr(benchmark, "method_config", lambda m, t, o=None: real_method(
         m, t, {**(o or {}), "train": {"steps": 2, "batch_size": 4, "sample_every": 2, "checkpoint_every": 2}}))
+    from flashdistill import sample as sample_module
+
+    calls, real_sample = [], sample_module.sample
+    monkeypatch.setattr(sample_module, "sample", lambda model, prompts, seeds, steps, **kw: calls.append((len(prompts), steps))
+                        or real_sample(model, prompts, seeds, steps, **kw))
     result = cb.run_conditional(tmp_path / "out", cache=tmp_path / "cache", num_samples=20, progress=False, tasks=("inpaint",))
+    assert calls.count((20, 32)) == 1  # the teacher's 32-step row scores the reference, not a second sampling of it
+    assert result["rows"][0]["teacher_mse"] == 0
     methods = [(r["method"], r["steps"]) for r in result["rows"]]
     assert methods == [("teacher dpmpp_2m", 32), ("dpmpp_2m (training-free)", 1), ("dpmpp_2m (training-free)", 2),
                        ("dpmpp_2m (training-free)", 4), ("flash student", 1), ("flash student", 2), ("flash student", 4),

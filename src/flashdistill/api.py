@@ -417,11 +417,13 @@ def teacher_reference(teacher, num_samples: int, guidance: float | None = None, 
 
 
 def score_digits(model, num_samples: int, steps: list[int], guidance: float | None = None, sampler: str | None = None,
-                 reference=None, progress: bool = False, style: str | None = None) -> list[dict]:
+                 reference=None, progress: bool = False, style: str | None = None, samples: dict | None = None) -> list[dict]:
     """FD, pixel FD, histogram distance, adherence (and teacher MSE against ``reference``) of
     ``model`` on the digits prompts, one row per step count; conditional models also get their
     task's consistency metrics and the per-condition diversity (docs/metrics.md). ``style``: score
-    against that style's test split (default: the style of the model's LoRA, if any)."""
+    against that style's test split (default: the style of the model's LoRA, if any). ``samples``:
+    step count -> images already sampled on these prompts, seeds and settings (such as the
+    ``reference`` itself at 32 steps), scored instead of sampled again."""
     from tqdm.auto import tqdm
 
     from .scoring import diversity, diversity_set, score
@@ -433,7 +435,9 @@ def score_digits(model, num_samples: int, steps: list[int], guidance: float | No
         d_prompts, d_seeds, d_condition = diversity_set(task)
     rows = []
     for n in tqdm(steps, desc="evaluate", disable=not progress, unit="row"):
-        images = sample(model, prompts, seeds, n, guidance=guidance, sampler=sampler, condition=condition)
+        images = (samples or {}).get(n)
+        if images is None:
+            images = sample(model, prompts, seeds, n, guidance=guidance, sampler=sampler, condition=condition)
         row = {"steps": n, **score(images, labels, reference, style=style or model.meta.get("style", "none"))}
         if task.keys:
             spread = sample(model, d_prompts, d_seeds, n, guidance=guidance, sampler=sampler, condition=d_condition)

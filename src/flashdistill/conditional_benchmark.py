@@ -67,7 +67,7 @@ def task_runs(task: str, base_dir: Path, cache: Path) -> dict:
 def run_task(task: str, base_dir: Path, cache: Path, num_samples: int, progress: bool) -> tuple[list[dict], list]:
     """Rows of one task and the grid strips (label, images) of its first ``GRID_ITEMS`` conditions
     (its runs are trained here, in order, unless already in ``cache``)."""
-    from .api import score_digits, teacher_reference
+    from .api import TEACHER_STEPS as REFERENCE_STEPS, score_digits, teacher_reference
     from .benchmark import _recorded_seconds, train_jobs
     from .models.loading import load_model
     from .sample import sample
@@ -84,7 +84,8 @@ def run_task(task: str, base_dir: Path, cache: Path, num_samples: int, progress:
     reference = teacher_reference(teacher, num_samples)
 
     rows = []
-    for r in score_digits(teacher, num_samples, [TEACHER_STEPS, *SOLVER_STEPS], reference=reference, progress=progress):
+    for r in score_digits(teacher, num_samples, [TEACHER_STEPS, *SOLVER_STEPS], reference=reference, progress=progress,
+                          samples={REFERENCE_STEPS: reference}):  # the reference is the 32-step row's samples
         method = "teacher dpmpp_2m" if r["steps"] == TEACHER_STEPS else "dpmpp_2m (training-free)"
         rows.append({"method": method, "nfe": 2 * r["steps"], "guidance": w, "train_seconds": teacher_seconds, **r})
     for r in score_digits(student, num_samples, list(STUDENT_STEPS), reference=reference, progress=progress):
