@@ -185,7 +185,7 @@ def test_methods_schema_seeds_and_summary(tmp_path):
     assert (tmp_path / "out" / "quality_vs_nfe.png").is_file()
 
 
-def _job(path, after=(), fail=False, sleep=0.0, progress=True):
+def _job(path, after=(), fail=False, sleep=0.0, interrupt=False, progress=True):
     """A training job for train_jobs: checks its dependencies' files exist, then writes its own with
     the torch thread count it ran with and whether its progress bars were on."""
     import time
@@ -194,6 +194,10 @@ def _job(path, after=(), fail=False, sleep=0.0, progress=True):
 
     if fail:
         raise ValueError("this run is broken")
+    if interrupt:
+        from flashdistill.train import TrainingInterrupted
+
+        raise TrainingInterrupted(5, 15)
     time.sleep(sleep)
     assert all(Path(a).is_file() for a in after), f"{path} started before {after} finished"
     Path(path).write_text(json.dumps({"threads": torch.get_num_threads(), "progress": progress}))
@@ -225,6 +229,11 @@ def test_train_jobs_respects_dependencies_threads_and_failures(tmp_path, workers
                         TrainJob("later", _job, (tmp_path / "later",))], workers, progress=False)
         assert multiprocessing.active_children() == []
         assert not (tmp_path / "slow").exists() and not (tmp_path / "later").exists()
+    # a run stopped by a signal (checkpoint saved) stops the benchmark as an interrupt, not a failure
+    from flashdistill.train import TrainingInterrupted
+
+    with pytest.raises(TrainingInterrupted, match="signal 15 at step 5"):
+        train_jobs([TrainJob("i", _job, (tmp_path / "i", (), False, 0.0, True))], workers, progress=False)
     with pytest.raises(ValueError, match="cycle"):
         train_jobs([TrainJob("p", _job, (tmp_path / "p",), after=("q",)),
                     TrainJob("q", _job, (tmp_path / "q",), after=("p",))], workers, progress=False)

@@ -317,13 +317,19 @@ def default_jobs() -> int:
 
 
 def _run_job(fn, args: tuple, threads: int, conn) -> None:
-    """A training job's process: ``fn(*args)`` on ``threads`` threads, progress bars off; the
-    error, if any, goes back through ``conn`` (and the exit code is 1)."""
+    """A training job's process: ``fn(*args)`` on ``threads`` threads, progress bars off. What
+    stopped it, if anything, goes back through ``conn``: ``("interrupted", step, signum)`` after a
+    signal (its checkpoint saved), or ``("error", message)``."""
+    from .train import TrainingInterrupted
+
     torch.set_num_threads(threads)
     try:
         fn(*args, progress=False)
+    except TrainingInterrupted as e:
+        conn.send(("interrupted", e.step, e.signum))
+        raise SystemExit(130)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it by name
-        conn.send(f"{type(e).__name__}: {e}")
+        conn.send(("error", f"{type(e).__name__}: {e}"))
         raise SystemExit(1)
     conn.send(None)
 
@@ -336,6 +342,8 @@ def train_jobs(jobs: list[TrainJob], workers: int = 1, progress: bool = True) ->
     and stops (the next call resumes them), and no new job starts."""
     import multiprocessing
     import multiprocessing.connection
+
+    from .train import TrainingInterrupted
 
     names = [j.name for j in jobs]
     unknown = sorted({a for j in jobs for a in j.after} - set(names))
@@ -371,10 +379,12 @@ def train_jobs(jobs: list[TrainJob], workers: int = 1, progress: bool = True) ->
                 if proc.is_alive():
                     continue
                 proc.join()
-                error = recv.recv() if recv.poll() else f"its process exited with code {proc.exitcode}"
+                outcome = recv.recv() if recv.poll() else ("error", f"its process exited with code {proc.exitcode}")
                 del running[name]
-                if error is not None or proc.exitcode != 0:
-                    raise RuntimeError(f"training {name} failed: {error}")
+                if outcome is not None and outcome[0] == "interrupted":
+                    raise TrainingInterrupted(*outcome[1:])
+                if outcome is not None or proc.exitcode != 0:
+                    raise RuntimeError(f"training {name} failed: {outcome[1] if outcome else proc.exitcode}")
                 done.add(name)
                 bar.update()
     finally:
