@@ -255,3 +255,18 @@ def test_train_teacher_end_to_end(tmp_path, capsys):
     assert len((out_dir / "log.jsonl").read_text().splitlines()) == 2
     model = load_model(out_dir)
     assert list(model.denoiser.backbone.config.block_out_channels) == [8, 16]
+
+
+def test_an_interrupted_benchmark_says_a_rerun_resumes_it(monkeypatch, tmp_path, capsys):
+    """The benchmark has no --resume: its runs resume from the cache when the command runs again."""
+    from flashdistill import benchmark
+    from flashdistill.train import TrainingInterrupted
+
+    def stopped(*args, **kwargs):
+        raise TrainingInterrupted(7, 2)
+
+    monkeypatch.setattr(benchmark, "run_benchmark", stopped)
+    assert main(["benchmark", "--preset", "quick", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted by signal 2 at step 7; checkpoint saved, run the same command again to resume" in err
+    assert "--resume" not in err

@@ -191,6 +191,15 @@ def cmd_demo(args) -> None:
 
 
 def cmd_benchmark(args) -> None:
+    from .train import TrainingInterrupted
+
+    try:
+        _run_benchmark(args)
+    except TrainingInterrupted as e:  # the benchmark's runs resume from its cache on a plain rerun
+        raise TrainingInterrupted(e.step, e.signum, "run the same command again to resume") from None
+
+
+def _run_benchmark(args) -> None:
     if args.preset == "composition":
         from .composition_benchmark import run_composition
 

@@ -113,8 +113,8 @@ def _nonfinite_terms(losses, logs: dict) -> list[str]:
 class TrainingInterrupted(Exception):
     """Raised after a clean save when SIGINT/SIGTERM stopped training."""
 
-    def __init__(self, step: int, signum: int):
-        super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint saved, resume with --resume")
+    def __init__(self, step: int, signum: int, resume: str = "resume with --resume"):
+        super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint saved, {resume}")
         self.step, self.signum = step, signum
 
 
