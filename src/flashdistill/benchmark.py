@@ -305,10 +305,17 @@ class TrainJob:
     args: tuple
     after: tuple[str, ...] = ()
 
+    @property
+    def cached(self) -> bool:
+        """Whether the run is already finished in the cache (its folder is the job's first path
+        argument): then it is only checked, here, without a process of its own."""
+        path = next((a for a in self.args if isinstance(a, Path)), None)
+        return path is not None and (path / "flashdistill.json").is_file()
+
 
 def default_jobs() -> int:
     """Training processes side by side for ``--jobs 0``: one per CPU core, at most 2, on CPU (a
-    digits run uses one core well and two poorly); 1 when a GPU would be shared."""
+    batch-16 digits run uses one core well and a second one poorly); 1 when a GPU would be shared."""
     import os
 
     if torch.cuda.is_available():
@@ -360,11 +367,18 @@ def train_jobs(jobs: list[TrainJob], workers: int = 1, progress: bool = True) ->
         return
     ctx = multiprocessing.get_context("spawn")
     threads = max(1, torch.get_num_threads() // workers)
-    print(f"training {len(jobs)} runs, {workers} at a time, {threads} thread(s) each")
+    fresh = sum(not j.cached for j in jobs)
+    print(f"training {fresh} run(s), {workers} at a time, {threads} thread(s) each"
+          + (f" ({len(jobs) - fresh} more in the cache)" if fresh < len(jobs) else ""))
     pending, running, done = list(jobs), {}, set()
     bar = tqdm(total=len(jobs), desc="training runs", disable=not progress)
     try:
         while pending or running:
+            for j in [j for j in pending if set(j.after) <= done and j.cached]:
+                pending.remove(j)
+                j.fn(*j.args, progress=False)  # "reusing ...", and a warning if its config changed
+                done.add(j.name)
+                bar.update()
             for j in [j for j in pending if set(j.after) <= done][: workers - len(running)]:
                 pending.remove(j)
                 recv, send = ctx.Pipe(duplex=False)
@@ -373,7 +387,9 @@ def train_jobs(jobs: list[TrainJob], workers: int = 1, progress: bool = True) ->
                 send.close()
                 running[j.name] = (proc, recv)
             if not running:
-                raise ValueError(f"training jobs depend on each other in a cycle: {sorted(j.name for j in pending)}")
+                if pending:
+                    raise ValueError(f"training jobs depend on each other in a cycle: {sorted(j.name for j in pending)}")
+                break
             multiprocessing.connection.wait([p.sentinel for p, _ in running.values()])
             for name, (proc, recv) in list(running.items()):
                 if proc.is_alive():
