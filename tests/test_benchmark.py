@@ -203,9 +203,11 @@ def _job(path, after=(), fail=False, sleep=0.0, interrupt=False, progress=True):
     Path(path).write_text(json.dumps({"threads": torch.get_num_threads(), "progress": progress}))
 
 
-def _check_job(folder, progress=True):
+def _check_job(teacher, folder, progress=True):
+    """Like ensure_student: reads ``teacher``, fills ``folder`` (records which process did)."""
     import os
 
+    assert (teacher / "flashdistill.json").is_file()
     (folder / "checked").write_text(str(os.getpid()))
 
 
@@ -235,14 +237,17 @@ def test_train_jobs_respects_dependencies_threads_and_failures(tmp_path, workers
                         TrainJob("later", _job, (tmp_path / "later",))], workers, progress=False)
         assert multiprocessing.active_children() == []
         assert not (tmp_path / "slow").exists() and not (tmp_path / "later").exists()
-    # a run already in the cache is only checked, here, not in a process of its own
+    # a run already in the cache (its out folder finished) is only checked, here, not in a process of
+    # its own; one reading a finished teacher but not finished itself is trained in its own process
     import os
 
-    done, fresh = tmp_path / "done", tmp_path / "fresh"
-    done.mkdir(), fresh.mkdir()
-    (done / "flashdistill.json").write_text("{}")
-    train_jobs([TrainJob("done", _check_job, (done,)), TrainJob("fresh", _check_job, (fresh,), after=("done",))],
-               workers, progress=False)
+    teacher, done, fresh = tmp_path / "teacher", tmp_path / "done", tmp_path / "fresh"
+    for d in (teacher, done, fresh):
+        d.mkdir()
+    for d in (teacher, done):
+        (d / "flashdistill.json").write_text("{}")
+    train_jobs([TrainJob("done", _check_job, (teacher, done), done),
+                TrainJob("fresh", _check_job, (teacher, fresh), fresh, after=("done",))], workers, progress=False)
     assert (done / "checked").read_text() == str(os.getpid())
     assert ((fresh / "checked").read_text() == str(os.getpid())) == (workers == 1)
     # a run stopped by a signal (checkpoint saved) stops the benchmark as an interrupt, not a failure

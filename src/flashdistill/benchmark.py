@@ -303,14 +303,14 @@ class TrainJob:
     name: str
     fn: object
     args: tuple
+    out: Path | None = None  # the run folder it fills
     after: tuple[str, ...] = ()
 
     @property
     def cached(self) -> bool:
-        """Whether the run is already finished in the cache (its folder is the job's first path
-        argument): then it is only checked, here, without a process of its own."""
-        path = next((a for a in self.args if isinstance(a, Path)), None)
-        return path is not None and (path / "flashdistill.json").is_file()
+        """Whether ``out`` already holds a finished run: then the job is only checked, here,
+        without a process of its own."""
+        return self.out is not None and (Path(self.out) / "flashdistill.json").is_file()
 
 
 def default_jobs() -> int:
@@ -567,7 +567,7 @@ def run_methods(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, pr
         for seed in preset.seeds_per_method.get(method, preset.method_seeds):
             over = merge(overrides, {"train": {"seed": seed}})
             runs.append((method, seed, over, cache / f"{method}-{method_key(method, preset.teacher, over)}"))
-    train_jobs([TrainJob(f"{method} seed {seed}", ensure_student, (method, teacher_dir, run, over))
+    train_jobs([TrainJob(f"{method} seed {seed}", ensure_student, (method, teacher_dir, run, over), run)
                 for method, seed, over, run in runs], jobs, progress)
     rows = []
     for method, seed, over, run in runs:
@@ -633,7 +633,7 @@ def run_ablations(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, 
     is trained first, ``jobs`` at a time."""
     from .config import merge
 
-    train_jobs([TrainJob(f"flash {key[:8]}", ensure_flash, (teacher_dir, cache / f"flash-{key}", over))
+    train_jobs([TrainJob(f"flash {key[:8]}", ensure_flash, (teacher_dir, cache / f"flash-{key}", over), cache / f"flash-{key}")
                 for key, over in ablation_runs(preset).items()], jobs, progress)
     groups, done = [], {}
     total = sum(len(v) for _, v in ABLATIONS) * len(preset.ablation_seeds)

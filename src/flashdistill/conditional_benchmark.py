@@ -39,12 +39,6 @@ CODI = {"codi student": {}, "pe-codi student": {"pe": True}}
 BASE_JOB = "text-to-image teacher"
 
 
-def _base_job(base_dir: Path):
-    from .benchmark import TrainJob, ensure_teacher
-
-    return TrainJob(BASE_JOB, ensure_teacher, (base_dir, None))
-
-
 def task_runs(task: str, base_dir: Path, cache: Path) -> dict:
     """The cache folders of one task's runs: its teacher, its Flash student and the CoDi students,
     with the training jobs that fill them (:func:`~flashdistill.benchmark.train_jobs`)."""
@@ -54,28 +48,28 @@ def task_runs(task: str, base_dir: Path, cache: Path) -> dict:
     teacher_dir = cache / f"teacher-{teacher_key(overrides)}"
     flash_dir = cache / f"flash-{flash_key(overrides)}"
     on_base = (BASE_JOB,)  # the sketch adapter and CoDi train on the text-to-image teacher
-    jobs = [TrainJob(f"{task} teacher", ensure_teacher, (teacher_dir, overrides), after=on_base if task == "sketch" else ()),
-            TrainJob(f"{task} flash", ensure_flash, (teacher_dir, flash_dir, None), after=(f"{task} teacher",))]
+    jobs = [TrainJob(f"{task} teacher", ensure_teacher, (teacher_dir, overrides), teacher_dir,
+                     after=on_base if task == "sketch" else ()),
+            TrainJob(f"{task} flash", ensure_flash, (teacher_dir, flash_dir, None), flash_dir, after=(f"{task} teacher",))]
     codi = {}
     for name, over in CODI.items():
         over = {**over, "task": task}
         codi[name] = cache / f"codi-{method_key('codi', None, over)}"
-        jobs.append(TrainJob(f"{task} {name}", ensure_student, ("codi", base_dir, codi[name], over), after=on_base))
+        jobs.append(TrainJob(f"{task} {name}", ensure_student, ("codi", base_dir, codi[name], over), codi[name], after=on_base))
     return {"teacher": teacher_dir, "flash": flash_dir, "codi": codi, "jobs": jobs}
 
 
 def run_task(task: str, base_dir: Path, cache: Path, num_samples: int, progress: bool) -> tuple[list[dict], list]:
-    """Rows of one task and the grid strips (label, images) of its first ``GRID_ITEMS`` conditions
-    (its runs are trained here, in order, unless already in ``cache``)."""
+    """Rows of one task and the grid strips (label, images) of its first ``GRID_ITEMS`` conditions,
+    from its runs in ``cache`` (:func:`run_conditional` trains them first)."""
     from .api import TEACHER_STEPS as REFERENCE_STEPS, score_digits, teacher_reference
-    from .benchmark import _recorded_seconds, train_jobs
+    from .benchmark import _recorded_seconds
     from .models.loading import load_model
     from .sample import sample
     from .scoring import eval_set, retrieval_row
 
     spec = get_task(task)
     runs = task_runs(task, base_dir, cache)
-    train_jobs([_base_job(base_dir), *runs["jobs"]], 1, progress)
     teacher_dir, flash_dir = runs["teacher"], runs["flash"]
     teacher_seconds, flash_seconds = _recorded_seconds(teacher_dir), _recorded_seconds(flash_dir)
     codi = {name: (d, _recorded_seconds(d)) for name, d in runs["codi"].items()}
@@ -235,7 +229,7 @@ def run_conditional(out, cache="runs/cache", num_samples: int | None = None, pro
                     tasks=TASK_NAMES, jobs: int = 1) -> dict:
     """``jobs``: training processes side by side (0: :func:`~flashdistill.benchmark.default_jobs`);
     every run of every task is trained first, then scored here."""
-    from .benchmark import _machine, _versions, base_teacher_dir, default_jobs, train_jobs
+    from .benchmark import TrainJob, _machine, _versions, base_teacher_dir, default_jobs, ensure_teacher, train_jobs
 
     t0 = time.time()
     num_samples = num_samples or 1000
@@ -243,8 +237,8 @@ def run_conditional(out, cache="runs/cache", num_samples: int | None = None, pro
     out, cache = Path(out), Path(cache)
     out.mkdir(parents=True, exist_ok=True)
     base_dir = base_teacher_dir(cache)
-    train_jobs([_base_job(base_dir), *(j for task in tasks for j in task_runs(task, base_dir, cache)["jobs"])],
-               jobs, progress)
+    base_job = TrainJob(BASE_JOB, ensure_teacher, (base_dir, None), base_dir)
+    train_jobs([base_job, *(j for task in tasks for j in task_runs(task, base_dir, cache)["jobs"])], jobs, progress)
     train_seconds = time.time() - t0
     rows, strips = [], {}
     for task in tqdm(tasks, desc="tasks", disable=not progress):

@@ -150,11 +150,15 @@ class VPSchedule(_Schedule):
             betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=torch.float64) ** 2
         return torch.cumprod(1.0 - betas, dim=0)
 
+    def _ve_table(self, device) -> Tensor:
+        """sigma/alpha = sqrt((1 - acp) / acp) at the integer timesteps (increasing), float64."""
+        acp = self.alphas_cumprod().to(device)
+        return ((1.0 - acp) / acp).sqrt()
+
     def _ve_sigma(self, t) -> Tensor:
-        """sigma/alpha = sqrt((1 - acp) / acp), linearly interpolated in t like np.interp (clamped)."""
+        """sigma/alpha, linearly interpolated in t like np.interp (clamped)."""
         t = torch.as_tensor(t)
-        acp = self.alphas_cumprod().to(t.device)
-        table = ((1.0 - acp) / acp).sqrt()
+        table = self._ve_table(t.device)
         t = t.double().clamp(0, len(table) - 1)
         i = t.floor().clamp(max=len(table) - 2)
         w = t - i
@@ -165,7 +169,7 @@ class VPSchedule(_Schedule):
         """The inverse of the interpolated ``sigma / alpha``: the fractional ``t`` whose noise-to-signal
         ratio is ``ve_sigma`` (float64, shape of ``ve_sigma``; clamped to ``[0, T - 1]``)."""
         ve = torch.as_tensor(ve_sigma).double()
-        table = ((1.0 - self.alphas_cumprod()) / self.alphas_cumprod()).sqrt().to(ve.device)
+        table = self._ve_table(ve.device)
         ve = ve.clamp(table[0], table[-1])
         i = (torch.searchsorted(table, ve.contiguous(), right=True) - 1).clamp(0, len(table) - 2)
         return i.double() + (ve - table[i]) / (table[i + 1] - table[i])

@@ -161,12 +161,12 @@ class SPLAMDistillation(LCMDistillation):
         sig = subpath_sigma(s_t, s_n, ratio, gamma, c.sigma_form)
         emb = fourier_features(1.0 - gamma, c.gamma_dim, scale=c.gamma_scale).to(z.device)
         z_in, t_in = z, t
-        if c.input_time == "snr":
-            # z_gamma = alpha_t x0 + sigma(gamma, t) eps is the VP state at t_in scaled by alpha_t / alpha(t_in)
-            t_in = sch.timestep_at(sig / a_t).float()
-            z_in = (z.double() * append_dims(sch.alpha(t_in.double()) / a_t, z.ndim)).to(z.dtype)
-        elif c.input_scale == "variance":
+        if c.input_scale == "variance" or c.input_time == "snr":
             z_in = (z.double() * append_dims(subpath_input_scale(a_t, s_t, sig), z.ndim)).to(z.dtype)
+        if c.input_time == "snr":
+            # z_gamma = alpha_t x0 + sigma(gamma, t) eps, scaled by 1 / sqrt(alpha_t^2 + sigma(gamma, t)^2),
+            # is exactly the VP state at the timestep whose sigma / alpha is sigma(gamma, t) / alpha_t
+            t_in = sch.timestep_at(sig / a_t).float()
         native = Denoiser(models["student"], sch).predict(z_in, t_in, {**cond, "timestep_cond": emb})
         eps = sch.to_eps(native, z_in, t_in)  # the network's own eps at timestep t_in, in its input's frame
         x0 = (z.double() - append_dims(sig, z.ndim) * eps.double()) / append_dims(a_t, z.ndim)
