@@ -27,8 +27,8 @@ default); the digits preset scales, since unscaled its 1- and 2-step students co
 236, docs/methods.md). Even scaled, SPLAM stays behind LCM there at 2 and 4 steps.
 ``input_time = "snr"`` (ours, off) also tells the network the timestep whose signal-to-noise ratio
 is z_gamma's, which makes z_gamma an exact forward-process state: the step-0 error at gamma = 0
-becomes 0, and the trained students are no better (docs/methods.md), so that mismatch is not what
-holds SPLAM back here.
+becomes 0, and the trained 1- and 2-step students are no better (docs/methods.md), so that
+mismatch is not what holds SPLAM back here.
 
 Everything else (skipping grid, guided DDIM teacher step, multiple estimation via
 ``teacher_steps``, EMA target, pseudo-Huber) is :mod:`flashdistill.methods.lcm`'s.
