@@ -83,18 +83,26 @@ def test_bad_pi_config_is_rejected(tiny_teacher):
 
 
 def test_two_step_timesteps_follow_the_config(tiny_teacher):
-    """The 2-step sampler starts from the configured modes; digits uses the first and last, the
-    real-model presets the first and middle."""
+    """The 2-step sampler starts from the configured modes (the real-model presets: the first and
+    middle), its second call two_step_shift grid points above its mode (digits: the first and last
+    modes, shifted by one: 999 and 311 at K = 16)."""
     assert tiny_flash(tiny_teacher, two_step_modes=[1, 2]).sampling()["timesteps"]["2"] == [749, 499]
     assert tiny_flash(tiny_teacher).sampling()["timesteps"]["2"] == [999, 499]
-    assert from_dict(FlashConfig, {**PRESETS["digits"], "teacher": "x"}).two_step_modes == [0, 3]
+    digits = from_dict(FlashConfig, {**PRESETS["digits"], "teacher": "x"})
+    assert (digits.two_step_modes, digits.two_step_shift) == ([0, 3], 1)
     assert from_dict(FlashConfig, {**PRESETS["sd"], "teacher": "x"}).two_step_modes == [0, 2]
+    # the second call moves up the K-grid (K = 8: 999, 874, 749, 624, 499, 374, 249, 124) from its mode
+    assert tiny_flash(tiny_teacher, two_step_modes=[0, 3], two_step_shift=1).sampling()["timesteps"]["2"] == [999, 374]
+    assert tiny_flash(tiny_teacher, K=16, two_step_modes=[0, 3], two_step_shift=1).sampling()["timesteps"]["2"] == [999, 311]
+    assert tiny_flash(tiny_teacher, two_step_shift=3).sampling()["timesteps"]["2"] == [999, 874]
+    with pytest.raises(ValueError, match=r"two_step_shift must be in \[0, 4\) grid points .* got 4"):
+        tiny_flash(tiny_teacher, two_step_shift=4)  # would reach the first call's mode
 
 
 def test_exported_scheduler_picks_the_student_timesteps_from_the_step_count(tiny_teacher):
     """original_inference_steps is chosen so that diffusers' own set_timesteps(n), with no
     timesteps= (the upscale pipeline passes none), gives the student's timesteps; where no grid
-    does (the digits preset's [999, 249] at 2 steps), it stays the teacher grid's K."""
+    does (the digits preset's [999, 311] at 2 steps), it stays the teacher grid's K."""
     from diffusers import LCMScheduler, TCDScheduler
 
     for gamma, cls in ((1.0, LCMScheduler), (0.0, TCDScheduler)):
@@ -106,6 +114,7 @@ def test_exported_scheduler_picks_the_student_timesteps_from_the_step_count(tiny
             sched.set_timesteps(int(n))
             assert sched.timesteps.tolist() == ts
     assert tiny_flash(tiny_teacher, K=16, two_step_modes=[0, 3]).scheduler_config()["original_inference_steps"] == 16
+    assert tiny_flash(tiny_teacher, K=16, two_step_modes=[0, 3], two_step_shift=1).scheduler_config()["original_inference_steps"] == 16
 
 
 def test_presets_sampler_gamma_and_the_long_preset():
@@ -160,6 +169,34 @@ def test_dmd_input_t_min_limits_dmd_to_high_noise_batches(tiny_teacher):
         m.setup("cpu")
         _, logs = m.step(batch, 10, m.models(), torch.Generator().manual_seed(0))
         assert ("dmd" in logs) is expect
+
+
+def test_dmd_guidance_sets_the_real_scores_range_only(tiny_teacher, monkeypatch):
+    """dmd_guidance = [lo, hi]: DMD's real score draws w in that range; the Eq. (2) target keeps
+    guidance_min..guidance_max; [] (the reference) draws both from the target's range."""
+    import flashdistill.methods.flash as flash_module
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.train import DeterministicBatches
+
+    batch = DeterministicBatches(get_dataset("digits"), 4, 1, 0, 0, 1).get(0, 0)
+    original = flash_module.cfg_model
+    for dmd_guidance, expect in (([], (1.0, 3.0)), ([5.0, 6.0], (5.0, 6.0))):
+        ws = []
+
+        def spy(denoiser, cond, uncond, w):
+            ws.append(torch.as_tensor(w).clone())
+            return original(denoiser, cond, uncond, w)
+
+        monkeypatch.setattr(flash_module, "cfg_model", spy)
+        m = tiny_flash(tiny_teacher, phase_steps=[0, 0, 0], dmd_guidance=dmd_guidance)
+        m.setup("cpu")
+        _, logs = m.step(batch, 10, m.models(), torch.Generator().manual_seed(0))
+        assert "dmd" in logs and len(ws) == 2  # the target's solve, then DMD's real score
+        target_w, dmd_w = ws
+        assert 1.0 <= target_w.min() and target_w.max() <= 3.0
+        assert expect[0] <= dmd_w.min() and dmd_w.max() <= expect[1]
+    with pytest.raises(ValueError, match="dmd_guidance"):
+        tiny_flash(tiny_teacher, dmd_guidance=[3.0, 2.0])
 
 
 # --- Teacher target, Eq. (2) -----------------------------------------------------------------

@@ -67,6 +67,8 @@ class FlashConfig(StudentConfig):
     lambda_dmd: list[float] = field([0.0, 0.3, 0.5, 0.7], "DMD weight per phase")
     dmd_t_min: int = field(0, "DMD re-noising t'' ~ U{min..max}")
     dmd_t_max: int = field(999, "upper end of t''")
+    dmd_guidance: list[float] = field([], "CFG range [min, max] of DMD's real score, w ~ U per sample ([]: the "
+                                             "target's guidance_min..guidance_max, as the reference code)")
     dmd_input_t_min: int = field(0, "DMD acts only on batches whose student input timestep t is >= this "
                                      "(999: only the pure-noise, one-step regime; 0: every batch)")
     dmd_fake_score: Literal["student", "trained"] = field(
@@ -76,6 +78,8 @@ class FlashConfig(StudentConfig):
     feature_block: int = field(-1, "transformer teachers: block whose image tokens feed the discriminator (-1: middle)")
     disc_lr: float = field(1e-5, "AdamW learning rate of the discriminator head")
     two_step_modes: list[int] = field([0, 2], "the two modes (0-3, as in mode_weights) the 2-step sampler starts from")
+    two_step_shift: int = field(0, "K-grid points the 2-step sampler's second call sits above its mode, towards "
+                                   "noise (0: the mode itself; 1: its neighbour, which pi(t) also trains)")
     target_reuse: int = field(1, "optimizer steps per teacher solve: 1 solves the Eq. (2) target afresh at every step "
                                  "(the paper); R > 1 solves at every R-th step and trains the steps between on batches "
                                  "replayed from the last replay_batches solved ones")
@@ -109,11 +113,18 @@ class FlashConfig(StudentConfig):
             grid_probabilities(self.K, "flash", w, self.pi_std)
         if not 0 <= self.guidance_min <= self.guidance_max:
             raise ValueError(f"need 0 <= guidance_min <= guidance_max, got {self.guidance_min}, {self.guidance_max}")
+        g = self.dmd_guidance
+        if g and (len(g) != 2 or not 0 <= g[0] <= g[1]):
+            raise ValueError(f"dmd_guidance must be [] or [min, max] with 0 <= min <= max, got {g}")
         if not 0 <= self.dmd_t_min <= self.dmd_t_max:
             raise ValueError(f"need 0 <= dmd_t_min <= dmd_t_max, got {self.dmd_t_min}, {self.dmd_t_max}")
         m = self.two_step_modes
         if len(m) != 2 or not 0 <= m[0] < m[1] <= 3:
             raise ValueError(f"two_step_modes must be two increasing mode indices in 0..3, got {m}")
+        gap = (m[1] - m[0]) * (self.K // 4)
+        if not 0 <= self.two_step_shift < gap:
+            raise ValueError(f"two_step_shift must be in [0, {gap}) grid points (below the first call's mode at "
+                             f"K = {self.K}, two_step_modes {m}), got {self.two_step_shift}")
         if self.disc_lr <= 0:
             raise ValueError(f"disc_lr must be > 0, got {self.disc_lr}")
         if self.target_reuse < 1 or self.replay_batches < 1:
@@ -150,9 +161,12 @@ PRESETS = {
     # replayed from the last 16 solved batches) and the later phases weight the t = 999 mode more:
     # 1,020 steps on 255 solves score like 1,360 fresh steps at about 40% of their time (two seeds;
     # 1-step FD 24.6 -> 20.7, 2-step adherence 0.958 -> 0.968, 2- and 4-step FD unchanged).
+    # The 2-step sampler's second call is one grid point above the last mode (t = 311 next to 249),
+    # where pi(t) also trains the student: +0.6 points of adherence, pixel FD 1% lower, FD within noise
+    # (two seeds, 1,000 and 2,000 samples; later calls trade FD for adherence, docs/quality.md section 16).
     "digits": {
         "K": 16, "lora_rank": 5, "lr": 2e-3, "disc_lr": 2e-3, "guidance_min": 1.0, "guidance_max": 2.0,
-        "two_step_modes": [0, 3], "sampler_gamma": 0.0, "use_adv": False, "adv_timesteps": [10, 250],
+        "two_step_modes": [0, 3], "two_step_shift": 1, "sampler_gamma": 0.0, "use_adv": False, "adv_timesteps": [10, 250],
         "target_reuse": 4, "phase_steps": [150, 300, 300],
         "mode_weights": [[0.0, 0.0, 0.5, 0.5], [0.1, 0.3, 0.3, 0.3], [0.4, 0.2, 0.2, 0.2], [0.55, 0.15, 0.15, 0.15]],
         "train": {"steps": 1020, "batch_size": 16, "checkpoint_every": 200, "sample_every": 200, "ema_decay": 0.99},
@@ -227,9 +241,12 @@ class FlashDistillation(StudentMethod):
                           callback=lambda i, x: kept.update(x=x) if i == keep - index else None)
         return target, kept["x"]
 
-    def _guidance(self, b: int, generator) -> torch.Tensor:
+    def _guidance(self, b: int, generator, dmd: bool = False) -> torch.Tensor:
+        """w ~ U[guidance_min, guidance_max] per sample; DMD's real score draws from ``dmd_guidance``
+        when set (the same number of draws either way, so runs differ only in the range)."""
         c = self.config
-        return (c.guidance_min + (c.guidance_max - c.guidance_min) * torch.rand(b, generator=generator)).to(self.device)
+        lo, hi = c.dmd_guidance if dmd and c.dmd_guidance else (c.guidance_min, c.guidance_max)
+        return (lo + (hi - lo) * torch.rand(b, generator=generator)).to(self.device)
 
     # --- target replay (target_reuse > 1): the teacher's solve is most of a step's cost ----
     def _solved_batch(self, batch: dict, step: int, generator: torch.Generator) -> dict:
@@ -308,7 +325,7 @@ class FlashDistillation(StudentMethod):
             n_dmd = torch.randn(x0.shape, generator=generator).to(dev)
             noisy = sch.add_noise(x0_student.detach(), n_dmd, t_dmd)
             with torch.no_grad():
-                x0_real = cfg_model(self.teacher.denoiser, cond, uncond, self._guidance(b, generator))(noisy, t_dmd)
+                x0_real = cfg_model(self.teacher.denoiser, cond, uncond, self._guidance(b, generator, dmd=True))(noisy, t_dmd)
                 if self.trains_fake_score:
                     x0_fake = Denoiser(_unwrap(models["fake"]), sch)(noisy, t_dmd, cond)
                 else:
@@ -335,7 +352,8 @@ class FlashDistillation(StudentMethod):
     # --- outputs -------------------------------------------------------------------------
     def sampling(self) -> dict:
         m = self._timesteps(self.mode_timesteps)
-        two = [m[i] for i in self.config.two_step_modes]
+        first, second = (mode_indices(self.config.K)[i] for i in self.config.two_step_modes)
+        two = self._timesteps(self.grid[[first, second - self.config.two_step_shift]])
         return {"timesteps": {"1": m[:1], "2": two, "4": m}, "sampler": "lcm_multistep",
                 "gamma": self.config.sampler_gamma, "guidance": None, "boundary": {"sigma_data": 0.5, "timestep_scaling": 10.0}}
 
