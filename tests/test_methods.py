@@ -149,6 +149,30 @@ def test_splam_code_sigma_is_the_noise_of_the_subpath_point():
 
 
 @pytest.mark.parametrize("t_val", [999.0, 600.0, 39.0])
+def test_splam_linear_sigma_is_exact_on_a_ddim_move(t_val):
+    """x_t' from a DDIM move of x_t with the true x0 (SPLAM's teacher step, exact): x_t and x_t'
+    carry the same noise, so z_gamma = alpha_t x0 + sigma(gamma, t) eps with the paper's linear
+    sigma exactly (the code's form, exact for fresh forward noise, is not, for 0 < gamma < 1)."""
+    from flashdistill.core.solvers import ddim_move
+
+    sch = VPSchedule()
+    t, t_n = torch.tensor([t_val]), torch.tensor([t_val - 20])
+    a, s, a_n, s_n = sch.alpha(t), sch.sigma(t), sch.alpha(t_n), sch.sigma(t_n)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(1, 64, generator=g, dtype=torch.float64), torch.randn(1, 64, generator=g, dtype=torch.float64)
+    x_t = a[:, None] * x0 + s[:, None] * eps
+    x_n = ddim_move(x_t, x0, t, t_n, sch)
+    for gamma in (0.0, 0.5, 1.0):
+        gam = torch.tensor([gamma], dtype=torch.float64)
+        z = subpath_point(x_t, x_n, a / a_n, gam)
+        linear = subpath_sigma(s, s_n, a / a_n, gam, "linear")
+        torch.testing.assert_close(z, a[:, None] * x0 + linear[:, None] * eps, rtol=0, atol=1e-9)
+        if gamma == 0.5:
+            code = subpath_sigma(s, s_n, a / a_n, gam, "code")
+            assert not torch.allclose(z, a[:, None] * x0 + code[:, None] * eps, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("t_val", [999.0, 600.0, 39.0])
 def test_splam_variance_input_scale_gives_z_gamma_the_variance_of_x_t(t_val):
     """input_scale = "variance": for unit-variance data, c_in z_gamma has x_t's variance
     (alpha_t^2 + sigma_t^2 = 1) at every gamma (Monte Carlo over the true forward process), and
