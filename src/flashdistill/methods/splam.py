@@ -6,9 +6,9 @@ skip instead of its start,
     F_theta(z_gamma, gamma, t) = c_skip(t) z_gamma + c_out(t) (z_gamma - sigma(gamma, t) eps_theta) / alpha_t
     L = d( F_theta(z_gamma, gamma, t),  F_theta-(xhat_t', 1, t') ),  gamma ~ U[0, 1]   (Eq. 17)
 
-with sigma(gamma, t) as in the official code, ``sigma^2 = (sigma_t' alpha_t / alpha_t')^2 +
-gamma^2 (1 - (alpha_t / alpha_t')^2)`` (``sigma_form = "code"``, the default), or the paper's linear
-form ``(1 - gamma) (alpha_t / alpha_t') sigma_t' + gamma sigma_t`` (``"linear"``, the digits preset). Both give sigma_t at
+with sigma(gamma, t) the paper's linear form ``(1 - gamma) (alpha_t / alpha_t') sigma_t' + gamma
+sigma_t`` (``sigma_form = "linear"``, the default since 2026-12-05), or the official code's
+``sigma^2 = (sigma_t' alpha_t / alpha_t')^2 + gamma^2 (1 - (alpha_t / alpha_t')^2)`` (``"code"``). Both give sigma_t at
 gamma = 1 and ``(alpha_t / alpha_t') sigma_t'`` at gamma = 0.
 
 gamma reaches the network through a zero-initialised projection of Fourier features of
@@ -59,11 +59,12 @@ def subpath_point(x_t: torch.Tensor, x_next: torch.Tensor, ratio: torch.Tensor, 
 
 
 def subpath_sigma(sigma_t: torch.Tensor, sigma_next: torch.Tensor, ratio: torch.Tensor, gamma: torch.Tensor,
-                  form: str = "code") -> torch.Tensor:
+                  form: str = "linear") -> torch.Tensor:
     """sigma(gamma, t) of the noise in z_gamma (float64, per sample). ``code``: the official
     script's ``sqrt((sigma_t' ratio)^2 + gamma^2 (1 - ratio^2))``, exact when the increment
     x_t - ratio x_t' is fresh forward noise; ``linear``: the paper's
-    ``(1 - gamma) ratio sigma_t' + gamma sigma_t``."""
+    ``(1 - gamma) ratio sigma_t' + gamma sigma_t``, exact when x_t' is a DDIM move of x_t (the same
+    noise in both: tests/test_methods.py)."""
     g, r = gamma.double(), ratio.double()
     if form == "code":
         return ((sigma_next.double() * r) ** 2 + g**2 * (1 - r**2)).clamp_min(0).sqrt()
@@ -84,8 +85,9 @@ def subpath_input_scale(alpha_t: torch.Tensor, sigma_t: torch.Tensor, sigma_gamm
 
 @dataclass
 class SPLAMConfig(LCMConfig):
-    sigma_form: Literal["code", "linear"] = field("code", "sigma(gamma, t): the official code's (exact at both ends) "
-                                                          "or the paper's linear approximation")
+    sigma_form: Literal["code", "linear"] = field("linear", "sigma(gamma, t): the paper's linear form (exact when x_t' is "
+                                                            "a DDIM move of x_t, as the teacher's step makes it) or the "
+                                                            "official code's (exact for fresh forward noise between them)")
     gamma_dim: int = field(256, "size of the gamma embedding's Fourier features (the official code: 256)")
     gamma_scale: float = field(10000.0, "the embedding's input is gamma_scale * (1 - gamma) (the official code: 10 * 1000)")
     gamma_one_prob: float = field(0.0, "probability of drawing gamma = 1 exactly, the inference point (0: the paper's U[0, 1])")
@@ -124,8 +126,7 @@ PRESETS = {
     # sigma_form = linear (the paper's, exact when x_t' is a DDIM move of x_t) with input_time = snr
     # (the network told z_gamma's own noise level): 2- and 4-step FD 33.1 / 23.2 -> 29.3 / 15.1,
     # pixel FD lower at every step count, 1-step adherence 0.965 -> 0.937 (two seeds, docs/methods.md)
-    "digits": {**LCM_PRESETS["digits"], "gamma_dim": 32, "input_scale": "variance", "sigma_form": "linear",
-               "input_time": "snr"},
+    "digits": {**LCM_PRESETS["digits"], "gamma_dim": 32, "input_scale": "variance", "input_time": "snr"},
 }
 
 
