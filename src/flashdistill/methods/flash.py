@@ -162,8 +162,8 @@ PRESETS = {
     # 1,020 steps on 255 solves score like 1,360 fresh steps at about 40% of their time (two seeds;
     # 1-step FD 24.6 -> 20.7, 2-step adherence 0.958 -> 0.968, 2- and 4-step FD unchanged).
     # The 2-step sampler's second call is one grid point above the last mode (t = 311 next to 249),
-    # where pi(t) also trains the student: +0.6 points of adherence, pixel FD 1% lower, FD within noise
-    # (two seeds, 1,000 and 2,000 samples; later calls trade FD for adherence, docs/quality.md section 16).
+    # where pi(t) also trains the student: +0.4 points of adherence, pixel FD 1% lower, FD 1% higher
+    # (three seeds; later calls trade FD for adherence, docs/quality.md section 16).
     "digits": {
         "K": 16, "lora_rank": 5, "lr": 2e-3, "disc_lr": 2e-3, "guidance_min": 1.0, "guidance_max": 2.0,
         "two_step_modes": [0, 3], "two_step_shift": 1, "sampler_gamma": 0.0, "use_adv": False, "adv_timesteps": [10, 250],
