@@ -18,6 +18,9 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=128, help="test digits per timestep (default 128)")
     p.add_argument("--timesteps", type=int, nargs="+", default=[999, 799, 499, 199, 19], help="grid timesteps t")
     p.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="gamma values")
+    p.add_argument("--sigma-form", choices=["code", "linear"], default="code",
+                   help="sigma(gamma, t) (default code: the form docs/methods.md's step-0 tables were measured "
+                        "with; the method's default is linear)")
     args = p.parse_args(argv)
 
     from flashdistill.config import from_dict
@@ -32,7 +35,7 @@ def main(argv=None) -> int:
     for scale, when in (("none", "t"), ("variance", "t"), ("none", "snr")):
         label = f"time={when}" if when == "snr" else f"scale={scale}"
         m = SPLAMDistillation(from_dict(SPLAMConfig, {**PRESETS["digits"], "teacher": args.teacher, "input_scale": scale,
-                                                      "input_time": when}))
+                                                      "input_time": when, "sigma_form": args.sigma_form}))
         m.setup("cpu")
         models = m.models()
         g = torch.Generator().manual_seed(0)
