@@ -111,6 +111,35 @@ def test_stage_schedule_resets_and_teacher_targets(tiny_teacher):
     torch.testing.assert_close(m.teacher_target(1, x, t, cond, None), torch.cat(ref), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("disc_reset", ["phase", "stage"])
+def test_disc_reset_at_the_unconditional_phase_only_when_asked(tiny_teacher, disc_reset):
+    """Stage 2 of TINY runs steps 4-6, its unconditional phase from step 6: 'phase' re-initialises
+    the discriminator there too, 'stage' (the paper's words) keeps it and its optimizer state;
+    both re-initialise at the stage's first step."""
+    m = tiny(tiny_teacher, disc_reset=disc_reset)
+    m.setup("cpu")
+    models = m.models()
+
+    def perturb():
+        with torch.no_grad():
+            for p in models["disc"].parameters():
+                p.add_(1.0)
+        return {k: v.clone() for k, v in models["disc"].state_dict().items()}
+
+    for step in range(4):
+        m.at_step(step, models)
+    perturb()
+    assert m.at_step(4, models)["disc"]["reset"]  # the stage's start, either way
+    assert all(torch.equal(v, models["disc"].state_dict()[k]) for k, v in m.disc_init.items())
+    assert not m.at_step(5, models)["disc"]["reset"]
+    trained = perturb()
+    assert m.uncond_phase(2, 2) and not m.uncond_phase(2, 1)
+    reset = m.at_step(6, models)["disc"]["reset"]
+    expected = m.disc_init if disc_reset == "phase" else trained
+    assert reset == (disc_reset == "phase")
+    assert all(torch.equal(v, models["disc"].state_dict()[k]) for k, v in expected.items())
+
+
 def _losses(run):
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
 

@@ -79,13 +79,15 @@ PRESETS = {
     # run takes about as long as Flash's 340 fresh-target steps (FLASH_FRESH_340) on 2 CPU cores (60-step timing, one run each:
     # Flash 0.296 s/step, LCM 0.216, SPLAM 0.226, which undercounts Flash, whose DMD term starts after
     # 50 steps; a first benchmark run measured Flash 139 s for 340 steps, LCM 93 s for 460, SPLAM 92 s
-    # for 440, hence 690 and 660 here; the report shows every run's own seconds).
+    # for 440, hence 690 and 660 here; the report shows every run's own seconds). SPLAM's digits
+    # preset has used multiple estimation (5 teacher calls per step) since 2026-12-05: 2.24x the
+    # time per step (470 s against 210 s for 340 steps, side by side on one core each), hence 300.
     # Lightning's digits preset is set to that wall time itself; it gets three seeds (its 1-step
     # stability is a claim to check). DPM-Solver++ and UniPC stand for the training-free solvers,
     # with CFG and without.
     "methods": Preset(solvers=("dpmpp_2m", "unipc"), solver_steps=(1, 2, 4), nocfg_solver_steps=(1, 2, 4),
                       method_seeds=(0, 1), seeds_per_method={"lightning": (0, 1, 2)},
-                      methods={"flash": FLASH_FRESH_340, "lcm": {"train": {"steps": 690}}, "splam": {"train": {"steps": 660}},
+                      methods={"flash": FLASH_FRESH_340, "lcm": {"train": {"steps": 690}}, "splam": {"train": {"steps": 300}},
                                "lightning": {}}),
 }
 

@@ -8,7 +8,8 @@ discriminator made of a trainable copy of the teacher's encoder and mid block ru
     move(x_t, u, t, t') = alpha_t' x(x_t, u, t) + sigma_t' eps(x_t, u, t)      (Eq. 5; core.solvers.ddim_move)
 
 What the paper specifies and this file does: the discriminator is re-initialised at every stage
-and for each stage's unconditional phase ("relax mode coverage": D' sees x' only, Eq. 23); pure
+(``disc_reset = "stage"``; by default also for each stage's unconditional phase, "relax mode
+coverage", where D' sees x' only, Eq. 23); pure
 noise at t = T (Eq. 24, ``lightning_forward``); the 1- and 2-step students train at t in
 {250, 500, 750, 1000}; targets that land on t = 0 are re-noised at t* in {10, 250, 500, 750}
 before the discriminator, weighted 1:1:1:1 and later 5:1:1:1 (Eqs. 25-26); the 1-step student
@@ -22,7 +23,8 @@ Unspecified by the paper (no training code was released), chosen here and docume
 iterations per stage (``stage_steps``), the split between conditional and unconditional phases
 (``uncond_fraction``), the point where the t* weights switch (``late_fraction``). Departures: the
 unconditional discriminator D' reuses the conditional head with the x_t features zeroed (one head,
-so every parameter receives a gradient under DDP) and is re-initialised at its phase's start; the
+so every parameter receives a gradient under DDP) and, by default (``disc_reset = "phase"``), is
+re-initialised at its phase's start, where the paper only says "at each stage"; the
 student stays a LoRA through every stage (the paper merges it and trains the whole UNet last).
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -67,6 +70,9 @@ class LightningConfig(StudentConfig):
     disc_weights: list[float] = field([1.0, 1.0, 1.0, 1.0], "weights of disc_timesteps at the start of a stage")
     disc_weights_late: list[float] = field([5.0, 1.0, 1.0, 1.0], "weights of disc_timesteps after late_fraction of a stage")
     late_fraction: float = field(0.5, "share of a stage after which disc_weights_late apply")
+    disc_reset: Literal["phase", "stage"] = field("phase", "re-initialise the discriminator (and its optimizer state) at each "
+                                                           "stage's start and its unconditional phase's ('phase'), or at each "
+                                                           "stage's start only ('stage', the paper's words)")
     multi_t_steps: int = field(2, "students with this many steps or fewer train at t in multi_t_timesteps")
     multi_t_timesteps: list[int] = field([999, 749, 499, 249], "training timesteps of the 1- and 2-step students (paper: 250..1000)")
     x0_one_step: bool = field(True, "the 1-step student predicts x0 (paper Sec. 3.7.3)")
@@ -211,14 +217,15 @@ class LightningDistillation(StudentMethod):
     def at_step(self, step: int, models: dict) -> dict:
         """Loop hook, once per optimizer step before its micro-batches: at a stage's first step,
         snapshot the previous stage's student (the new teacher); at a stage's and at its
-        unconditional phase's first step, re-initialise the discriminator and clear its optimizer
-        state. Returns per-model optimizer settings for this step."""
+        unconditional phase's first step (``disc_reset = "phase"``; at the stage's only with
+        ``"stage"``), re-initialise the discriminator and clear its optimizer state. Returns per-model optimizer settings for this step."""
         c = self.config
         k, local = self.stage_at(step)
         self.current_stage = k
         if local == 0 and k > 0:
             self.finished[c.stages[k - 1]] = self.trainable_weights(models["student"])
-        reset = k > 0 and (local == 0 or self.uncond_phase(k, local) and not self.uncond_phase(k, local - 1))
+        phase_change = c.disc_reset == "phase" and self.uncond_phase(k, local) and not self.uncond_phase(k, local - 1)
+        reset = k > 0 and (local == 0 or phase_change)
         if reset:
             unwrap(models["disc"]).load_state_dict(self.disc_init)
         self._sync_stage_teacher(k)
