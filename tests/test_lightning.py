@@ -140,6 +140,49 @@ def test_disc_reset_at_the_unconditional_phase_only_when_asked(tiny_teacher, dis
     assert all(torch.equal(v, models["disc"].state_dict()[k]) for k, v in expected.items())
 
 
+def test_skip_level_teacher_gives_the_one_step_stage_four_moves_of_the_stage_two_up(tiny_teacher):
+    """Sec. 3.4: in the unconditional phase of the small-step stages the real samples come from the
+    student two stages up. TINY's 1-step stage (steps 4-6, unconditional from 6) then takes four
+    moves of the 4-step student (stage 0), not two of the 2-step one; before that phase, and with
+    skip_level_steps = 0, the previous stage's."""
+    from flashdistill.models.denoiser import Denoiser
+
+    m = tiny(tiny_teacher, skip_level_steps=2)
+    m.setup("cpu")
+    models = m.models()
+    g = torch.Generator().manual_seed(5)
+    for step in range(7):
+        if step in (2, 4):  # distinct weights for each finished stage
+            with torch.no_grad():
+                for p in m.student.parameters():
+                    if p.requires_grad:
+                        p.add_(0.05 * torch.randn(p.shape, generator=g))
+        m.at_step(step, models)
+    assert not m.skip_level(2, 1) and m.skip_level(2, 2) and not m.skip_level(1, 1)
+    assert not tiny(tiny_teacher, skip_level_steps=0).skip_level(2, 2)
+    cond = m.teacher.cond(["a handwritten digit seven"] * 2)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([999.0, 499.0], dtype=torch.float64)
+
+    def chain(weights, size):
+        with torch.no_grad(), m.frozen_student(weights):
+            out = []
+            for b in range(2):
+                xb, cur = x[b: b + 1], t[b: b + 1]
+                while cur.item() >= 0:
+                    nxt = torch.round(cur - size)
+                    nxt = torch.where(nxt < 0, torch.full_like(nxt, CLEAN), nxt)
+                    x0 = Denoiser(m.student, m.schedule)(xb, cur.float(), {k: v[b: b + 1] for k, v in cond.items()})
+                    xb, cur = move_to(xb, x0, cur, nxt, m.schedule), nxt
+                out.append(xb)
+        return torch.cat(out)
+
+    skip, prev = chain(m.finished[4], 250), chain(m.finished[2], 500)
+    assert (skip - prev).abs().max() > 1e-3  # the two teachers differ
+    torch.testing.assert_close(m.teacher_target(2, x, t, cond, None, level=2), skip, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.teacher_target(2, x, t, cond, None), prev, rtol=1e-5, atol=1e-5)
+
+
 def _losses(run):
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
 

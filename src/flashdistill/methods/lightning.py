@@ -13,7 +13,9 @@ coverage", where D' sees x' only, Eq. 23); pure
 noise at t = T (Eq. 24, ``lightning_forward``); the 1- and 2-step students train at t in
 {250, 500, 750, 1000}; targets that land on t = 0 are re-noised at t* in {10, 250, 500, 750}
 before the discriminator, weighted 1:1:1:1 and later 5:1:1:1 (Eqs. 25-26); the 1-step student
-predicts x0 (Eqs. 27-29: ``convert_steps`` of regression onto the eps-teacher's x0 first).
+predicts x0 (Eqs. 27-29: ``convert_steps`` of regression onto the eps-teacher's x0 first); in the
+unconditional phase of the 1- and 2-step stages D' takes its real samples from the skip-level
+teacher, the student two stages up run over the same span (Sec. 3.4, ``skip_level_steps = 2``).
 Every stage's student is kept: one run yields an n-step model per stage, and ``sample``,
 ``evaluate`` and ``export`` pick the stage whose step count is asked for. Sampling is Euler / DDIM
 on trailing timesteps without CFG; the export is an ``EulerDiscreteScheduler`` (trailing;
@@ -70,6 +72,10 @@ class LightningConfig(StudentConfig):
     disc_weights: list[float] = field([1.0, 1.0, 1.0, 1.0], "weights of disc_timesteps at the start of a stage")
     disc_weights_late: list[float] = field([5.0, 1.0, 1.0, 1.0], "weights of disc_timesteps after late_fraction of a stage")
     late_fraction: float = field(0.5, "share of a stage after which disc_weights_late apply")
+    skip_level_steps: int = field(2, "students with this many steps or fewer take their unconditional phase's real "
+                                     "samples from the skip-level teacher, the student two stages up, run over the "
+                                     "same span (paper Sec. 3.4: the 1- and 2-step models); 0: the previous stage's "
+                                     "student throughout")
     disc_reset: Literal["phase", "stage"] = field("phase", "re-initialise the discriminator (and its optimizer state) at each "
                                                            "stage's start and its unconditional phase's ('phase'), or at each "
                                                            "stage's start only ('stage', the paper's words)")
@@ -104,6 +110,8 @@ class LightningConfig(StudentConfig):
             raise ValueError(f"convert_steps ({self.convert_steps}) must be below the 1-step stage's {self.stage_steps[-1]} steps")
         if self.train.ema_decay > 0:
             raise ValueError("train.ema_decay must be 0 for lightning: an EMA would average students of different stages")
+        if self.skip_level_steps < 0:
+            raise ValueError(f"skip_level_steps must be >= 0, got {self.skip_level_steps}")
         if self.mse_lr <= 0 or self.disc_lr <= 0:
             raise ValueError(f"mse_lr and disc_lr must be > 0, got {self.mse_lr}, {self.disc_lr}")
 
@@ -263,18 +271,27 @@ class LightningDistillation(StudentMethod):
             return torch.tensor(self.config.multi_t_timesteps, dtype=torch.float64)
         return teacher_timesteps(self.schedule, n).double()
 
+    def skip_level(self, k: int, local: int) -> bool:
+        """Whether stage k's step ``local`` takes its real samples from the student two stages up
+        (Sec. 3.4's skip-level teacher, in the unconditional phase of the small-step stages)."""
+        c = self.config
+        return k >= 2 and c.stages[k] <= c.skip_level_steps and self.uncond_phase(k, local)
+
     @torch.no_grad()
-    def teacher_target(self, k: int, x_t, t, cond, uncond) -> torch.Tensor:
+    def teacher_target(self, k: int, x_t, t, cond, uncond, level: int = 1) -> torch.Tensor:
         """Stage 0: ``teacher_steps / stages[0]`` guided DDIM moves of size T / teacher_steps; stage k:
-        two moves of the previous stage's student (size T / stages[k-1]), no CFG; positions below 0
-        end at the clean sample."""
+        ``stages[k - level] / stages[k]`` moves of the student of stage k - level (size
+        T / stages[k - level]; two moves of the previous stage's student at ``level = 1``, four of
+        the skip-level one at 2), no CFG; positions below 0 end at the clean sample."""
         c = self.config
         if k == 0:
             model, n_from = cfg_model(self.teacher.denoiser, cond, uncond, c.guidance), c.teacher_steps
             scope = nullcontext()
-        else:  # the previous stage's weights on the student's module
-            model = (lambda x, tt: self.stage_denoiser(unwrap(self.student), k - 1)(x, tt, cond))
-            n_from, scope = c.stages[k - 1], self.frozen_student(self.stage_teacher)
+        else:  # that stage's weights on the student's module
+            src = k - level
+            model = (lambda x, tt: self.stage_denoiser(unwrap(self.student), src)(x, tt, cond))
+            weights = self.stage_teacher if level == 1 else self.finished[c.stages[src]]
+            n_from, scope = c.stages[src], self.frozen_student(weights)
         size = self.T / n_from
         x, cur = x_t, t
         with scope:
@@ -311,7 +328,7 @@ class LightningDistillation(StudentMethod):
             loss, l_logs = distillation_loss(out, ref, "mse")
             return [("student", loss)], {**logs, "convert": l_logs["distill"], "loss": loss.detach()}
 
-        target = self.teacher_target(k, x_t, t, cond, uncond)
+        target = self.teacher_target(k, x_t, t, cond, uncond, 2 if self.skip_level(k, local) else 1)
         pred = move_to(x_t, self.stage_denoiser(models["student"], k)(x_t, t.float(), cond), t, t_end, sch)
         if k == 0:  # Eq. 16
             loss, l_logs = distillation_loss(pred, target, "mse")
