@@ -370,9 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the teacher at 1, 2, 4, 8 steps, the Flash student at 1, 2, 4 steps. 'full': 2000 "
                                    "samples per row, the teacher at 50 steps and a guidance sweep. 'ablations': 13 "
                                    "equal-budget Flash runs (loss terms, pi(t), distillation loss, GAN loss, K) at "
-                                   "2 steps beside the paper's Fig. 4 numbers (about 35 min). 'methods': Flash, LCM-LoRA and SPLAM "
-                                   "from the same teacher at about equal training wall time, two seeds each, at 1, 2, 4 steps "
-                                   "beside DPM-Solver++ and UniPC (about 20 min). Writes OUT/results.json, "
+                                   "2 steps beside the paper's Fig. 4 numbers (about 35 min). 'methods': Flash, LCM-LoRA, SPLAM and "
+                                   "SDXL-Lightning from the same teacher at about equal training wall time, two seeds each "
+                                   "(three for Lightning), at 1, 2, 4 steps beside DPM-Solver++ and UniPC (22 to 57 min "
+                                   "on the 2-core machines measured). Writes OUT/results.json, "
                                    "OUT/report.md, OUT/grid.png and OUT/quality_vs_nfe.png (ablations: "
                                    "OUT/ablations.png). Trained models are cached in --cache and reused.")
     p.add_argument("--preset", choices=["quick", "full", "ablations", "methods", "conditional", "composition"],
