@@ -181,6 +181,14 @@ def test_skip_level_teacher_gives_the_one_step_stage_four_moves_of_the_stage_two
     assert (skip - prev).abs().max() > 1e-3  # the two teachers differ
     torch.testing.assert_close(m.teacher_target(2, x, t, cond, None, level=2), skip, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m.teacher_target(2, x, t, cond, None), prev, rtol=1e-5, atol=1e-5)
+    # the step asks for the skip-level target only in that phase
+    levels = []
+    target = m.teacher_target
+    m.teacher_target = lambda *a, **kw: levels.append(a[5] if len(a) > 5 else kw.get("level", 1)) or target(*a, **kw)
+    batch = {"image": torch.rand(2, 1, 8, 8) * 2 - 1, "prompt": ["a handwritten digit one"] * 2}
+    for step in (5, 6):
+        m.step(batch, step, models, torch.Generator().manual_seed(step))
+    assert levels == [1, 2]
 
 
 def _losses(run):

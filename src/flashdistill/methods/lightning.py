@@ -290,8 +290,7 @@ class LightningDistillation(StudentMethod):
         else:  # that stage's weights on the student's module
             src = k - level
             model = (lambda x, tt: self.stage_denoiser(unwrap(self.student), src)(x, tt, cond))
-            weights = self.stage_teacher if level == 1 else self.finished[c.stages[src]]
-            n_from, scope = c.stages[src], self.frozen_student(weights)
+            n_from, scope = c.stages[src], self.frozen_student(self.finished[c.stages[src]])
         size = self.T / n_from
         x, cur = x_t, t
         with scope:
