@@ -3,6 +3,9 @@
 - ``discriminator_separation``: can a fresh discriminator head, on the frozen teacher's encoder
   features at a given t', tell real digits from a deliberately wrong generator (blurred digits,
   shifted strokes, the wrong digit for the prompt)? Held-out accuracy after a short training run.
+- ``lightning_separation``: the same question for SDXL-Lightning's discriminator (a trainable
+  copy of the teacher's encoder and its head, the D' form), on two sample sets re-noised at one t*:
+  which t* leave it anything to see at this image size.
 - ``target_quality``: the distillation *target* itself (the teacher's K-grid DPM-Solver++ solve
   with CFG from noised real digits) scored at each mode: an upper bound of what the student can
   learn from Eq. (2) alone.
@@ -75,6 +78,40 @@ def discriminator_separation(teacher, real, real_labels, fake, fake_labels, t_pr
         opt.step()
     with torch.no_grad():
         _, logs = discriminator_loss(head(fr[half:]), head(ff[half:]), gan_loss)
+    return {k: float(v) for k, v in logs.items()}
+
+
+def lightning_separation(teacher, real: torch.Tensor, fake: torch.Tensor, prompts: list[str], t_star: int,
+                         steps: int = 110, lr: float = 1e-3, batch_size: int = 16, seed: int = 0) -> dict:
+    """Train a fresh ``LightningDiscriminator`` (unconditional D', the Lightning preset's AdamW
+    betas 0 / 0.99) on the first half of ``real`` against ``fake``, both re-noised at ``t_star``
+    with the same noise; its NS-GAN logs (``d_accuracy``, mean logits) on the second half."""
+    from .losses import ns_gan_discriminator_loss
+    from .methods.lightning import LightningDiscriminator
+
+    sch, cond = teacher.schedule, teacher.cond(prompts)
+    pick = (lambda i: {k: v[i] for k, v in cond.items()})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        disc = LightningDiscriminator(teacher.denoiser.backbone, sch, pick(slice(0, 1)), teacher.image_shape)
+    opt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    half = len(real) // 2
+
+    def logits(i):
+        noise = torch.randn(real[i].shape, generator=g)
+        t = torch.full((len(i),), float(t_star))
+        x = torch.cat([sch.add_noise(real[i], noise, t), sch.add_noise(fake[i], noise, t)])
+        c = {k: torch.cat([v, v]) for k, v in pick(i).items()}
+        return disc(x, torch.cat([t, t]), c, None).chunk(2)
+
+    for _ in range(steps):
+        loss, _ = ns_gan_discriminator_loss(*logits(torch.randint(half, (batch_size,), generator=g)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        _, logs = ns_gan_discriminator_loss(*logits(torch.arange(half, len(real))))
     return {k: float(v) for k, v in logs.items()}
 
 
@@ -317,9 +354,10 @@ def main(argv=None) -> None:
     ap.add_argument("--K", type=int, default=16, help="teacher grid size (digits preset: 16)")
     ap.add_argument("--t-prime", type=int, nargs="+", default=[10, 250, 500, 750], help="re-noising timesteps to probe")
     ap.add_argument("--student", nargs="+", help="student run folder(s): its one-step regression error (--what "
-                    "regression, the first), their one-call context error (--what context)")
+                    "regression, the first), their one-call context error (--what context), a Lightning run "
+                    "(--what lightning: its 2-step stage's samples against its 1-step stage's)")
     ap.add_argument("--what", nargs="+", default=["disc", "target"],
-                    choices=["disc", "target", "regression", "dmd", "profile", "onestep", "context"])
+                    choices=["disc", "target", "regression", "dmd", "profile", "onestep", "context", "lightning"])
     ap.add_argument("--compile", action="store_true", help="--what profile: also profile with train.compile=true "
                                                           "(fresh solves and the preset, side by side with the eager runs)")
     ap.add_argument("--lora-rank", type=int, default=5, help="--what onestep: LoRA rank")
@@ -337,6 +375,24 @@ def main(argv=None) -> None:
             accs = [discriminator_separation(teacher, data.images, data.labels, fake, fake_labels, tp)["d_accuracy"]
                     for tp in args.t_prime]
             print(f"  {kind:<12}" + "  ".join(f"t'={tp}: {a:.3f}" for tp, a in zip(args.t_prime, accs)))
+    if "lightning" in args.what:
+        from pathlib import Path
+
+        from .sample import sample
+        from .scoring import eval_prompts
+
+        if not args.student:
+            ap.error("--what lightning needs --student RUN (a Lightning run folder)")
+        run = Path(args.student[0])
+        prompts, _, seeds = eval_prompts(1024, seed=5)
+        real = sample(load_model(run / "stages" / "2", teacher=args.teacher), prompts, seeds, 2, decode=False)
+        fake = sample(load_model(run / "stages" / "1", teacher=args.teacher), prompts, seeds, 1, decode=False)
+        print(f"Lightning discriminator (fresh, 110 updates at 1e-3): {run}'s 2-step samples against its 1-step "
+              f"ones, re-noised at t*; held-out accuracy (chance 0.5)")
+        for tp in args.t_prime:
+            r = lightning_separation(teacher, real, fake, prompts, tp)
+            print(f"  t*={tp:>4}  accuracy {r['d_accuracy']:.3f}  mean logit real {r['d_real']:.3f}  fake {r['d_fake']:.3f}",
+                  flush=True)
     if "target" in args.what:
         from .methods.flash import PRESETS
 
