@@ -82,7 +82,7 @@ def test_stage_schedule_resets_and_teacher_targets(tiny_teacher):
     settings = m.at_step(2, models)  # stage 1 starts: snapshot stage 0, fresh discriminator
     assert settings["disc"]["reset"] and settings["student"]["betas"] == (0.0, 0.99)
     assert all(torch.equal(v, models["disc"].state_dict()[k]) for k, v in m.disc_init.items())
-    assert 4 in m.finished and m.stage_teacher is not None
+    assert set(m.finished) == {4}  # the stage-0 student, stage 1's teacher
     # stage 1's teacher target: two moves of the stage-0 student (size T / 4), no CFG
     cond = m.teacher.cond(["a handwritten digit four"] * 2)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))

@@ -198,9 +198,7 @@ class LightningDistillation(StudentMethod):
         c = self.config
         self.grid_size = c.teacher_steps
         self.T = self.schedule.num_train_timesteps
-        self.stage_teacher = None  # the previous stage's trainable weights (run on the student's module)
         self.finished: dict[int, dict] = {}  # stage step count -> trainable weights at the stage's end
-        self._teacher_stage = None
         self.current_stage = 0
 
     def default_targets(self) -> list[str]:
@@ -242,19 +240,10 @@ class LightningDistillation(StudentMethod):
         reset = k > 0 and (local == 0 or phase_change)
         if reset:
             unwrap(models["disc"]).load_state_dict(self.disc_init)
-        self._sync_stage_teacher(k)
         regression = k == 0 or self.converting(k, local)  # MSE objectives: stage 0 and the x0 conversion
         betas = (0.9, 0.999) if regression else tuple(c.adam_betas)
         return {"student": {"lr": c.mse_lr if regression else c.lr, "betas": betas, "reset": False},
                 "disc": {"lr": c.disc_lr, "betas": tuple(c.adam_betas), "reset": reset}}
-
-    def _sync_stage_teacher(self, k: int) -> None:
-        """The frozen teacher of adversarial stage k: the student's weights as it ended stage k - 1,
-        run on the student's own module."""
-        if k == 0 or self._teacher_stage == k:
-            return
-        self.stage_teacher = self.finished[self.config.stages[k - 1]]
-        self._teacher_stage = k
 
     def state_tensors(self) -> dict:
         return {f"stage{n}.{name}": v for n, w in self.finished.items() for name, v in w.items()}
@@ -264,7 +253,6 @@ class LightningDistillation(StudentMethod):
         for key, v in tensors.items():
             n, name = key.split(".", 1)
             self.finished.setdefault(int(n[len("stage"):]), {})[name] = v
-        self._teacher_stage = None
 
     # --- the step --------------------------------------------------------------------------
     def stage_denoiser(self, net, k: int) -> Denoiser:
@@ -327,7 +315,7 @@ class LightningDistillation(StudentMethod):
         logs = {"stage": torch.tensor(float(k)), "t": t.mean().float()}
 
         if self.converting(k, local):  # Eqs. 27-29: the 1-step student learns to output x0
-            with torch.no_grad(), self.frozen_student(self.stage_teacher):
+            with torch.no_grad(), self.frozen_student(self.finished[self.config.stages[k - 1]]):
                 ref = Denoiser(unwrap(models["student"]), sch)(x_t, t.float(), cond)
             out = X0Denoiser(models["student"], sch)(x_t, t.float(), cond)
             loss, l_logs = distillation_loss(out, ref, "mse")
