@@ -185,6 +185,74 @@ def test_methods_schema_seeds_and_summary(tmp_path):
     assert (tmp_path / "out" / "quality_vs_nfe.png").is_file()
 
 
+def test_equal_time_sizes_each_method_to_flash_probe(tmp_path):
+    """With ``equal_time``, Flash and each named method train a probe at ``probe_fraction`` of their
+    budget, and the method's run gets its steps scaled by Flash's probe seconds over its own."""
+    tiny_m = {"N": 10, "lora_rank": 2, "train": {"steps": 6, "batch_size": 2, "checkpoint_every": 6, "sample_every": 0}}
+    flash = {**TINY_FLASH, "phase_steps": [2, 2, 2], "train": {**TINY_FLASH["train"], "steps": 8, "checkpoint_every": 4}}
+    preset = tiny(solvers=("ddim",), solver_steps=(1,), student_steps=(1,), method_seeds=(0,),
+                  methods={"flash": flash, "lcm": tiny_m}, equal_time=("lcm",), probe_fraction=0.5)
+    cache = tmp_path / "cache"
+    result = run_benchmark(preset, tmp_path / "out", cache=cache, progress=False)
+    budget = result["equal_time"]
+    secs = budget["probe_seconds"]
+    assert set(secs) == {"flash", "lcm"} and all(v > 0 for v in secs.values())
+    factor = secs["flash"] / secs["lcm"]
+    assert budget["factors"] == {"lcm": pytest.approx(factor)}
+    probes = sorted(p.name.split("-")[1] + p.name[-2:] for p in cache.iterdir() if p.name.startswith("probe-"))
+    assert probes == ["flash-a", "flash-b", "lcm-a", "lcm-b"]  # two identical copies of each
+    for probe in (p for p in cache.iterdir() if p.name.startswith("probe-")):  # half of each budget, scaled alike
+        cfg = json.loads((probe / "flashdistill.json").read_text())["config"]
+        flash_probe = probe.name.startswith("probe-flash")
+        assert cfg["train"]["steps"] == (4 if flash_probe else 3) and cfg["train"]["seed"] == 0
+        assert not flash_probe or cfg["phase_steps"] == [1, 1, 1]
+    for m in ("flash", "lcm"):  # per log interval, the faster copy
+        copies = sorted(p for p in cache.iterdir() if p.name.startswith(f"probe-{m}-"))
+        assert secs[m] == pytest.approx(benchmark.probe_seconds(copies))
+        assert secs[m] <= min(budget["probe_copy_seconds"][m]) + 1e-9
+    lcm = [r for r in result["rows"] if r["method"] == "lcm student"][0]
+    assert lcm["train_steps"] == max(1, round(6 * factor))
+    flash_row = [r for r in result["rows"] if r["method"] == "flash student"][0]
+    assert flash_row["train_steps"] == 8  # the reference keeps its budget
+    summary = {e["method"]: e for e in result["methods"]}
+    assert summary["lcm"]["train_seconds_vs_flash"] == pytest.approx(lcm["train_seconds"] / flash_row["train_seconds"])
+    assert "Budgets sized by probes at 0.5" in (tmp_path / "out" / "report.md").read_text()
+    again = run_benchmark(preset, tmp_path / "out2", cache=cache, progress=False)  # probes and runs reused
+    assert again["equal_time"] == budget
+    assert {r["run"] for r in again["rows"] if "run" in r} == {r["run"] for r in result["rows"] if "run" in r}
+
+
+def test_probe_seconds_takes_the_faster_copy_per_log_interval(tmp_path):
+    for name, times in (("a", [1.0, 3.0, 4.0]), ("b", [2.0, 2.5, 4.5])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps({"step": 10 * (i + 1), "time": t}) + "\n"
+                                                           for i, t in enumerate(times)))
+    # intervals a: 1, 2, 1; b: 2, 0.5, 2 -> 1 + 0.5 + 1
+    assert benchmark.probe_seconds([tmp_path / "a", tmp_path / "b"]) == pytest.approx(2.5)
+    (tmp_path / "b" / "log.jsonl").write_text(json.dumps({"step": 10, "time": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="different step counts"):
+        benchmark.probe_seconds([tmp_path / "a", tmp_path / "b"])
+
+
+def test_budget_overrides_scale_every_schedule_length(tmp_path):
+    from flashdistill.benchmark import FLASH_FRESH_340, method_config
+    from flashdistill.config import merge
+
+    flash = method_config("flash", tmp_path, FLASH_FRESH_340)
+    over = flash.budget_overrides(0.2)
+    assert over == {"train": {"steps": 68, "checkpoint_every": 20, "sample_every": 20}, "phase_steps": [10, 20, 20]}
+    method_config("flash", tmp_path, merge(FLASH_FRESH_340, over))  # a valid config
+    light = method_config("lightning", tmp_path)
+    for factor in (0.2, 0.37, 1.6):
+        over = light.budget_overrides(factor)
+        scaled = method_config("lightning", tmp_path, over)  # validates: steps = sum(stage_steps), convert < last
+        assert scaled.train.steps == sum(scaled.stage_steps)
+        assert scaled.stage_steps == [max(1, round(n * factor)) for n in light.stage_steps]
+        assert scaled.convert_steps == min(max(1, round(light.convert_steps * factor)), scaled.stage_steps[-1] - 1)
+    lcm = method_config("lcm", tmp_path)
+    assert lcm.budget_overrides(2.0)["train"]["steps"] == 2 * lcm.train.steps
+
+
 def _job(path, after=(), fail=False, sleep=0.0, interrupt=False, progress=True):
     """A training job for train_jobs: checks its dependencies' files exist, then writes its own with
     the torch thread count it ran with and whether its progress bars were on."""

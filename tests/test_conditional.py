@@ -447,6 +447,15 @@ def test_codi_loss_on_a_known_case(tiny_teacher):
     assert float(loss) == pytest.approx(9.0 + 0.5 * 4.0)  # (2 - 5)^2 + beta (1 - 3)^2, noise space (Eq. 15)
     m.config.consistency = "x"
     assert float(m.loss(fx, feps, fx_t, feps_t, x0)[0]) == pytest.approx(1.0 + 0.5 * 4.0)
+    # guidance_weight: the signal-space term weighted per sample at its t by alpha_bar(t) or min(1, SNR(t))
+    t = torch.tensor([100.0, 900.0])
+    abar = torch.tensor([float(m.schedule.alpha(v) ** 2) for v in t])
+    for mode, w in (("none", torch.ones(2)), ("alpha2", abar), ("min_snr", (abar / (1 - abar)).clamp(max=1))):
+        m.config.guidance_weight = mode
+        assert torch.allclose(m.guidance_weight(t), w, atol=1e-6)
+        assert float(m.loss(fx, feps, fx_t, feps_t, x0, t)[0]) == pytest.approx(1.0 + 0.5 * 4.0 * float(w.mean()), rel=1e-5)
+    assert 0.8 < float(abar[0]) and float(abar[1]) < 0.1  # t = 100 is near-clean, 900 near-noise here
+    m.config.guidance_weight, m.config.consistency = "none", "eps"
     # boundary scalings: at t = 0, F_x = F_eps = x_t (c_skip = 1, c_out = 0)
     x_t = torch.randn(1, 1, 8, 8)
     fx0, feps0 = m.scaled(x_t, torch.randn(1, 1, 8, 8), torch.zeros(1))

@@ -58,6 +58,11 @@ class Preset:
     methods: dict = field(default_factory=dict)  # method -> overrides of its "digits" preset (the methods preset)
     method_seeds: tuple[int, ...] = (0,)  # training seeds of each method run
     seeds_per_method: dict = field(default_factory=dict)  # method -> its own seeds (overrides method_seeds)
+    # Methods whose training budget is sized to Flash's wall time on this machine: each method and
+    # Flash train a probe at ``probe_fraction`` of their preset's steps (same schedule, scaled), and
+    # each method's steps are scaled by Flash's probe seconds over its own (see :func:`equal_time_budgets`).
+    equal_time: tuple[str, ...] = ()
+    probe_fraction: float = 0.2
 
 
 # Flash's digits preset before target replay (2026-12-02): 340 steps, each on a fresh teacher solve.
@@ -75,20 +80,17 @@ PRESETS = {
     # docs/quality.md says why).
     "ablations": Preset(solvers=(), student_steps=(2,), ablations=True, ablation_seeds=(0, 1),
                         ablation_flash={"use_adv": True, "phase_steps": [75, 150, 150], "train": {"steps": 510}}),
-    # Equal training wall time: each method's digits preset, with LCM / SPLAM's steps set so that a
-    # run takes about as long as Flash's 340 fresh-target steps (FLASH_FRESH_340) on 2 CPU cores (60-step timing, one run each:
-    # Flash 0.296 s/step, LCM 0.216, SPLAM 0.226, which undercounts Flash, whose DMD term starts after
-    # 50 steps; a first benchmark run measured Flash 139 s for 340 steps, LCM 93 s for 460, SPLAM 92 s
-    # for 440, hence 690 and 660 here; the report shows every run's own seconds). SPLAM's digits
-    # preset has used multiple estimation (5 teacher calls per step) since 2026-12-05: 2.24x the
-    # time per step (470 s against 210 s for 340 steps, side by side on one core each), hence 300.
-    # Lightning's digits preset is set to that wall time itself; it gets three seeds (its 1-step
-    # stability is a claim to check). DPM-Solver++ and UniPC stand for the training-free solvers,
-    # with CFG and without.
+    # Equal training wall time: the budget is Flash's 340 fresh-target steps (FLASH_FRESH_340); LCM,
+    # SPLAM and Lightning start from their own digits presets and are sized to Flash's seconds on the
+    # machine that runs the benchmark, by probes at a fifth of each budget (equal_time). Fixed step
+    # counts sized on one machine gave LCM 80% and SPLAM 68% of Flash's time on another (2026-12-05).
+    # Lightning gets three seeds (its 1-step stability is a claim to check), and so do Flash and LCM
+    # (two seeds left "Flash beats LCM at 2 steps" a tie on 2026-12-05). DPM-Solver++ and UniPC
+    # stand for the training-free solvers, with CFG and without.
     "methods": Preset(solvers=("dpmpp_2m", "unipc"), solver_steps=(1, 2, 4), nocfg_solver_steps=(1, 2, 4),
-                      method_seeds=(0, 1), seeds_per_method={"lightning": (0, 1, 2)},
-                      methods={"flash": FLASH_FRESH_340, "lcm": {"train": {"steps": 690}}, "splam": {"train": {"steps": 300}},
-                               "lightning": {}}),
+                      method_seeds=(0, 1), seeds_per_method={"flash": (0, 1, 2), "lcm": (0, 1, 2), "lightning": (0, 1, 2)},
+                      methods={"flash": FLASH_FRESH_340, "lcm": {}, "splam": {}, "lightning": {}},
+                      equal_time=("lcm", "splam", "lightning")),
 }
 
 # The papers' own figures for each method (notes/peer-methods.md), for context only: other
@@ -529,7 +531,10 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
         # one row per distinct run (variants with the same config share a run and its row)
         rows += list({id(r): r for g in result["ablations"] for e in g["variants"] for r in e["rows"]}.values())
     elif preset.methods:
-        rows += run_methods(bench, teacher_dir, cache, preset, progress, jobs)
+        method_rows, budget = run_methods(bench, teacher_dir, cache, preset, progress, jobs)
+        rows += method_rows
+        if budget:
+            result["equal_time"] = budget
     else:
         flash_dir = cache / f"flash-{flash_key(preset.teacher, preset.flash)}"
         flash_seconds = ensure_flash(teacher_dir, flash_dir, preset.flash, progress)
@@ -559,13 +564,80 @@ def run_benchmark(preset: str | Preset, out: str | Path, cache: str | Path = "ru
     return result
 
 
-def run_methods(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, progress: bool, jobs: int = 1) -> list[dict]:
-    """Every method of the preset, once per training seed (trained ``jobs`` at a time), scored at
-    the preset's student steps."""
+def _block_seconds(run: Path) -> list[float]:
+    """A finished run's training-loop seconds per log interval (``train.log_every`` steps), from its
+    log.jsonl: checkpoints and previews inside the loop included; model building and the final
+    export left out."""
+    times = [json.loads(line)["time"] for line in (run / "log.jsonl").read_text().splitlines()]
+    return [b - a for a, b in zip([0.0, *times], times)]
+
+
+def probe_seconds(copies: list[Path]) -> float:
+    """The training-loop seconds of one probe trained as identical copies side by side: per log
+    interval, the fastest copy's seconds, summed. The shared 2-core machines here slow one core at a
+    time by up to half for tens of seconds (2026-12-05: one LCM run's 10-step intervals took 1.8 s
+    or 2.6 s in spells, its neighbour's spells at other times); the minimum over copies that run the
+    same computation at once drops most of that, and keeps the cost of running beside a neighbour."""
+    blocks = [_block_seconds(run) for run in copies]
+    if len({len(b) for b in blocks}) != 1:
+        raise ValueError(f"probe copies logged different step counts: {[str(r) for r in copies]}")
+    return sum(min(col) for col in zip(*blocks))
+
+
+PROBE_COPIES = ("a", "b")
+
+
+def equal_time_budgets(teacher_dir: Path, cache: Path, preset: Preset, progress: bool, jobs: int = 1) -> tuple[dict, dict]:
+    """Each ``preset.equal_time`` method's overrides, with its budget scaled to Flash's wall time
+    here, and the record of how. Flash and each method train a probe: seed 0 at ``probe_fraction``
+    of their budget, every schedule length scaled alike (so costs that change along a run, Flash's
+    DMD from its second phase or Lightning's stages, are in it in the same proportions), as two
+    identical copies side by side (one method's pair after another's, cached like any run), timed by
+    :func:`probe_seconds`. A method's steps are then scaled by ``t_flash / t_method``."""
     from .config import merge
 
+    if "flash" not in preset.methods:
+        raise ValueError("equal_time sizes methods to Flash's wall time: the preset's methods need 'flash'")
+    probes = {}
+    for method in ("flash", *preset.equal_time):
+        over = merge(preset.methods[method], {"train": {"seed": 0}})
+        probe = merge(over, method_config(method, teacher_dir, over).budget_overrides(preset.probe_fraction))
+        key = method_key(method, preset.teacher, probe)
+        probes[method] = (probe, [cache / f"probe-{method}-{key}-{c}" for c in PROBE_COPIES])
+    print(f"sizing {', '.join(preset.equal_time)} to Flash's training wall time: probes at "
+          f"{preset.probe_fraction:g} of each budget, {len(PROBE_COPIES)} copies side by side")
+    jobs_list, before = [], ()
+    for method, (over, runs) in probes.items():  # each method's copies after the method before
+        names = tuple(f"{method} probe {c}" for c in PROBE_COPIES)
+        jobs_list += [TrainJob(n, ensure_student, (method, teacher_dir, run, over), run, after=before)
+                      for n, run in zip(names, runs)]
+        before = names
+    train_jobs(jobs_list, jobs, progress)
+    seconds = {m: probe_seconds(runs) for m, (_, runs) in probes.items()}
+    methods, record = dict(preset.methods), {"reference": "flash", "probe_fraction": preset.probe_fraction,
+                                             "probe_seconds": seconds, "factors": {},
+                                             "probe_copy_seconds": {m: [sum(_block_seconds(r)) for r in runs]
+                                                                    for m, (_, runs) in probes.items()}}
+    for method in preset.equal_time:
+        factor = seconds["flash"] / seconds[method]
+        cfg = method_config(method, teacher_dir, preset.methods[method])
+        methods[method] = merge(preset.methods[method], cfg.budget_overrides(factor))
+        record["factors"][method] = factor
+        print(f"  {method}: probe {seconds[method]:.1f} s against Flash's {seconds['flash']:.1f} s -> "
+              f"{cfg.train.steps} x {factor:.2f} = {methods[method]['train']['steps']} steps")
+    return methods, record
+
+
+def run_methods(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, progress: bool, jobs: int = 1) -> tuple[list[dict], dict | None]:
+    """Every method of the preset, once per training seed (trained ``jobs`` at a time), scored at
+    the preset's student steps; with ``equal_time``, the budgets sized first (and their record
+    returned)."""
+    from .config import merge
+
+    methods, budget = (equal_time_budgets(teacher_dir, cache, preset, progress, jobs) if preset.equal_time
+                       else (preset.methods, None))
     runs = []
-    for method, overrides in preset.methods.items():
+    for method, overrides in methods.items():
         for seed in preset.seeds_per_method.get(method, preset.method_seeds):
             over = merge(overrides, {"train": {"seed": seed}})
             runs.append((method, seed, over, cache / f"{method}-{method_key(method, preset.teacher, over)}"))
@@ -577,14 +649,21 @@ def run_methods(bench: Bench, teacher_dir: Path, cache: Path, preset: Preset, pr
         extra = {"train_seconds": _recorded_seconds(run), "trainable_params": student.meta["trainable_params"], "seed": seed,
                  "train_steps": student.meta["config"]["train"]["steps"], "run": str(run)}
         rows += [bench.row(student, f"{method} student", s, None, extra=extra) for s in preset.student_steps]
-    return rows
+    return rows, budget
 
 
 def method_summary(rows: list[dict], preset: Preset) -> list[dict]:
     """Per method and step count: mean and spread over the training seeds, the best training-free
     solver at the same NFE, and the paper's own figures for context."""
     out = []
+
+    def mean_seconds(method):
+        secs = {r["seed"]: r["train_seconds"] for r in rows if r["method"] == f"{method} student" and r["train_seconds"]}
+        return sum(secs.values()) / len(secs) if secs else None
+
+    flash_seconds = mean_seconds("flash")
     for method in preset.methods:
+        own = mean_seconds(method)
         for steps in preset.student_steps:
             rs = [r for r in rows if r["method"] == f"{method} student" and r["steps"] == steps]
             solvers = [r for r in rows if r["method"].endswith("(training-free)") and r["nfe"] == steps]
@@ -594,6 +673,7 @@ def method_summary(rows: list[dict], preset: Preset) -> list[dict]:
                         "pixel_fd_mean": sum(r["pixel_fd"] for r in rs) / len(rs),
                         "adherence_mean": sum(r["adherence"] for r in rs) / len(rs),
                         "train_seconds": [r["train_seconds"] for r in rs], "train_steps": rs[0]["train_steps"],
+                        "train_seconds_vs_flash": own / flash_seconds if own and flash_seconds else None,
                         "trainable_params": rs[0]["trainable_params"],
                         "images_per_second": sum(r["images_per_second"] or 0 for r in rs) / len(rs),
                         "best_solver_fd_same_nfe": min((r["fd"] for r in solvers), default=None),
@@ -795,6 +875,14 @@ def report(result: dict) -> str:
             lines.append(f"| {e['method']} | {e['steps']} | {e['fd_mean']:.2f} ({per}) | {_fmt(e['best_solver_fd_same_nfe'], '.2f')} | "
                          f"{e['pixel_fd_mean']:.3f} | {e['adherence_mean']:.3f} | {e['images_per_second']:.0f} | {secs} | "
                          f"{e['train_steps']} | {e['trainable_params']:,} | {e['paper'] if e['steps'] == 2 else ''} |")
+        shares = ", ".join(f"{e['method']} {e['train_seconds_vs_flash']:.0%}" for e in result["methods"]
+                           if e["steps"] == result["methods"][0]["steps"] and e["train_seconds_vs_flash"] is not None)
+        lines += ["", f"Training wall time against Flash's (mean over seeds): {shares}."]
+        if result.get("equal_time"):
+            b = result["equal_time"]
+            lines[-1] += (f" Budgets sized by probes at {b['probe_fraction']:g} of each preset's steps (probe seconds: "
+                          + ", ".join(f"{m} {v:.1f}" for m, v in b["probe_seconds"].items()) + "; step factors: "
+                          + ", ".join(f"{m} {v:.2f}" for m, v in b["factors"].items()) + ").")
     for g in result.get("ablations", []):
         agrees = {True: "same order as the paper", False: "**order differs from the paper**", None: "no paper order"}
         lines += ["", f"### {g['group']} — {agrees[g['ranking_agrees']]}", "",

@@ -371,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "samples per row, the teacher at 50 steps and a guidance sweep. 'ablations': 13 "
                                    "equal-budget Flash runs (loss terms, pi(t), distillation loss, GAN loss, K) at "
                                    "2 steps beside the paper's Fig. 4 numbers (about 35 min). 'methods': Flash, LCM-LoRA, SPLAM and "
-                                   "SDXL-Lightning from the same teacher at about equal training wall time, two seeds each "
-                                   "(three for Lightning), at 1, 2, 4 steps beside DPM-Solver++ and UniPC (22 to 57 min "
+                                   "SDXL-Lightning from the same teacher at equal training wall time (LCM, SPLAM and Lightning "
+                                   "sized to Flash's seconds on this machine by probes at a fifth of each budget), "
+                                   "three seeds each (two for SPLAM), at 1, 2, 4 steps beside DPM-Solver++ and UniPC (22 to 57 min "
                                    "on the 2-core machines measured). Writes OUT/results.json, "
                                    "OUT/report.md, OUT/grid.png and OUT/quality_vs_nfe.png (ablations: "
                                    "OUT/ablations.png). Trained models are cached in --cache and reused.")

@@ -57,6 +57,15 @@ class StudentConfig:
     preview_prompts: list[str] = field([], "prompts of the preview grids (default: the dataset's)")
     train: TrainConfig = dc_field(default_factory=_default_train, metadata={"help": "training loop"})
 
+    def budget_overrides(self, factor: float) -> dict:
+        """Overrides that scale this run's training budget by ``factor``: every count of steps (the
+        loop's steps, checkpoint and preview intervals, and a method's own schedule lengths, which a
+        method config adds), so that the scaled run follows the same schedule in ``factor`` times the
+        steps. The ``methods`` benchmark sizes each method to Flash's wall time with it."""
+        t = self.train
+        return {"train": {"steps": scaled_count(t.steps, factor), "checkpoint_every": scaled_count(t.checkpoint_every, factor),
+                          "sample_every": scaled_count(t.sample_every, factor) if t.sample_every else 0}}
+
     def validate(self):
         if not 0.0 <= self.sampler_gamma <= 1.0:
             raise ValueError(f"sampler_gamma must be in [0, 1] (0: deterministic DDIM move, 1: LCM re-noising), got {self.sampler_gamma}")
@@ -64,6 +73,11 @@ class StudentConfig:
             raise ValueError(f"lora_rank and lr must be > 0, got {self.lora_rank}, {self.lr}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+
+
+def scaled_count(n: int, factor: float, minimum: int = 1) -> int:
+    """A count of steps ``n`` scaled by ``factor``, rounded, at least ``minimum``."""
+    return max(minimum, round(n * factor))
 
 
 def build_config(cls, presets: dict, teacher, preset: str = "auto", *layers: dict):

@@ -57,6 +57,9 @@ class CoDiConfig(StudentConfig):
     pe: bool = field(False, "PE-CoDi: train only the conditional encoder (the UNet stays the teacher's)")
     N: int = field(50, "points of the timestep grid; s = t - T // N")
     beta: float = field(1.0, "weight of the signal-space guidance d_x(x, F_x) (Eq. 15)")
+    guidance_weight: Literal["none", "min_snr", "alpha2"] = field(
+        "none", "per-t weight of the signal-space guidance: none (Eq. 15), min(1, SNR(t)) or alpha_bar(t); the "
+                "last two fade it out at high noise, where its optimum is the condition's mean image")
     target_ema: float = field(0.999, "EMA decay of the target weights theta- (the public code's default)")
     ode_eps: Literal["true", "model"] = field("true", "noise of the ODE step: the true eps (Eq. 14, paper) or the "
                                                       "model's eps_hat (a DDIM step, the public code's default)")
@@ -170,11 +173,22 @@ class CoDiDistillation(EMATarget, StudentMethod):
             x_hat = Denoiser(unwrap(student), sch)(z_t, t, cond)
         return sch.add_noise(x_hat, noise, s) if c.ode_eps == "true" else ddim_move(z_t, x_hat, t, s, sch)
 
-    def loss(self, fx, feps, fx_target, feps_target, x0) -> tuple[torch.Tensor, dict]:
-        """Eq. 15: consistency in noise space (or x space) plus beta times the signal-space guidance."""
+    def guidance_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The per-sample weight of the signal-space term at ``t`` (``guidance_weight``)."""
+        if self.config.guidance_weight == "none":
+            return torch.ones_like(t)
+        abar = (self.schedule.alpha(t) ** 2).float()
+        return abar if self.config.guidance_weight == "alpha2" else (abar / (1 - abar)).clamp(max=1.0)
+
+    def loss(self, fx, feps, fx_target, feps_target, x0, t=None) -> tuple[torch.Tensor, dict]:
+        """Eq. 15: consistency in noise space (or x space) plus beta times the signal-space guidance
+        (weighted per sample at ``t`` by ``guidance_weight``)."""
         c = self.config
         consistency = ((feps - feps_target) ** 2 if c.consistency == "eps" else (fx - fx_target) ** 2).mean()
-        guide = ((fx - x0) ** 2).mean()
+        guide = (fx - x0) ** 2
+        if t is not None and c.guidance_weight != "none":
+            guide = guide * append_dims(self.guidance_weight(t), guide.ndim)
+        guide = guide.mean()
         return consistency + c.beta * guide, {"consistency": consistency.detach(), "guidance": guide.detach()}
 
     def step(self, batch: dict, step: int, models: dict, generator: torch.Generator):
@@ -194,7 +208,7 @@ class CoDiDistillation(EMATarget, StudentMethod):
         with torch.no_grad(), self.frozen_student(self.target_weights):
             fx_target, feps_target = self.scaled(z_s, Denoiser(unwrap(student), sch)(z_s, s, cond), s)
         fx, feps = self.scaled(z_t, Denoiser(student, sch)(z_t, t, cond), t)
-        loss, logs = self.loss(fx, feps, fx_target, feps_target, x0)
+        loss, logs = self.loss(fx, feps, fx_target, feps_target, x0, t)
         return [("student", loss)], {**logs, "loss": loss.detach(), "t": t.mean()}
 
     # --- outputs -------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from ..models.student import StudentDenoiser, make_student_backbone
 from ..sample import teacher_timesteps
 from ..train import TrainConfig
 from . import base
-from .base import StudentConfig, StudentMethod, unwrap as _unwrap
+from .base import StudentConfig, StudentMethod, scaled_count, unwrap as _unwrap
 
 
 def _flash_train_defaults() -> TrainConfig:
@@ -91,6 +91,9 @@ class FlashConfig(StudentConfig):
                                      "step of the 4-step sampler; 1: LCM's one-link chain on the K-grid); "
                                      "batches with no grid point that far below keep the solve")
     train: TrainConfig = dc_field(default_factory=_flash_train_defaults, metadata={"help": "training loop"})
+
+    def budget_overrides(self, factor: float) -> dict:
+        return {**super().budget_overrides(factor), "phase_steps": [scaled_count(n, factor, 0) for n in self.phase_steps]}
 
     def validate(self):
         super().validate()

@@ -52,7 +52,7 @@ from ..models.discriminator import DiscriminatorHead
 from ..sample import teacher_timesteps
 from ..train import TrainConfig
 from . import base
-from .base import UNET_ALL_TARGETS, StudentConfig, StudentMethod, unwrap
+from .base import UNET_ALL_TARGETS, StudentConfig, StudentMethod, scaled_count, unwrap
 
 CLEAN = -1.0  # a move's end at the clean sample (alpha = 1, sigma = 0), past the schedule's t = 0
 
@@ -91,6 +91,14 @@ class LightningConfig(StudentConfig):
     disc_lr: float = field(1e-6, "learning rate of the discriminator (paper: as the student's)")
     adam_betas: list[float] = field([0.0, 0.99], "AdamW betas of the adversarial stages (paper: 0, 0.99; stage 0 uses 0.9, 0.999)")
     train: TrainConfig = dc_field(default_factory=_lightning_train_defaults, metadata={"help": "training loop"})
+
+    def budget_overrides(self, factor: float) -> dict:
+        """Each stage's steps scaled (the loop's steps are their sum), and ``convert_steps`` with them."""
+        out = super().budget_overrides(factor)
+        stages = [scaled_count(n, factor) for n in self.stage_steps]
+        out["train"]["steps"] = sum(stages)
+        return {**out, "stage_steps": stages,
+                "convert_steps": min(scaled_count(self.convert_steps, factor), stages[-1] - 1)}
 
     def validate(self):
         super().validate()
