@@ -7,9 +7,10 @@ Presets:
   at its default w) at 1, 2, 4 and 8 steps; the Flash student at 1, 2 and 4 steps.
 - ``full``: more samples, the teacher at 50 steps too, and a teacher guidance sweep (cf. Fig. 5).
 - ``ablations``: equal-budget Flash runs, FD and adherence at 2 steps, the paper's numbers beside.
-- ``methods``: Flash, LCM-LoRA and SPLAM distilled from the same teacher at about the same training
-  wall time, two training seeds each, at 1, 2 and 4 steps beside the training-free solvers, with
-  the papers' own numbers for context.
+- ``methods``: Flash, LCM-LoRA, SPLAM and SDXL-Lightning distilled from the same teacher at equal
+  training wall time (each sized to Flash's seconds on this machine by probes), three training
+  seeds each (two for SPLAM), at 1, 2 and 4 steps beside the training-free solvers, with the
+  papers' own numbers for context.
 
 Trained models are cached under ``--cache`` (default ``runs/cache``), keyed by a hash of their
 config: a second run, or another preset, reuses them; an interrupted training resumes. NFE counts
