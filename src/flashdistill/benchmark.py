@@ -575,10 +575,11 @@ def _block_seconds(run: Path) -> list[float]:
 
 def probe_seconds(copies: list[Path]) -> float:
     """The training-loop seconds of one probe trained as identical copies side by side: per log
-    interval, the fastest copy's seconds, summed. The shared 2-core machines here slow one core at a
-    time by up to half for tens of seconds (2026-12-05: one LCM run's 10-step intervals took 1.8 s
-    or 2.6 s in spells, its neighbour's spells at other times); the minimum over copies that run the
-    same computation at once drops most of that, and keeps the cost of running beside a neighbour."""
+    interval, the fastest copy's seconds, summed. The shared 2-core machines here slow down by up to
+    half in spells of tens of seconds, often one core at a time (2026-12-05: one LCM run's 10-step
+    intervals took 1.8 s or 2.6 s in turns, its neighbour's spells at other times), sometimes both:
+    the minimum over copies that run the same computation at once drops the first kind and keeps the
+    cost of running beside a neighbour; a spell on both cores still lengthens the probe."""
     blocks = [_block_seconds(run) for run in copies]
     if len({len(b) for b in blocks}) != 1:
         raise ValueError(f"probe copies logged different step counts: {[str(r) for r in copies]}")
