@@ -373,8 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "2 steps beside the paper's Fig. 4 numbers (about 35 min). 'methods': Flash, LCM-LoRA, SPLAM and "
                                    "SDXL-Lightning from the same teacher at equal training wall time (LCM, SPLAM and Lightning "
                                    "sized to Flash's seconds on this machine by probes at a fifth of each budget), "
-                                   "three seeds each (two for SPLAM), at 1, 2, 4 steps beside DPM-Solver++ and UniPC (22 to 57 min "
-                                   "on the 2-core machines measured). Writes OUT/results.json, "
+                                   "three seeds each (two for SPLAM), at 1, 2, 4 steps beside DPM-Solver++ and UniPC (19.8 min with "
+                                   "the teacher cached on the 2-core machine measured last). Writes OUT/results.json, "
                                    "OUT/report.md, OUT/grid.png and OUT/quality_vs_nfe.png (ablations: "
                                    "OUT/ablations.png). Trained models are cached in --cache and reused.")
     p.add_argument("--preset", choices=["quick", "full", "ablations", "methods", "conditional", "composition"],
