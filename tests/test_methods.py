@@ -12,7 +12,7 @@ from flashdistill.core.solvers import cfg_model, ddim_move, guidance_from_lcm_w,
 from flashdistill.core.timesteps import lcm_inference_timesteps, next_on_grid, skipping_grid
 from flashdistill.losses import consistency_loss
 from flashdistill.methods import METHODS, method_module
-from flashdistill.methods.lcm import LCMConfig, LCMDistillation
+from flashdistill.methods.lcm import LCMConfig, LCMDistillation, build_config as build_lcm_config
 from flashdistill.methods.splam import SPLAMConfig, SPLAMDistillation, subpath_input_scale, subpath_point, subpath_sigma
 
 TINY_TRAIN = {"steps": 2, "batch_size": 4, "checkpoint_every": 1, "log_every": 1, "sample_every": 0}
@@ -311,6 +311,95 @@ def test_lora_targets_and_refusals(tiny_teacher):
     assert from_dict(LCMConfig, {"teacher": "x", "full": True}).ema == 0.95
     with pytest.raises(ValueError, match="teacher_steps must be in"):
         from_dict(LCMConfig, {"teacher": "x", "N": 4, "teacher_steps": 4})
+
+
+def test_guidance_embedding_is_what_diffusers_pipelines_pass_as_timestep_cond():
+    """The w-embedding of a scale g is, bit for bit, the ``timestep_cond`` diffusers' SD pipeline
+    computes for a UNet with ``time_cond_proj_dim`` at ``guidance_scale = g`` (w = g - 1)."""
+    from diffusers import StableDiffusionPipeline
+
+    from flashdistill.models.student import guidance_embedding, w_condition
+
+    for g, dim in [(1.0, 256), (1.5, 256), (8.5, 256), (16.0, 32), (2.75, 8)]:
+        ref = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.tensor(g - 1).repeat(3), embedding_dim=dim)
+        assert torch.equal(guidance_embedding(torch.full((3,), g), dim), ref)
+    spec = {"w_embedding": {"dim": 8, "guidance": 1.5, "range": [1.0, 3.0]}}
+    assert torch.equal(w_condition(spec, 2)["timestep_cond"], guidance_embedding(torch.full((2,), 1.5), 8))
+    assert w_condition({"timesteps": {}}, 2) == {}  # no w-embedding: nothing told
+    with pytest.raises(ValueError, match=r"outside the range .* \[1, 3\]"):
+        w_condition(spec, 2, guidance=4.0)
+
+
+def test_full_lcm_is_told_the_scale_through_a_zero_w_embedding(tiny_teacher, tmp_path):
+    """Full LCM: a zero-initialised w-embedding (the student starts as the teacher at every scale),
+    the teacher's CFG per sample from guidance_range, the EMA target, a UNet config that keeps
+    time_cond_proj_dim through save and reload, and sampling at any scale of the range."""
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.models.loading import load_model
+    from flashdistill.models.student import StudentDenoiser, guidance_embedding, sample_student
+    from flashdistill.sample import sample
+    from flashdistill.train import train
+
+    full = {"full": True, "lr": 1e-3, "guidance_range": [1.0, 3.0], "w_embedding_dim": 16}
+    m = tiny(LCMDistillation, LCMConfig, tiny_teacher, **full)
+    m.setup("cpu")
+    assert m.w_embed and m.config.ema == 0.95 and m.target_weights is not None
+    proj = m.student.time_embedding.cond_proj
+    assert m.student.config.time_cond_proj_dim == 16 and proj.weight.requires_grad and proj.weight.abs().max() == 0
+    assert "time_embedding.cond_proj.weight" in m.target_weights and m.teacher.denoiser.backbone.config.time_cond_proj_dim is None
+    cond = m.teacher.cond(["a handwritten digit two"] * 2)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([599.0, 299.0])
+    told = {"timestep_cond": guidance_embedding(torch.tensor([1.0, 3.0]), 16)}
+    with torch.no_grad():  # zero projection: the teacher's x0 at every scale
+        torch.testing.assert_close(StudentDenoiser(m.student, m.schedule)(x, t, {**cond, **told}),
+                                   StudentDenoiser(m.teacher.denoiser.backbone, m.schedule)(x, t, cond), rtol=0, atol=0)
+    g, drawn = m.draw_guidance(64, torch.Generator().manual_seed(0))
+    assert g.shape == (64,) and 1.0 <= g.min() < 1.3 and 2.7 < g.max() <= 3.0
+    assert torch.equal(drawn["timestep_cond"], guidance_embedding(g, 16))
+    uncond, index = m.teacher.uncond(2), torch.tensor([20, 35])
+    per_sample = m.teacher_solve(x, index, cond, uncond, torch.tensor([1.0, 3.0]))
+    for i, scale in enumerate([1.0, 3.0]):  # per-sample CFG = each sample at its own scale
+        one = m.teacher_solve(x[i:i + 1], index[i:i + 1], {k: v[i:i + 1] for k, v in cond.items()},
+                              {k: v[i:i + 1] for k, v in uncond.items()}, scale)
+        torch.testing.assert_close(per_sample[i:i + 1], one, rtol=1e-5, atol=1e-6)
+
+    run = tmp_path / "run"
+    train(m, get_dataset("digits"), run, progress=False)
+    logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(1.0 <= r["guidance"] <= 3.0 for r in logs)
+    meta = json.loads((run / "flashdistill.json").read_text())
+    assert meta["sampling"]["w_embedding"] == {"dim": 16, "guidance": 1.5, "range": [1.0, 3.0]}
+    assert json.loads((run / "student" / "unet" / "config.json").read_text())["time_cond_proj_dim"] == 16
+    student = load_model(run)
+    trained = student.denoiser.backbone.time_embedding.cond_proj.weight
+    assert trained.abs().max() > 0 and torch.equal(trained, m.student.time_embedding.cond_proj.weight.detach())
+    prompts, seeds = ["a handwritten digit five"] * 2, [0, 1]
+    at = {g: sample(student, prompts, seeds, 2, guidance=g) for g in (None, 1.5, 1.0, 3.0)}
+    assert torch.equal(at[None], at[1.5]) and not torch.equal(at[1.0], at[3.0])
+    assert torch.equal(sample_student(student, prompts, seeds, 2, guidance=3.0), sample(student, prompts, seeds, 2, 3.0, decode=False))
+    with pytest.raises(ValueError, match="outside the range"):
+        sample(student, prompts, seeds, 2, guidance=5.0)
+
+
+def test_w_embedding_refusals_and_defaults(tiny_teacher):
+    """auto: embedded for full students only; embedded: refused for LoRAs (a LoRA file cannot carry the new
+    layer), for SPLAM (its gamma-embedding uses the same layer), and with a default scale outside
+    the trained range."""
+    assert not tiny(LCMDistillation, LCMConfig, tiny_teacher).w_embed
+    lora, full = (tiny(LCMDistillation, LCMConfig, tiny_teacher, full=f, full_lr=2e-4, guidance_range=[1.0, 3.0])
+                  for f in (False, True))
+    assert lora.optimizer_settings("student")["lr"] == 1e-2 and full.optimizer_settings("student")["lr"] == 2e-4
+    assert build_lcm_config(tiny_teacher)[0].full_lr == 2e-4  # the digits preset's full students
+    assert not tiny(LCMDistillation, LCMConfig, tiny_teacher, full=True, w_mode="fixed").w_embed
+    with pytest.raises(ValueError, match="w_mode=embedded needs full=true"):
+        from_dict(LCMConfig, {"teacher": "x", "w_mode": "embedded"})
+    with pytest.raises(ValueError, match="must lie in guidance_range"):
+        tiny(LCMDistillation, LCMConfig, tiny_teacher, full=True, guidance_range=[2.0, 3.0])
+    with pytest.raises(ValueError, match="guidance_range must be"):
+        from_dict(LCMConfig, {"teacher": "x", "guidance_range": [3.0, 2.0]})
+    assert not tiny(SPLAMDistillation, SPLAMConfig, tiny_teacher, full=True, gamma_dim=8).w_embed
+    with pytest.raises(ValueError, match="gamma-embedding takes"):
+        tiny(SPLAMDistillation, SPLAMConfig, tiny_teacher, full=True, gamma_dim=8, w_mode="embedded")
 
 
 def test_init_weights_starts_one_method_from_another_runs_lora(tiny_teacher, tmp_path):

@@ -132,6 +132,59 @@ def test_distil_sample_export_round_trip(teachers, method_name, family, tmp_path
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item() + 1e-6)
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_full_lcm_w_embedding_round_trip_in_the_stock_pipeline(teachers, family, tmp_path):
+    """A full LCM student with its w-embedding: the exported UNet (time_cond_proj_dim) in the stock
+    pipeline at guidance_scale g (which then embeds g instead of running CFG) gives our sampler's
+    output at g, for two scales."""
+    import diffusers
+
+    from flashdistill.exporting import export
+    from flashdistill.methods import method_module
+    from flashdistill.models.loading import load_model
+    from flashdistill.models.student import lcm_multistep, student_timesteps, w_condition
+    from flashdistill.train import train
+
+    module = method_module("lcm")
+    cfg, _ = module.build_config(teachers[family], "auto", {
+        "N": 10, "full": True, "full_lr": 1e-3, "guidance_range": [2.0, 9.0], "w_embedding_dim": 32,
+        "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "log_every": 1}})
+    run = tmp_path / "run"
+    train(module.Method(cfg), _tiny_data(), run, progress=False)
+    student = load_model(run)
+    assert student.denoiser.backbone.time_embedding.cond_proj.weight.abs().max() > 0
+    out = export(run, tmp_path / "export")
+    card = (out / "README.md").read_text()
+    assert "guidance_scale=8.5" in card and "[2, 9]" in card
+    pipe = _pipe(teachers[family], family)
+    pipe.unet = diffusers.UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    assert pipe.unet.config.time_cond_proj_dim == 32
+    pipe.scheduler = diffusers.LCMScheduler.from_pretrained(out, subfolder="scheduler")
+    prompts, n = ["a cat", "a red car"], 2
+    ts = student_timesteps(student.sampling, n)
+    outputs = []
+    for g in (3.0, 8.5):
+        lat = _noise(student, 2, 5)
+        ref = pipe(prompts, num_inference_steps=n, timesteps=ts.long().tolist(), guidance_scale=g, latents=lat.clone(),
+                   generator=torch.Generator().manual_seed(7), output_type="latent").images
+        gen = torch.Generator().manual_seed(7)
+        noises = [torch.randn(lat.shape, generator=gen) for _ in range(n)]
+        cond = {**student.cond(prompts), **w_condition(student.sampling, 2, g)}
+        with torch.no_grad():
+            ours = lcm_multistep(student.denoiser, lat, ts, cond, student.schedule, noises)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item() + 1e-6)
+        outputs.append(ours)
+    assert not torch.equal(*outputs)  # the scale reaches the student
+    import flashdistill as fd
+
+    loaded = fd.load(run)  # the API's pipeline call: the student's own scale (8.5), no CFG
+    assert loaded.pipeline_kwargs(n) == {"num_inference_steps": n, "guidance_scale": 8.5, "timesteps": ts.long().tolist()}
+    lat = _noise(student, 2, 5)
+    same = loaded.pipeline()(prompts, latents=lat.clone(), generator=torch.Generator().manual_seed(7),
+                             output_type="latent", **loaded.pipeline_kwargs(n)).images
+    torch.testing.assert_close(same, outputs[1], rtol=1e-4, atol=1e-5 * same.abs().max().item() + 1e-6)
+
+
 @pytest.mark.parametrize("name,family,why", [("splam", "pixart", "needs a UNet time embedding"),
                                              ("splam", "sd3", "derived for VP schedules"),
                                              ("lightning", "pixart", "copies a UNet encoder and mid block"),

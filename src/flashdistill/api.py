@@ -273,12 +273,14 @@ class Loaded:
     def pipeline_kwargs(self, steps: int) -> dict:
         """Keyword arguments of the diffusers pipeline call that sample this student with ``steps``
         steps: its own timesteps (``sigmas`` for SD3; none for the upscaler, whose exported scheduler
-        picks them from the step count), guidance off."""
+        picks them from the step count), guidance off (a full LCM student with a w-embedding: its
+        own scale, which the pipeline embeds instead of running CFG)."""
         from .exporting import NO_TIMESTEPS_ARG
         from .models.student import student_timesteps
 
         ts = student_timesteps(self._stage(steps).sampling, steps)
-        kw = {"num_inference_steps": steps, "guidance_scale": 1.0}
+        told = self._stage(steps).sampling.get("w_embedding")
+        kw = {"num_inference_steps": steps, "guidance_scale": float(told["guidance"]) if told else 1.0}
         if self.meta.get("family") == "sd3":
             kw["sigmas"] = (ts / 1000).tolist()
         elif self.meta.get("pipeline") not in NO_TIMESTEPS_ARG:  # the upscaler: its scheduler picks them

@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "recorded it (nor at the same place relative to the run)")
     p.add_argument("--prompt", required=True, help="text prompt, e.g. 'a handwritten digit seven'")
     p.add_argument("--steps", type=positive_int, default=32, help="sampling steps (students: 1, 2 or 4)")
-    p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale for teachers (default: the teacher's)")
+    p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale for teachers (default: the teacher's), and the scale a full LCM student with a "
+                   "w-embedding is told (default: its own; students without one run no CFG and ignore it)")
     p.add_argument("--sampler", choices=["dpmpp_2m", "ddim", "euler", "unipc"], default=None, help="teacher solver (default dpmpp_2m)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the first image")
     p.add_argument("--num-images", type=positive_int, default=16, help="number of images")
@@ -335,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score a teacher or student on the digits task (metrics: docs/metrics.md).")
     p.add_argument("--model", required=True, help="teacher folder or distillation run folder")
     p.add_argument("--steps", type=positive_int, nargs="+", default=[32], help="step counts to evaluate")
-    p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale for teachers")
+    p.add_argument("--guidance", type=guidance_scale, default=None,
+                   help="CFG scale for teachers, and the scale a full LCM student with a w-embedding is told")
     p.add_argument("--sampler", choices=["dpmpp_2m", "ddim", "euler", "unipc"], default=None, help="teacher solver")
     p.add_argument("--num-samples", type=positive_int, default=1000, help="generated samples per row")
     p.add_argument("--teacher", default=None, help="teacher folder for teacher_mse (its 32-step output); also the "

@@ -184,7 +184,8 @@ def model_card(meta: dict, family: str, files: list[str], metrics: dict | None) 
 
         shared = {f for f in StudentConfig.__dataclass_fields__}
         settings += [f"- {k} = {json.dumps(v)}" for k, v in cfg.items() if k not in shared]
-    settings.append(f"- training: {train.get('steps')} steps, batch {train.get('batch_size')}, lr {cfg.get('lr')}")
+    lr = (cfg.get("full_lr") or cfg.get("lr")) if meta["full"] else cfg.get("lr")
+    settings.append(f"- training: {train.get('steps')} steps, batch {train.get('batch_size')}, lr {lr}")
     gamma = meta["sampling"].get("gamma", 1.0)
     eta_arg = f", eta={gamma:g}" if sched_cls == "TCDScheduler" else ""
     from .tasks import get_task
@@ -214,6 +215,17 @@ image = pipe("a photo of a cat"{inputs}, num_inference_steps=2, {'' if picked el
                       + ("" if len(same) == len(values) else
                          f" and the nearest it can elsewhere ({'; '.join(f'{k} steps: {picked[k]}' for k in values if k not in same)})")
                       + ". Guidance off.")
+    told = meta["sampling"].get("w_embedding")
+    scale_arg = f"guidance_scale={told['guidance']:g}" if told else "guidance_scale=1.0"
+    if told:  # full LCM: the UNet embeds the scale (time_cond_proj_dim); the pipeline then runs no CFG
+        lo, hi = told["range"]
+        steps_note = steps_note.replace("(guidance off)", "").replace(" Guidance off.", "").rstrip(". ") + (
+            f". The UNet is told the CFG scale (LCM's w-embedding, `time_cond_proj_dim = {told['dim']}`): pass any "
+            f"`guidance_scale` in [{lo:g}, {hi:g}] (trained range; default {told['guidance']:g}), which the pipeline "
+            "embeds instead of running CFG (one network evaluation per step).")
+        usage = usage.replace("guidance_scale=1.0", scale_arg)
+        if family == "digits":
+            usage += f" --guidance {told['guidance']:g}"
     lang = "bash" if family == "digits" else "python"
     return f"""---
 library_name: diffusers

@@ -63,8 +63,8 @@ def stage_model(model, steps: int):
 def sample(model, prompts: list[str], seeds: list[int], steps: int, guidance: float | None = None,
            sampler: str | None = None, batch_size: int = 256, progress: bool = False,
            decode: bool = True, condition: dict | None = None) -> torch.Tensor:
-    """Samples from a teacher (solver + CFG) or a student run (its own few-step sampler, no CFG);
-    images in [-1, 1] (latent models: decoded by the VAE unless ``decode=False``). Conditional models
+    """Samples from a teacher (solver + CFG at ``guidance``) or a student run (its own few-step
+    sampler, no CFG; a full LCM student with a w-embedding is told ``guidance`` instead); images in [-1, 1] (latent models: decoded by the VAE unless ``decode=False``). Conditional models
     (inpaint, sr, sketch) take ``condition``, a dict of tensors with one item per prompt (see
     :mod:`flashdistill.tasks`)."""
     if steps <= 0:
@@ -73,7 +73,7 @@ def sample(model, prompts: list[str], seeds: list[int], steps: int, guidance: fl
         from .models.student import sample_student
 
         model = stage_model(model, steps)
-        x = sample_student(model, prompts, seeds, steps, batch_size=batch_size, condition=condition)
+        x = sample_student(model, prompts, seeds, steps, batch_size=batch_size, condition=condition, guidance=guidance)
     else:
         x = sample_teacher(model, prompts, seeds, steps, model.default_guidance if guidance is None else guidance,
                            sampler or "dpmpp_2m", batch_size=batch_size, progress=progress, condition=condition)

@@ -51,6 +51,8 @@ class StudentConfig:
         "fp32", "dtype of the frozen weights (teacher backbone, text encoders, VAE); trainable weights (LoRA, "
                 "full student, discriminators) stay float32. bf16/fp16 halve the teacher's memory (for GPUs)")
     lr: float = field(1e-5, "AdamW learning rate of the student")
+    full_lr: float = field(0.0, "AdamW learning rate of a full student (full=true; 0: lr). A full student moves every "
+                                "weight and wants a smaller one than a LoRA (diffusers' LCM scripts: 1e-6 full, 1e-4 LoRA)")
     adam_betas: list[float] = field([0.9, 0.999], "AdamW betas")
     sampler_gamma: float = field(1.0, "stochasticity of the student's multistep sampler (TCD's gamma, diffusers' "
                                       "TCDScheduler eta): 1 = LCM re-noising, 0 = deterministic DDIM move")
@@ -66,7 +68,14 @@ class StudentConfig:
         return {"train": {"steps": scaled_count(t.steps, factor), "checkpoint_every": scaled_count(t.checkpoint_every, factor),
                           "sample_every": scaled_count(t.sample_every, factor) if t.sample_every else 0}}
 
+    @property
+    def student_lr(self) -> float:
+        """The student's learning rate: ``full_lr`` for a full student when set, else ``lr``."""
+        return self.full_lr if self.full and self.full_lr > 0 else self.lr
+
     def validate(self):
+        if self.full_lr < 0:
+            raise ValueError(f"full_lr must be >= 0 (0: lr), got {self.full_lr}")
         if not 0.0 <= self.sampler_gamma <= 1.0:
             raise ValueError(f"sampler_gamma must be in [0, 1] (0: deterministic DDIM move, 1: LCM re-noising), got {self.sampler_gamma}")
         if self.lora_rank <= 0 or self.lr <= 0:
@@ -258,7 +267,7 @@ class StudentMethod:
         return [self.teacher.denoiser.backbone, self.student]
 
     def optimizer_settings(self, name: str) -> dict:
-        return {"lr": self.config.lr, "betas": tuple(self.config.adam_betas), "weight_decay": 0.0}
+        return {"lr": self.config.student_lr, "betas": tuple(self.config.adam_betas), "weight_decay": 0.0}
 
     def setup(self, device) -> None:
         self.device = device

@@ -221,7 +221,7 @@ class FlashDistillation(StudentMethod):
 
     def optimizer_settings(self, name: str) -> dict:
         c = self.config
-        lr = {"student": c.lr, "disc": c.disc_lr, "fake": c.fake_lr or c.lr}[name]
+        lr = {"student": c.student_lr, "disc": c.disc_lr, "fake": c.fake_lr or c.lr}[name]
         return {"lr": lr, "betas": tuple(self.config.adam_betas), "weight_decay": 0.0}
 
     def phase(self, step: int) -> int:

@@ -250,7 +250,7 @@ class LightningDistillation(StudentMethod):
             unwrap(models["disc"]).load_state_dict(self.disc_init)
         regression = k == 0 or self.converting(k, local)  # MSE objectives: stage 0 and the x0 conversion
         betas = (0.9, 0.999) if regression else tuple(c.adam_betas)
-        return {"student": {"lr": c.mse_lr if regression else c.lr, "betas": betas, "reset": False},
+        return {"student": {"lr": c.mse_lr if regression else c.student_lr, "betas": betas, "reset": False},
                 "disc": {"lr": c.disc_lr, "betas": tuple(c.adam_betas), "reset": reset}}
 
     def state_tensors(self) -> dict:

@@ -153,6 +153,12 @@ class SPLAMDistillation(LCMDistillation):
                              f"{self.family} transformers have none")
         super().prepare()
 
+    def uses_w_embedding(self) -> bool:
+        if self.config.w_mode == "embedded":
+            raise ValueError("w_mode=embedded: SPLAM's gamma-embedding takes the UNet's time_embedding.cond_proj, the "
+                             "layer LCM's w-embedding would use; SPLAM distils one fixed scale (w_mode=fixed)")
+        return False
+
     def make_student(self) -> torch.nn.Module:
         return add_condition_projection(super().make_student(), self.config.gamma_dim)
 

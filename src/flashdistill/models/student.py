@@ -90,6 +90,36 @@ def fourier_features(v: torch.Tensor, dim: int, scale: float = 1000.0, zero_at_o
     return torch.cat([arg.sin(), arg.cos() - (1.0 if zero_at_origin else 0.0)], dim=1).float()
 
 
+def guidance_embedding(guidance, dim: int) -> torch.Tensor:
+    """LCM's w-embedding of diffusers' CFG scale ``guidance`` (g; LCM's w = g - 1), float32 (B, dim),
+    computed as diffusers' pipelines compute ``timestep_cond`` for a UNet with
+    ``time_cond_proj_dim`` (``get_guidance_scale_embedding(g - 1)``: ``[sin, cos]`` of
+    ``1000 w exp(-log(10000) j / (dim/2 - 1))``, in float32 with the same operations, so that an
+    exported student gives the same numbers in the stock pipeline). ``guidance``: (B,) tensor."""
+    if dim < 4 or dim % 2:
+        raise ValueError(f"w-embedding dim must be an even number >= 4, got {dim}")
+    w = (torch.as_tensor(guidance, dtype=torch.float32) - 1).reshape(-1) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    arg = w[:, None] * freqs.to(w.device)[None]
+    return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+def w_condition(sampling: dict, n: int, guidance: float | None = None, device=None) -> dict:
+    """The backbone's ``timestep_cond`` for a student with LCM's w-embedding (``sampling["w_embedding"]``)
+    at diffusers' CFG scale ``guidance`` (default: the one the student was exported with), {} for a
+    student without one (its guidance was distilled in at one scale)."""
+    spec = (sampling or {}).get("w_embedding")
+    if not spec:
+        return {}
+    g = float(spec["guidance"] if guidance is None else guidance)
+    lo, hi = spec["range"]
+    if not lo <= g <= hi:
+        raise ValueError(f"guidance {g:g} is outside the range this student's w-embedding was trained on, "
+                         f"[{lo:g}, {hi:g}] (diffusers' guidance_scale)")
+    return {"timestep_cond": guidance_embedding(torch.full((n,), g), int(spec["dim"])).to(device)}
+
+
 class _Float32Linear(nn.Linear):
     """A trainable float32 layer inside a backbone whose frozen weights may be bf16/fp16: computes
     in float32 and returns the input's dtype."""
@@ -212,9 +242,11 @@ def student_timesteps(sampling: dict, steps: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_student(model, prompts: list[str], seeds: list[int], steps: int, batch_size: int = 256,
-                   condition: dict | None = None) -> torch.Tensor:
+                   condition: dict | None = None, guidance: float | None = None) -> torch.Tensor:
     """Per-sample seeded: sample i's initial and re-noising noise all come from seed_i's generator.
-    ``condition``: a conditional model's spatial condition, one item per prompt."""
+    ``condition``: a conditional model's spatial condition, one item per prompt. ``guidance``: the
+    CFG scale a student with a w-embedding (full LCM) is told (default: its own); students without
+    one ignore it (no CFG at sampling)."""
     from ..tasks import index
 
     ts = student_timesteps(model.sampling, steps)
@@ -225,6 +257,7 @@ def sample_student(model, prompts: list[str], seeds: list[int], steps: int, batc
         gens = [torch.Generator().manual_seed(int(k)) for k in s]
         draws = [torch.stack([torch.randn(model.image_shape, generator=g) for g in gens]) for _ in range(len(ts))]
         x = draws[0].to(model.device)
-        out.append(lcm_multistep(model.denoiser, x, ts, model.cond(p, spatial), model.schedule, draws[1:],
+        cond = {**model.cond(p, spatial), **w_condition(model.sampling, len(p), guidance, model.device)}
+        out.append(lcm_multistep(model.denoiser, x, ts, cond, model.schedule, draws[1:],
                                  gamma=model.sampling.get("gamma", 1.0)).cpu())
     return torch.cat(out)
