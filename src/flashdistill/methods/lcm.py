@@ -55,7 +55,8 @@ def _lcm_train_defaults() -> TrainConfig:
 @dataclass
 class LCMConfig(StudentConfig):
     N: int = field(50, "points of the skipping-step grid (LCMScheduler's original_inference_steps); skip k = T // N")
-    guidance: float = field(8.5, "teacher CFG scale g inside the ODE step (diffusers form, 1 = none; LCM's w = g - 1)")
+    guidance: float = field(8.5, "teacher CFG scale g inside the ODE step (diffusers form, 1 = none; LCM's w = g - 1); "
+                                 "with w_mode=embedded, the scale the student samples with by default")
     teacher_steps: int = field(1, "teacher DDIM sub-steps per skip (SPLAM's multiple estimation k / k_phi; 1 = LCM)")
     loss: Literal["l2", "huber"] = field("huber", "consistency distance: l2, or pseudo-Huber (diffusers' LCM README)")
     huber_c: float = field(0.001, "pseudo-Huber c")
