@@ -64,6 +64,19 @@ def test_parse_overrides():
     assert parse_overrides(["dataset=x=y"]) == {"dataset": "x=y"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["train.steps"])
+    # YAML 1.2 booleans: only true/false; on/off/yes/no stay strings (choices such as w_mode=fixed or a
+    # user's 'off' are not turned into False)
+    assert parse_overrides(["a=off", "b=yes", "c=False", "d=[on, TRUE]"]) == {"a": "off", "b": "yes", "c": False,
+                                                                            "d": ["on", True]}
+
+
+def test_yaml_config_file_reads_yaml_12_booleans(tmp_path):
+    from flashdistill.methods.lcm import LCMConfig
+
+    p = tmp_path / "c.yaml"
+    p.write_text("teacher: x\nfull: true\nw_mode: fixed\nloss: l2\nlora_targets: [on, off]\n")
+    cfg = load_config(LCMConfig, str(p), ["full=True"])
+    assert cfg.full is True and cfg.w_mode == "fixed" and cfg.lora_targets == ["on", "off"]
 
 
 def test_set_overrides_build_config():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from pathlib import Path
 
@@ -14,6 +15,23 @@ import yaml
 
 class ConfigError(ValueError):
     pass
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false (any case). YAML 1.1 also
+    reads on/off/yes/no/y/n as booleans, which turns ``--set w_mode=off``-style string values
+    into False."""
+
+
+_Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _yaml(text: str):
+    """A YAML document as Python values, with YAML 1.2 booleans (:class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def field(default, help: str, **kw):
@@ -119,7 +137,7 @@ def parse_overrides(pairs: list[str]) -> dict:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = _yaml(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {key.strip()}: {raw!r} is not a YAML value ({_yaml_problem(e)})") from None
         set_dotted(out, key, value)
@@ -153,7 +171,7 @@ def read_config_file(path: str | None) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        data = _yaml(p.read_bytes().decode("utf-8")) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
