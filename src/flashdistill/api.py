@@ -266,8 +266,9 @@ class Loaded:
     def generate(self, prompts, steps: int | None = None, seed: int = 0, guidance: float | None = None,
                  sampler: str | None = None, scale: int = 1, condition: dict | None = None) -> list:
         """PIL images, one per prompt (a string is one prompt). Students sample with their own
-        few-step sampler and no CFG (``steps`` default 2); teachers with ``sampler`` and CFG
-        ``guidance`` (default 32 steps of DPM-Solver++ at the teacher's scale)."""
+        few-step sampler and no CFG (``steps`` default 2; a full LCM student with a w-embedding is
+        told ``guidance`` instead, within its trained range, default its own); teachers with
+        ``sampler`` and CFG ``guidance`` (default 32 steps of DPM-Solver++ at the teacher's scale)."""
         return _pil(self.generate_tensor(prompts, steps, seed, guidance, sampler, condition), scale)
 
     def pipeline_kwargs(self, steps: int) -> dict:
