@@ -6,6 +6,8 @@ the w-embedding").
     .venv/bin/python scripts/lcm_w_probe.py --runs runs/lcm-full          # trained students
     .venv/bin/python scripts/lcm_w_probe.py --regress 600                  # the same student and
         # embedding regressed directly on the teacher's guided x0 at a random scale (no bootstrapping)
+    .venv/bin/python scripts/lcm_w_probe.py --target-grids 50 10           # at step 0, how much of
+        # the scale's effect LCM's consistency target carries (one skip's worth of guidance)
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=64, help="digits per probe (default 64)")
     p.add_argument("--timesteps", type=float, nargs="+", default=[999.0, 799.0, 499.0], help="probe timesteps")
     p.add_argument("--scales", type=float, nargs=2, default=[1.0, 3.0], help="the two scales g compared")
+    p.add_argument("--target-grids", type=int, nargs="*", default=[], help="grid sizes N for the step-0 target probe")
     args = p.parse_args(argv)
 
     from flashdistill.config import from_dict
@@ -60,6 +63,23 @@ def main(argv=None) -> int:
         if not spec:
             raise SystemExit(f"{run!r} has no w-embedding (a full LCM run with w_mode=embedded)")
         probe(run, student.denoiser, int(spec["dim"]))
+
+    from flashdistill.core.timesteps import next_on_grid
+
+    for n_grid in args.target_grids:  # student = teacher: F(xhat_t'(g), t') between the scales
+        m = LCMDistillation(from_dict(LCMConfig, {"teacher": args.teacher, "full": True, "N": n_grid, "guidance": lo,
+                                                  "guidance_range": [lo, hi]}))
+        m.setup("cpu")
+        for tv in args.timesteps:
+            index = torch.full((args.num,), int(torch.argmin((m.grid.float() - tv).abs())))
+            t, t_n = m.grid[index].float(), next_on_grid(m.grid, index, 1).float()
+            x = teacher.schedule.add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)), t)
+            with torch.no_grad():
+                tgt = {g: StudentDenoiser(m.student, m.schedule)(m.teacher_solve(x, index, cond, uncond, g), t_n, cond)
+                       for g in (lo, hi)}
+                d_t = cfg_model(teacher.denoiser, cond, uncond, hi)(x, t) - cfg_model(teacher.denoiser, cond, uncond, lo)(x, t)
+            print(f"target N={n_grid}  t={int(t[0])} -> {int(t_n[0])}  |target diff| / |teacher diff| "
+                  f"{(tgt[hi] - tgt[lo]).norm() / d_t.norm():.3f}")
 
     if args.regress:
         torch.manual_seed(0)
