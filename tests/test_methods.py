@@ -320,11 +320,16 @@ def test_guidance_embedding_is_what_diffusers_pipelines_pass_as_timestep_cond():
 
     from flashdistill.models.student import guidance_embedding, w_condition
 
-    for g, dim in [(1.0, 256), (1.5, 256), (8.5, 256), (16.0, 32), (2.75, 8)]:
+    # 1.007, 8.999, 1.021: g - 1 must be rounded to float32 after the subtraction, as the pipeline's
+    # torch.tensor(g - 1) does (subtracting in float32 gives another embedding at these scales)
+    for g, dim in [(1.0, 256), (1.5, 256), (8.5, 256), (16.0, 32), (2.75, 8), (1.007, 256), (8.999, 64)]:
         ref = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.tensor(g - 1).repeat(3), embedding_dim=dim)
-        assert torch.equal(guidance_embedding(torch.full((3,), g), dim), ref)
+        assert torch.equal(guidance_embedding(torch.full((3,), g, dtype=torch.float64), dim), ref)
     spec = {"w_embedding": {"dim": 8, "guidance": 1.5, "range": [1.0, 3.0]}}
-    assert torch.equal(w_condition(spec, 2)["timestep_cond"], guidance_embedding(torch.full((2,), 1.5), 8))
+    assert torch.equal(w_condition(spec, 2)["timestep_cond"],
+                       StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.tensor(0.5).repeat(2), embedding_dim=8))
+    assert torch.equal(w_condition(spec, 2, guidance=1.021)["timestep_cond"],
+                       StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.tensor(1.021 - 1).repeat(2), embedding_dim=8))
     assert w_condition({"timesteps": {}}, 2) == {}  # no w-embedding: nothing told
     with pytest.raises(ValueError, match=r"outside the range .* \[1, 3\]"):
         w_condition(spec, 2, guidance=4.0)

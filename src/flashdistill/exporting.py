@@ -191,6 +191,14 @@ def model_card(meta: dict, family: str, files: list[str], metrics: dict | None) 
     from .tasks import get_task
 
     given = " ".join(f"--{k} {k.upper()}.png" for k in get_task(meta.get("task")).inputs)
+    told = meta["sampling"].get("w_embedding")  # full LCM: the UNet embeds the scale; the pipeline runs no CFG
+    scale, guidance_note = 1.0, "Guidance off."
+    if told:
+        scale, (lo, hi) = told["guidance"], told["range"]
+        given += f" --guidance {scale:g}" if family == "digits" else ""
+        guidance_note = (f"The UNet is told the CFG scale (LCM's w-embedding, `time_cond_proj_dim = {told['dim']}`): pass "
+                         f"any `guidance_scale` in [{lo:g}, {hi:g}] (trained range; default {scale:g}), which the "
+                         "pipeline embeds instead of running CFG (one network evaluation per step).")
     digits_usage = f"flashdistill sample --model RUN --prompt \"a handwritten digit seven\" --steps 2 {given} --out grid.png"
     make_pipe = f'pipe = {pipe_cls}.from_pretrained("TEACHER_DIR")'
     if meta.get("conditioning") == "controlnet":  # CoDi: the teacher's folder with the trained ControlNet
@@ -205,8 +213,8 @@ from diffusers import {pipe_cls}, {sched_cls_import}
 {make_pipe}
 {load}
 pipe.scheduler = {sched_cls}.from_pretrained("EXPORT_DIR", subfolder="scheduler")
-image = pipe("a photo of a cat"{inputs}, num_inference_steps=2, {'' if picked else f"{steps_arg}={values.get('2')}, "}guidance_scale=1.0{eta_arg}).images[0]"""
-    steps_note = f"Pass the student's own {steps_arg} for the step count you want (guidance off)."
+image = pipe("a photo of a cat"{inputs}, num_inference_steps=2, {'' if picked else f"{steps_arg}={values.get('2')}, "}guidance_scale={float(scale)!r}{eta_arg}).images[0]"""
+    steps_note = f"Pass the student's own {steps_arg} for the step count you want. {guidance_note}"
     if picked:
         same = [k for k in values if picked[k] == values[k]]
         steps_note = (f"`{pipe_cls}` takes no `timesteps=`: the exported scheduler picks them from the step count "
@@ -214,18 +222,7 @@ image = pipe("a photo of a cat"{inputs}, num_inference_steps=2, {'' if picked el
                       f"which gives the student's own timesteps at {_listed(same) or 'no'} steps"
                       + ("" if len(same) == len(values) else
                          f" and the nearest it can elsewhere ({'; '.join(f'{k} steps: {picked[k]}' for k in values if k not in same)})")
-                      + ". Guidance off.")
-    told = meta["sampling"].get("w_embedding")
-    scale_arg = f"guidance_scale={told['guidance']:g}" if told else "guidance_scale=1.0"
-    if told:  # full LCM: the UNet embeds the scale (time_cond_proj_dim); the pipeline then runs no CFG
-        lo, hi = told["range"]
-        steps_note = steps_note.replace("(guidance off)", "").replace(" Guidance off.", "").rstrip(". ") + (
-            f". The UNet is told the CFG scale (LCM's w-embedding, `time_cond_proj_dim = {told['dim']}`): pass any "
-            f"`guidance_scale` in [{lo:g}, {hi:g}] (trained range; default {told['guidance']:g}), which the pipeline "
-            "embeds instead of running CFG (one network evaluation per step).")
-        usage = usage.replace("guidance_scale=1.0", scale_arg)
-        if family == "digits":
-            usage += f" --guidance {told['guidance']:g}"
+                      + f". {guidance_note}")
     lang = "bash" if family == "digits" else "python"
     return f"""---
 library_name: diffusers

@@ -160,7 +160,7 @@ class LCMDistillation(EMATarget, StudentMethod):
         if not self.w_embed:
             return c.guidance, {}
         lo, hi = c.guidance_range
-        g = (lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)).float()
+        g = (lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)).float()  # the teacher's and the told
         return g.to(self.device), {"timestep_cond": guidance_embedding(g, c.w_embedding_dim).to(self.device)}
 
     def default_targets(self) -> list[str]:

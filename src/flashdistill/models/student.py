@@ -77,32 +77,28 @@ def make_student_backbone(teacher_backbone: nn.Module, full: bool, rank: int, al
     return student.train()
 
 
-def fourier_features(v: torch.Tensor, dim: int, scale: float = 1000.0, zero_at_origin: bool = True) -> torch.Tensor:
-    """LCM's guidance embedding (diffusers' ``get_guidance_scale_embedding``): frequencies
-    ``exp(-log(10000) j / (dim/2 - 1))`` of ``scale * v``, as ``[sin, cos]``. With
-    ``zero_at_origin`` the cosines are shifted to ``cos - 1``, so ``v = 0`` embeds to exactly zero
-    (SPLAM's gamma = 1 then adds nothing and the branch can be dropped), float32 (B, dim)."""
+def fourier_features(v: torch.Tensor, dim: int, scale: float = 1000.0, zero_at_origin: bool = True,
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """LCM's guidance embedding (diffusers' ``get_guidance_scale_embedding``, the same operations in
+    the same order): frequencies ``exp(-log(10000) j / (dim/2 - 1))`` of ``scale * v``, as
+    ``[sin, cos]``, computed in ``dtype``. With ``zero_at_origin`` the cosines are shifted to
+    ``cos - 1``, so ``v = 0`` embeds to exactly zero (SPLAM's gamma = 1 then adds nothing and the
+    branch can be dropped), float32 (B, dim)."""
     if dim < 4 or dim % 2:
         raise ValueError(f"embedding dim must be an even number >= 4, got {dim}")
     half = dim // 2
-    freqs = torch.exp(-torch.log(torch.tensor(10000.0, dtype=torch.float64)) * torch.arange(half, dtype=torch.float64) / (half - 1))
-    arg = (scale * v.double())[:, None] * freqs.to(v.device)[None]
+    freqs = torch.exp(torch.arange(half, dtype=dtype) * -(torch.log(torch.tensor(10000.0, dtype=dtype)) / (half - 1)))
+    arg = (v.to(dtype) * scale)[:, None] * freqs.to(v.device)[None]
     return torch.cat([arg.sin(), arg.cos() - (1.0 if zero_at_origin else 0.0)], dim=1).float()
 
 
-def guidance_embedding(guidance, dim: int) -> torch.Tensor:
-    """LCM's w-embedding of diffusers' CFG scale ``guidance`` (g; LCM's w = g - 1), float32 (B, dim),
-    computed as diffusers' pipelines compute ``timestep_cond`` for a UNet with
-    ``time_cond_proj_dim`` (``get_guidance_scale_embedding(g - 1)``: ``[sin, cos]`` of
-    ``1000 w exp(-log(10000) j / (dim/2 - 1))``, in float32 with the same operations, so that an
-    exported student gives the same numbers in the stock pipeline). ``guidance``: (B,) tensor."""
-    if dim < 4 or dim % 2:
-        raise ValueError(f"w-embedding dim must be an even number >= 4, got {dim}")
-    w = (torch.as_tensor(guidance, dtype=torch.float32) - 1).reshape(-1) * 1000.0
-    half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    arg = w[:, None] * freqs.to(w.device)[None]
-    return torch.cat([arg.sin(), arg.cos()], dim=1)
+def guidance_embedding(guidance: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's w-embedding of diffusers' CFG scale ``guidance`` (g, per sample (B,); LCM's w = g - 1):
+    what diffusers' pipelines pass as ``timestep_cond`` to a UNet with ``time_cond_proj_dim``
+    (``get_guidance_scale_embedding(torch.tensor(guidance_scale - 1))``: w in double precision, then
+    float32), bit for bit, so an exported student gives the same numbers in the stock pipeline."""
+    w = (torch.as_tensor(guidance, dtype=torch.float64) - 1).reshape(-1).float()
+    return fourier_features(w, dim, scale=1000.0, zero_at_origin=False, dtype=torch.float32)
 
 
 def w_condition(sampling: dict, n: int, guidance: float | None = None, device=None) -> dict:
@@ -117,7 +113,7 @@ def w_condition(sampling: dict, n: int, guidance: float | None = None, device=No
     if not lo <= g <= hi:
         raise ValueError(f"guidance {g:g} is outside the range this student's w-embedding was trained on, "
                          f"[{lo:g}, {hi:g}] (diffusers' guidance_scale)")
-    return {"timestep_cond": guidance_embedding(torch.full((n,), g), int(spec["dim"])).to(device)}
+    return {"timestep_cond": guidance_embedding(torch.full((n,), g, dtype=torch.float64), int(spec["dim"])).to(device)}
 
 
 class _Float32Linear(nn.Linear):
