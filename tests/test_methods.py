@@ -2,6 +2,7 @@
 a Monte-Carlo forward process), the CFG convention, and each method on the one training loop
 (checkpoints, exact resume with an EMA target, sampling, export)."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -267,6 +268,10 @@ def test_method_trains_samples_and_exports(tiny_teacher, tmp_path, name):
     for n in (1, 2, 4):
         images = sample(student, ["a handwritten digit five"] * 2, [0, 1], n)
         assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    # a guidance scale or a solver given to a student without a w-embedding is ignored, and said so
+    with pytest.warns(UserWarning, match=r"guidance 3 and sampler 'ddim' ignored: this student"):
+        ignored = sample(student, ["a handwritten digit five"] * 2, [0, 1], 4, guidance=3.0, sampler="ddim")
+    assert torch.equal(ignored, images)
     out = export(run, tmp_path / "export", None)
     card = (out / "README.md").read_text()
     assert f"# {module.Method.label} student" in card and module.Method.title in card
@@ -379,7 +384,9 @@ def test_full_lcm_is_told_the_scale_through_a_zero_w_embedding(tiny_teacher, tmp
     trained = student.denoiser.backbone.time_embedding.cond_proj.weight
     assert trained.abs().max() > 0 and torch.equal(trained, m.student.time_embedding.cond_proj.weight.detach())
     prompts, seeds = ["a handwritten digit five"] * 2, [0, 1]
-    at = {g: sample(student, prompts, seeds, 2, guidance=g) for g in (None, 1.5, 1.0, 3.0)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ignored: this student")  # a w-embedded student takes it
+        at = {g: sample(student, prompts, seeds, 2, guidance=g) for g in (None, 1.5, 1.0, 3.0)}
     assert torch.equal(at[None], at[1.5]) and not torch.equal(at[1.0], at[3.0])
     assert torch.equal(sample_student(student, prompts, seeds, 2, guidance=3.0), sample(student, prompts, seeds, 2, 3.0, decode=False))
     with pytest.raises(ValueError, match="outside the range"):

@@ -249,9 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_teacher)
 
     presets = sorted({name for m in METHODS for name in method_module(m).PRESETS})
-    p = sub.add_parser("distill", help="distil a teacher into a few-step student (Flash, LCM, SPLAM, SDXL-Lightning)",
+    p = sub.add_parser("distill", help="distil a teacher into a few-step student (Flash, LCM, SPLAM, SDXL-Lightning, CoDi)",
                        description="Distil a teacher folder into a LoRA (or --full) student with --method: flash "
-                                   "(Flash Diffusion, the default), lcm (LCM / LCM-LoRA), splam (SPLAM) or lightning (SDXL-Lightning). "
+                                   "(Flash Diffusion, the default), lcm (LCM / LCM-LoRA), splam (SPLAM), lightning (SDXL-Lightning) or codi (CoDi: a conditional student "
+                                   "from a text-to-image teacher, --set task=inpaint|sr|sketch). "
                                    "Runs under accelerate: 'accelerate launch --num_processes N -m flashdistill.cli distill ...' "
                                    "(on a CPU-only machine add --multi_gpu; accelerate's --cpu starts a single process). "
                                    "Config precedence: preset < --config file < --set.",
