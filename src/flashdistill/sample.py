@@ -74,13 +74,14 @@ def sample(model, prompts: list[str], seeds: list[int], steps: int, guidance: fl
         from .models.student import sample_student
 
         model = stage_model(model, steps)
-        ignored = [f"{name} {value!r}" for name, value in (("sampler", sampler),) if value is not None]
+        ignored = []
         if guidance is not None and not model.sampling.get("w_embedding"):
-            ignored.insert(0, f"guidance {guidance:g}")
+            ignored.append(f"guidance {guidance:g} ignored: this student runs no CFG (its guidance was distilled "
+                           f"in); only teachers and w-embedded full LCM students take a guidance scale")
+        if sampler is not None:
+            ignored.append(f"sampler {sampler!r} ignored: a student samples with its own few-step sampler")
         if ignored:
-            warnings.warn(f"{' and '.join(ignored)} ignored: this student samples with its own few-step sampler "
-                          f"and no CFG (its guidance was distilled in); only teachers and w-embedded full LCM "
-                          f"students take a guidance scale", UserWarning, stacklevel=2)
+            warnings.warn("; ".join(ignored), UserWarning, stacklevel=2)
         x = sample_student(model, prompts, seeds, steps, batch_size=batch_size, condition=condition, guidance=guidance)
     else:
         x = sample_teacher(model, prompts, seeds, steps, model.default_guidance if guidance is None else guidance,
