@@ -156,6 +156,7 @@ def test_full_lcm_w_embedding_round_trip_in_the_stock_pipeline(teachers, family,
     out = export(run, tmp_path / "export")
     card = (out / "README.md").read_text()
     assert "guidance_scale=8.5" in card and "[2, 9]" in card
+    assert ", lr 0.001\n" in card  # the full student's own learning rate (full_lr), not the LoRA's lr
     pipe = _pipe(teachers[family], family)
     pipe.unet = diffusers.UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     assert pipe.unet.config.time_cond_proj_dim == 32

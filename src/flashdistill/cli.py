@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text prompt, e.g. 'a handwritten digit seven'")
     p.add_argument("--steps", type=positive_int, default=32, help="sampling steps (students: 1, 2 or 4)")
     p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale for teachers (default: the teacher's), and the scale a full LCM student with a "
-                   "w-embedding is told (default: its own; students without one run no CFG and ignore it)")
+                   "w-embedding is told (default: its own; students without one run no CFG and ignore it, with a warning)")
     p.add_argument("--sampler", choices=["dpmpp_2m", "ddim", "euler", "unipc"], default=None, help="teacher solver (default dpmpp_2m)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the first image")
     p.add_argument("--num-images", type=positive_int, default=16, help="number of images")

@@ -184,7 +184,9 @@ def model_card(meta: dict, family: str, files: list[str], metrics: dict | None) 
 
         shared = {f for f in StudentConfig.__dataclass_fields__}
         settings += [f"- {k} = {json.dumps(v)}" for k, v in cfg.items() if k not in shared]
-    lr = (cfg.get("full_lr") or cfg.get("lr")) if meta["full"] else cfg.get("lr")
+    from .methods.base import student_lr
+
+    lr = student_lr(cfg.get("lr"), cfg.get("full_lr", 0.0), meta["full"])
     settings.append(f"- training: {train.get('steps')} steps, batch {train.get('batch_size')}, lr {lr}")
     gamma = meta["sampling"].get("gamma", 1.0)
     eta_arg = f", eta={gamma:g}" if sched_cls == "TCDScheduler" else ""

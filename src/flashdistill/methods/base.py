@@ -37,6 +37,11 @@ def _default_train() -> TrainConfig:
     return TrainConfig(steps=20000, batch_size=4, checkpoint_every=1000, sample_every=1000)
 
 
+def student_lr(lr: float, full_lr: float, full: bool) -> float:
+    """The student's learning rate: ``full_lr`` for a full student when set (> 0), else ``lr``."""
+    return full_lr if full and full_lr > 0 else lr
+
+
 @dataclass
 class StudentConfig:
     teacher: str = field("", "teacher folder (set by --teacher)")
@@ -70,8 +75,7 @@ class StudentConfig:
 
     @property
     def student_lr(self) -> float:
-        """The student's learning rate: ``full_lr`` for a full student when set, else ``lr``."""
-        return self.full_lr if self.full and self.full_lr > 0 else self.lr
+        return student_lr(self.lr, self.full_lr, self.full)
 
     def validate(self):
         if self.full_lr < 0:
