@@ -91,6 +91,60 @@ def test_extra_lora_on_a_student_equals_diffusers_set_adapters(tiny_teacher, sty
     assert (mine - plain).abs().max() > 1e-3  # the style LoRA is there
 
 
+def test_block_scales_equal_peft_per_layer_scales_in_diffusers(tiny_teacher, style_lora, flash_run, tmp_path):
+    """Per-block scales (``{"mid": 0.5, "up.1": 0.3}``) scale every LoRA layer of those blocks,
+    resnets included: the same as diffusers' UNet with both adapters and peft's own per-layer
+    ``set_scale`` on those layers; the B tensors of other blocks are left as they were."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft.tuners.lora import LoraLayer
+
+    import flashdistill as fd
+    from flashdistill.models.loading import load_model, scale_lora_blocks
+
+    scales = {"mid": 0.5, "up.1": 0.3}
+    ours = load_model(flash_run, extra_loras=[(style_lora, scales)])
+    assert ours.meta["extra_loras"] == [{"path": str(style_lora), "scale": scales}]
+    export = fd.export(flash_run, tmp_path / "export", num_samples=0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_teacher / "unet").eval()
+    unet.load_lora_adapter(str(export / "pytorch_lora_weights.safetensors"), prefix="unet", adapter_name="flash")
+    unet.load_lora_adapter(str(style_lora / "pytorch_lora_weights.safetensors"), prefix="unet", adapter_name="style")
+    unet.set_adapters(["flash", "style"], weights=[1.0, 1.0])
+    scaled = 0
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer) and name.startswith(("mid_block.", "up_blocks.1.")):
+            module.set_scale("style", 0.5 if name.startswith("mid_block.") else 0.3)
+            scaled += 1
+    assert scaled and any(".resnets." in n for n, m in unet.named_modules() if isinstance(m, LoraLayer) and "mid_block" in n)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 8, 8, generator=g)
+    t = torch.tensor([999, 500, 20])
+    cond = ours.cond(["a handwritten digit one", "a handwritten digit two", ""])
+    with torch.no_grad():
+        theirs = unet(x, t, **cond).sample
+        mine = ours.denoiser.backbone(x, t, **cond).sample
+        whole = load_model(flash_run, extra_loras=[(style_lora, 1.0)]).denoiser.backbone(x, t, **cond).sample
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    assert (mine - whole).abs().max() > 1e-4  # the block scales changed something
+
+    # the diffusers route the docs give: the scaled state dict loaded as any LoRA, at weight 1
+    state = StableDiffusionPipeline.lora_state_dict(str(style_lora), weight_name="pytorch_lora_weights.safetensors")[0]
+    unet.delete_adapters("style")
+    unet.load_lora_adapter(fd.scale_lora_blocks(state, scales), prefix="unet", adapter_name="style")
+    unet.set_adapters(["flash", "style"], weights=[1.0, 1.0])
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, **cond).sample, mine, rtol=1e-4, atol=1e-5)
+
+    out = scale_lora_blocks(state, {"default": 2.0, "mid": 0.0})
+    for k, v in state.items():
+        want = v * 0.0 if "mid_block" in k and "lora_B" in k else v * 2.0 if "lora_B" in k else v
+        torch.testing.assert_close(out[k], want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"LoRA block\(s\) \['down.7'\] hold no weights of this LoRA; its UNet blocks are \["):
+        scale_lora_blocks(state, {"down.7": 0.5})
+    with pytest.raises(ValueError, match=r"unknown LoRA block 'middle'; expected 'default', 'down', 'mid'"):
+        load_model(flash_run, extra_loras=[(style_lora, {"middle": 0.5})])
+
+
 def test_extra_lora_from_the_cli_and_its_errors(tiny_teacher, style_lora, flash_run, tmp_path, capsys):
     from flashdistill.cli import main
 
@@ -108,6 +162,16 @@ def test_extra_lora_from_the_cli_and_its_errors(tiny_teacher, style_lora, flash_
         code = main(["sample", "--model", str(flash_run), "--prompt", "x", "--out", str(out), *extra])
         return code, capsys.readouterr().err
 
+    blocks = tmp_path / "blocks.npz"
+    assert main(["sample", "--model", str(flash_run), "--prompt", "a handwritten digit two", "--steps", "2",
+                 "--num-images", "2", "--out", str(out), "--npz", str(blocks), "--extra-lora", str(style_lora),
+                 "--extra-lora-scale", "0.5,mid=0"]) == 0
+    want = fd.load(flash_run, extra_loras=[(style_lora, {"default": 0.5, "mid": 0.0})]).generate_tensor(
+        ["a handwritten digit two"] * 2, 2)
+    np.testing.assert_allclose(np.load(blocks)["images"], want.clamp(-1, 1).numpy(), atol=1e-6)
+    with pytest.raises(SystemExit) as exit_:
+        error("--extra-lora", str(style_lora), "--extra-lora-scale", "mid=half")
+    assert exit_.value.code == 2 and "got 'half' in 'mid=half'" in capsys.readouterr().err
     code, err = error("--extra-lora", str(style_lora), "--extra-lora-scale", "0.5", "--extra-lora-scale", "1")
     assert code == 2 and "2 --extra-lora-scale value(s) for 1 --extra-lora" in err
     code, err = error("--extra-lora", str(tmp_path / "missing"))
@@ -156,10 +220,14 @@ def test_composition_benchmark_writes_every_row(tmp_path, monkeypatch, tiny_chan
     assert [(r["method"], r["steps"], r["nfe"]) for r in result["rows"]] == [
         ("teacher + style", 32, 64), ("teacher + style", 1, 2), ("teacher + style", 2, 4), ("teacher + style", 4, 8),
         ("flash + style", 1, 1), ("flash + style", 2, 2), ("flash + style", 4, 4),
+        ("flash + style (mid 0.5)", 1, 1), ("flash + style (mid 0.5)", 2, 2), ("flash + style (mid 0.5)", 4, 4),
         ("teacher (no style)", 32, 64), ("flash (no style)", 4, 4)]
+    assert [r["style_scale"] for r in result["rows"] if "style_scale" in r] == [1.0] * 3 + [{"mid": 0.5}] * 3
     assert all(r["style"] == "thick" and {"fd_unstyled", "ink", "teacher_mse"} <= set(r) for r in result["rows"])
     assert result["rows"][0]["teacher_mse"] == 0.0  # the reference is teacher + style at 32 steps
     assert set(result["targets"]) >= {"fd_ratio_4step", "fd_within_1.25x", "adherence_within_2_points"}
+    assert result["targets_by_stacking"]["flash + style"] == result["targets"]
+    assert "flash + style (mid 0.5): adherence within 2 points" in (tmp_path / "out" / "report.md").read_text()
     assert json.loads((tmp_path / "out" / "results.json").read_text())["style"] == "thick"
     assert (tmp_path / "out" / "grid.png").is_file() and "| target |" in (tmp_path / "out" / "report.md").read_text()
     style_dirs = list((tmp_path / "cache").glob("style-thick-*"))

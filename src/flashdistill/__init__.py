@@ -7,10 +7,14 @@
 See :mod:`flashdistill.api`; the names load on first use, so ``import flashdistill`` stays cheap.
 """
 __version__ = "0.1.0"
-__all__ = ["train_teacher", "distill", "load", "evaluate", "export", "Run", "Loaded"]
+__all__ = ["train_teacher", "distill", "load", "evaluate", "export", "Run", "Loaded", "scale_lora_blocks"]
 
 
 def __getattr__(name):
+    if name == "scale_lora_blocks":  # a LoRA state dict scaled per UNet block, for diffusers' own loaders
+        from .models.loading import scale_lora_blocks
+
+        return scale_lora_blocks
     if name in __all__:
         from . import api
 

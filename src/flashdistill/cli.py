@@ -42,6 +42,38 @@ def guidance_scale(text: str) -> float:
     return v
 
 
+def lora_scale_arg(text: str) -> float | dict[str, float]:
+    """--extra-lora-scale: ``S`` (the whole LoRA), or per UNet block ``[S,]BLOCK=S[,BLOCK=S...]``,
+    BLOCK one of down, mid, up, down.<i>, up.<i> (a leading bare S: every other layer)."""
+    import math
+
+    from .models.loading import BLOCK_SCALE_KEYS, lora_scale
+
+    def number(part: str) -> float:
+        try:
+            v = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or BLOCK=number ({BLOCK_SCALE_KEYS}), "
+                                             f"got {part!r} in {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"expected a finite scale, got {part!r} in {text!r}")
+        return v
+
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) == 1 and "=" not in parts[0]:
+        return number(parts[0])
+    out = {}
+    for i, part in enumerate(parts):
+        key, value = part.split("=", 1) if "=" in part else ("default" if i == 0 else part, part)
+        if key.strip() in out:
+            raise argparse.ArgumentTypeError(f"block {key.strip()!r} given twice in {text!r}")
+        out[key.strip()] = number(value.strip())
+    try:
+        return lora_scale(out)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} (in {text!r})") from None
+
+
 def _config_help(cls) -> str:
     from .config import describe
 
@@ -116,7 +148,7 @@ def cmd_sample(args) -> None:
         print(f"wrote {args.npz}")
 
 
-def _extra_loras(args) -> list[tuple[str, float]]:
+def _extra_loras(args) -> list[tuple[str, float | dict]]:
     """--extra-lora A --extra-lora B [--extra-lora-scale a [--extra-lora-scale b]] -> [(A, a), (B, b)]
     (a missing scale is 1.0)."""
     loras, scales = args.extra_lora or [], args.extra_lora_scale or []
@@ -132,8 +164,10 @@ def _add_extra_lora(p) -> None:
                    help="a LoRA to stack on the model: a LoRA folder from 'train-teacher --lora' (e.g. a style), a "
                         "folder with pytorch_lora_weights.safetensors, or a diffusers / kohya .safetensors file; repeat "
                         "for several")
-    g.add_argument("--extra-lora-scale", action="append", type=float, default=None, metavar="S",
-                   help="the strength of each --extra-lora, in order (default 1.0)")
+    g.add_argument("--extra-lora-scale", action="append", type=lora_scale_arg, default=None, metavar="S",
+                   help="the strength of each --extra-lora, in order (default 1.0); per UNet block as "
+                        "'[S,]BLOCK=S,...' with BLOCK down, mid, up, down.<i> or up.<i>, e.g. 'mid=0.5' (every LoRA "
+                        "layer of the block, resnets too; a leading S: the other layers)")
 
 
 def cmd_evaluate(args) -> None:

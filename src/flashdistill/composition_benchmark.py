@@ -9,11 +9,13 @@ the plain test split), ``ink`` (mean pixel value) and adherence beside:
 
 - the teacher with the style LoRA, DPM-Solver++ with CFG at 32 steps (the reference) and at 1, 2
   and 4 steps (2, 4 and 8 NFE: the training-free solver at equal cost);
-- the Flash student with the style LoRA stacked at scale 1, at 1, 2 and 4 steps;
+- the Flash student with the style LoRA stacked at scale 1, at 1, 2 and 4 steps, and with the
+  style's mid block (the 4x4 bottleneck, where the digit's layout is set) at half strength
+  (``--extra-lora-scale mid=0.5``, chosen on a second set of sample seeds: docs/conditional.md);
 - the teacher and the Flash student without the style (how far the style moves the metrics).
 
 Targets (issue 13): the stacked 4-step student's FD within 1.25x of teacher + style at 32 steps, and
-its adherence within 2 points.
+its adherence within 2 points (checked for both stackings).
 """
 from __future__ import annotations
 
@@ -28,15 +30,17 @@ STYLE = "thick"
 TEACHER_STEPS = 32
 SOLVER_STEPS = (1, 2, 4)
 STUDENT_STEPS = (1, 2, 4)
+MID_HALF = {"mid": 0.5}  # the style LoRA's mid block at half strength, every other block at 1
+STACKINGS = {"flash + style": 1.0, "flash + style (mid 0.5)": MID_HALF}
 
 
 def style_overrides(base_dir: Path) -> dict:
     return {"base": str(base_dir), "style": STYLE, "lora": True}
 
 
-def targets(rows: list[dict]) -> dict:
+def targets(rows: list[dict], method: str = "flash + style") -> dict:
     ref = next(r for r in rows if r["method"] == "teacher + style" and r["steps"] == TEACHER_STEPS)
-    four = next(r for r in rows if r["method"] == "flash + style" and r["steps"] == 4)
+    four = next(r for r in rows if r["method"] == method and r["steps"] == 4)
     solver = next(r for r in rows if r["method"] == "teacher + style" and r["steps"] == 2)  # 4 NFE
     return {"fd_ratio_4step": four["fd"] / ref["fd"], "fd_within_1.25x": four["fd"] <= 1.25 * ref["fd"],
             "adherence_gap_points": 100 * (four["adherence"] - ref["adherence"]),
@@ -45,7 +49,6 @@ def targets(rows: list[dict]) -> dict:
 
 
 def report(result: dict) -> str:
-    t = result["targets"]
     lines = [f"# LoRA composition: a '{STYLE}' style LoRA stacked on the Flash student ({result['date']})", "",
              f"{result['num_samples']} samples per row; FD, pixel FD and hist against the {STYLE} test split "
              f"(its floor, real {STYLE} train vs test digits: {result['fd_floor']:.2f}); wall "
@@ -55,11 +58,13 @@ def report(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {r['fd']:.2f} | {r['pixel_fd']:.3f} | "
                      f"{r['fd_unstyled']:.2f} | {r['ink']:.3f} | {r['adherence']:.3f} | {r['teacher_mse']:.4f} |")
-    lines += ["", "| target | measured | met? |", "| --- | --- | --- |",
-              f"| flash + style 4-step FD <= 1.25x teacher + style 32 steps | {t['fd_ratio_4step']:.2f}x | "
-              f"{'yes' if t['fd_within_1.25x'] else 'no'} |",
-              f"| adherence within 2 points | {t['adherence_gap_points']:+.1f} points | "
-              f"{'yes' if t['adherence_within_2_points'] else 'no'} |"]
+    lines += ["", "| target | measured | met? |", "| --- | --- | --- |"]
+    for method in STACKINGS:
+        t = result["targets"] if method == "flash + style" else result["targets_by_stacking"][method]
+        lines += [f"| {method}: 4-step FD <= 1.25x teacher + style 32 steps | {t['fd_ratio_4step']:.2f}x | "
+                  f"{'yes' if t['fd_within_1.25x'] else 'no'} |",
+                  f"| {method}: adherence within 2 points | {t['adherence_gap_points']:+.1f} points | "
+                  f"{'yes' if t['adherence_within_2_points'] else 'no'} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -87,11 +92,11 @@ def run_composition(out, cache="runs/cache", num_samples: int | None = None, pro
     ensure_flash(base_dir, flash_dir, None, progress)
 
     models = {"teacher + style": load_model(base_dir, extra_loras=[(style_dir, 1.0)]),
-              "flash + style": load_model(flash_dir, extra_loras=[(style_dir, 1.0)]),
+              **{name: load_model(flash_dir, extra_loras=[(style_dir, scale)]) for name, scale in STACKINGS.items()},
               "teacher (no style)": load_model(base_dir), "flash (no style)": load_model(flash_dir)}
     w = models["teacher + style"].default_guidance
     reference = teacher_reference(models["teacher + style"], num_samples)
-    jobs = [("teacher + style", [TEACHER_STEPS, *SOLVER_STEPS]), ("flash + style", list(STUDENT_STEPS)),
+    jobs = [("teacher + style", [TEACHER_STEPS, *SOLVER_STEPS]), *((name, list(STUDENT_STEPS)) for name in STACKINGS),
             ("teacher (no style)", [TEACHER_STEPS]), ("flash (no style)", [4])]
     rows = []
     for name, steps in tqdm(jobs, desc="rows", disable=not progress):
@@ -99,19 +104,21 @@ def run_composition(out, cache="runs/cache", num_samples: int | None = None, pro
         student = name.startswith("flash")
         for r in score_digits(model, num_samples, steps, reference=reference, style=STYLE):
             rows.append({"method": name, "nfe": r["steps"] * (1 if student else 2), "guidance": None if student else w,
+                         **({"style_scale": STACKINGS[name]} if name in STACKINGS else {}),
                          **({"train_seconds": style_seconds} if name == "teacher + style" else {}), **r})
 
     prompts, _, seeds = eval_prompts(10)  # one of each digit
     strips = [(f"teacher + style, {TEACHER_STEPS} steps", sample(models["teacher + style"], prompts, seeds, TEACHER_STEPS)),
               (f"teacher, {TEACHER_STEPS} steps", sample(models["teacher (no style)"], prompts, seeds, TEACHER_STEPS)),
               ("dpmpp_2m + style, 2 steps (4 NFE)", sample(models["teacher + style"], prompts, seeds, 2))]
-    strips += [(f"flash + style, {n} step{'s' * (n > 1)}", sample(models["flash + style"], prompts, seeds, n))
-               for n in STUDENT_STEPS]
+    strips += [(f"{name}, {n} step{'s' * (n > 1)}", sample(models[name], prompts, seeds, n))
+               for name in STACKINGS for n in STUDENT_STEPS]
     strips.append(("flash, 4 steps", sample(models["flash (no style)"], prompts, seeds, 4)))
     result = {"preset": "composition", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "num_samples": num_samples, "style": STYLE, "fd_floor": fd_floor(num_samples, STYLE),
               "pixel_fd_floor": pixel_fd_floor(num_samples, STYLE), "teacher": str(base_dir), "style_lora": str(style_dir),
-              "flash": str(flash_dir), "rows": rows, "targets": targets(rows), "versions": _versions(),
+              "flash": str(flash_dir), "rows": rows, "targets": targets(rows),
+              "targets_by_stacking": {name: targets(rows, name) for name in STACKINGS}, "versions": _versions(),
               "machine": _machine(), "wall_seconds": time.time() - t0}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     write_grid({STYLE: strips}, out / "grid.png")

@@ -74,7 +74,7 @@ def load_teacher(path: str | Path, device="cpu", dtype: torch.dtype = torch.floa
 
 
 def load_model(path: str | Path, device="cpu", teacher: str | Path | None = None,
-               extra_loras: list[tuple[str | Path, float]] = ()) -> Model:
+               extra_loras: list[tuple[str | Path, float | dict]] = ()) -> Model:
     """A teacher folder (built-in or diffusers pipeline), a distillation run folder or a LoRA folder
     (its base teacher with the LoRA); ``teacher`` overrides the teacher folder a run (or the base a
     LoRA) recorded (a run copied to another machine). ``extra_loras``: (LoRA folder or file, scale)
@@ -144,11 +144,67 @@ def save_lora(out: Path, backbone, meta: dict) -> None:
     (out / META_FILE).write_text(json.dumps({"kind": "lora", **meta}, indent=2))
 
 
-def apply_lora(model: Model, source: str | Path, scale: float = 1.0) -> Model:
+BLOCK_SCALE_KEYS = "'default', 'down', 'mid', 'up', 'down.<i>' or 'up.<i>'"
+_LORA_B_MARKERS = (".lora_B.", ".lora.up.", ".lora_up.")  # diffusers/peft and older diffusers names of the B side
+
+
+def lora_scale(scale) -> float | dict[str, float]:
+    """A LoRA's strength, checked: a number, or per-block scales ``{"mid": 0.5, ...}`` (keys
+    ``default``, ``down``, ``mid``, ``up``, ``down.<i>``, ``up.<i>``; see :func:`scale_lora_blocks`)."""
+    if isinstance(scale, dict):
+        out = {}
+        for key, value in scale.items():
+            if not (key in ("default", "down", "mid", "up") or
+                    (key.split(".")[0] in ("down", "up") and key.count(".") == 1 and key.split(".")[1].isdigit())):
+                raise ValueError(f"unknown LoRA block {key!r}; expected {BLOCK_SCALE_KEYS}")
+            out[key] = lora_scale(value)
+        return out
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"a LoRA scale must be a number or a dict of block scales, not {scale!r}")
+    return float(scale)
+
+
+def _lora_block(key: str) -> tuple[str, str] | None:
+    """The UNet block a LoRA key sits in, as (``down``/``mid``/``up``, its index or "")."""
+    import re
+
+    m = re.search(r"(?:^|\.)(down_blocks|up_blocks|mid_block)(?:\.(\d+))?\.", key)
+    return None if m is None else ({"down_blocks": "down", "up_blocks": "up", "mid_block": "mid"}[m.group(1)], m.group(2) or "")
+
+
+def scale_lora_blocks(state: dict, scales: dict[str, float]) -> dict:
+    """A UNet LoRA state dict with each block's LoRA scaled: every B-side tensor (``lora_B``,
+    ``lora.up``) under ``down_blocks.<i>``, ``mid_block`` or ``up_blocks.<i>`` times the most
+    specific of ``scales``' ``down.<i>`` / ``down`` (likewise ``up``), ``mid``, else ``default`` (1).
+    Every LoRA layer of a block is scaled, its resnets included; diffusers' ``set_adapters`` block
+    dict scales only the blocks' attentions. Layers outside the blocks (conv_in, time embedding)
+    take ``default``. The result loads in diffusers as any LoRA (``load_lora_weights``)."""
+    scales = lora_scale(scales)
+    if not any(b in k for k in state for b in _LORA_B_MARKERS):
+        raise ValueError("per-block scales need a LoRA with lora_B / lora.up weights; this one has none")
+    used, out, blocks = set(), {}, set()
+    for key, value in state.items():
+        block = _lora_block(key)
+        found = "default"
+        if block is not None:
+            part, index = block
+            blocks.add(f"{part}.{index}" if index else part)
+            found = next((k for k in (f"{part}.{index}", part) if k in scales), "default")
+        used.add(found)
+        s = scales.get(found, 1.0)
+        out[key] = value * s if s != 1.0 and any(b in key for b in _LORA_B_MARKERS) else value
+    missing = sorted(set(scales) - used - {"default"})
+    if missing:
+        raise ValueError(f"LoRA block(s) {missing} hold no weights of this LoRA; its UNet blocks are {sorted(blocks)}")
+    return out
+
+
+def apply_lora(model: Model, source: str | Path, scale: float | dict = 1.0) -> Model:
     """Stack a LoRA on ``model`` without training: read with the family's diffusers LoRA loader
     (``lora_state_dict``: diffusers, peft and kohya files), loaded with the backbone's own
     ``load_lora_adapter``, fused at ``scale`` and unloaded, the same weights as diffusers'
-    ``set_adapters([..., name], [..., scale])`` over the model's own LoRA. ``source``: a LoRA folder
+    ``set_adapters([..., name], [..., scale])`` over the model's own LoRA; ``scale`` may be per
+    UNet block (``{"mid": 0.5}``: :func:`scale_lora_blocks`). ``source``: a LoRA folder
     of ours, a folder with ``pytorch_lora_weights.safetensors`` or a ``.safetensors`` file. A LoRA
     folder with a ``style`` makes the model's digits metrics score against that style."""
     import diffusers
@@ -176,6 +232,15 @@ def apply_lora(model: Model, source: str | Path, scale: float = 1.0) -> Model:
     loaded = getattr(diffusers, cls_name).lora_state_dict(str(folder), weight_name=weight_name, local_files_only=True,
                                                           return_lora_metadata=True)
     state, alphas, metadata = loaded if len(loaded) == 3 else (loaded[0], None, loaded[1])
+    scale = lora_scale(scale)
+    if isinstance(scale, dict):
+        if prefix != "unet":
+            raise ValueError(f"per-block LoRA scales apply to UNet blocks (down/mid/up); this {family} model's "
+                             f"backbone is a {type(backbone).__name__}: give one number")
+        try:
+            state = scale_lora_blocks(state, scale)
+        except ValueError as e:
+            raise ValueError(f"LoRA {str(source)!r}: {e}") from e
     name = f"extra_{len(model.meta.get('extra_loras', []))}"
     try:
         backbone.load_lora_adapter(state, prefix=prefix, network_alphas=alphas, adapter_name=name, metadata=metadata,
@@ -184,7 +249,7 @@ def apply_lora(model: Model, source: str | Path, scale: float = 1.0) -> Model:
         raise ValueError(f"LoRA {str(source)!r} does not fit this model's {type(backbone).__name__}: {e}") from e
     if not lora_layers(backbone):
         raise ValueError(f"LoRA {str(source)!r} holds no {prefix} weights for this model")
-    backbone.fuse_lora(lora_scale=scale, adapter_names=[name])
+    backbone.fuse_lora(lora_scale=1.0 if isinstance(scale, dict) else scale, adapter_names=[name])
     backbone.unload_lora()
     forget_layout(backbone)
     backbone.eval().requires_grad_(False)
