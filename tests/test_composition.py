@@ -61,28 +61,38 @@ def test_style_lora_folder_trains_only_the_lora_and_loads_as_its_base_with_it(ti
     assert changed and all(any(t in n for t in ("conv1", "conv2", "to_", "proj_", "ff.")) for n in changed)
 
 
+def _two_adapter_unet(tiny_teacher, flash_run, style_lora, out, style_weight):
+    """The teacher's stock diffusers UNet with the exported Flash LoRA and the style LoRA as two
+    adapters, mixed at (1, style_weight) by set_adapters."""
+    from diffusers import UNet2DConditionModel
+
+    import flashdistill as fd
+
+    export = fd.export(flash_run, out, num_samples=0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_teacher / "unet").eval()
+    unet.load_lora_adapter(str(export / "pytorch_lora_weights.safetensors"), prefix="unet", adapter_name="flash")
+    unet.load_lora_adapter(str(style_lora / "pytorch_lora_weights.safetensors"), prefix="unet", adapter_name="style")
+    unet.set_adapters(["flash", "style"], weights=[1.0, style_weight])
+    return unet
+
+
+def _probe(model):
+    """Noisy inputs at three timesteps, two prompts and the empty one, in the model's conditioning."""
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    return x, torch.tensor([999, 500, 20]), model.cond(["a handwritten digit one", "a handwritten digit two", ""])
+
+
 def test_extra_lora_on_a_student_equals_diffusers_set_adapters(tiny_teacher, style_lora, flash_run, tmp_path):
     """The exported Flash LoRA and the style LoRA, loaded into the teacher's stock diffusers UNet as
     two adapters and mixed with set_adapters, give what the toolkit's fused student + extra LoRA
     gives."""
-    from diffusers import UNet2DConditionModel
-
-    import flashdistill as fd
     from flashdistill.models.loading import load_model
 
     scale = 0.7
     ours = load_model(flash_run, extra_loras=[(style_lora, scale)])
     assert ours.meta["style"] == "thick" and ours.meta["kind"] == "student"
-    export = fd.export(flash_run, tmp_path / "export", num_samples=0)
-    unet = UNet2DConditionModel.from_pretrained(tiny_teacher / "unet").eval()
-    unet.load_lora_adapter(str(export / "pytorch_lora_weights.safetensors"), prefix="unet", adapter_name="flash")
-    unet.load_lora_adapter(str(style_lora / "pytorch_lora_weights.safetensors"), prefix="unet", adapter_name="style")
-    unet.set_adapters(["flash", "style"], weights=[1.0, scale])
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 1, 8, 8, generator=g)
-    t = torch.tensor([999, 500, 20])
-    cond = ours.cond(["a handwritten digit one", "a handwritten digit two", ""])
+    unet = _two_adapter_unet(tiny_teacher, flash_run, style_lora, tmp_path / "export", scale)
+    x, t, cond = _probe(ours)
     with torch.no_grad():
         theirs = unet(x, t, **cond).sample
         mine = ours.denoiser.backbone(x, t, **cond).sample
@@ -95,7 +105,7 @@ def test_block_scales_equal_peft_per_layer_scales_in_diffusers(tiny_teacher, sty
     """Per-block scales (``{"mid": 0.5, "up.1": 0.3}``) scale every LoRA layer of those blocks,
     resnets included: the same as diffusers' UNet with both adapters and peft's own per-layer
     ``set_scale`` on those layers; the B tensors of other blocks are left as they were."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
     from peft.tuners.lora import LoraLayer
 
     import flashdistill as fd
@@ -104,11 +114,7 @@ def test_block_scales_equal_peft_per_layer_scales_in_diffusers(tiny_teacher, sty
     scales = {"mid": 0.5, "up.1": 0.3}
     ours = load_model(flash_run, extra_loras=[(style_lora, scales)])
     assert ours.meta["extra_loras"] == [{"path": str(style_lora), "scale": scales}]
-    export = fd.export(flash_run, tmp_path / "export", num_samples=0)
-    unet = UNet2DConditionModel.from_pretrained(tiny_teacher / "unet").eval()
-    unet.load_lora_adapter(str(export / "pytorch_lora_weights.safetensors"), prefix="unet", adapter_name="flash")
-    unet.load_lora_adapter(str(style_lora / "pytorch_lora_weights.safetensors"), prefix="unet", adapter_name="style")
-    unet.set_adapters(["flash", "style"], weights=[1.0, 1.0])
+    unet = _two_adapter_unet(tiny_teacher, flash_run, style_lora, tmp_path / "export", 1.0)
     scaled = 0
     for name, module in unet.named_modules():
         if isinstance(module, LoraLayer) and name.startswith(("mid_block.", "up_blocks.1.")):
@@ -116,10 +122,7 @@ def test_block_scales_equal_peft_per_layer_scales_in_diffusers(tiny_teacher, sty
             scaled += 1
     assert scaled and any(".resnets." in n for n, m in unet.named_modules() if isinstance(m, LoraLayer) and "mid_block" in n)
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 1, 8, 8, generator=g)
-    t = torch.tensor([999, 500, 20])
-    cond = ours.cond(["a handwritten digit one", "a handwritten digit two", ""])
+    x, t, cond = _probe(ours)
     with torch.no_grad():
         theirs = unet(x, t, **cond).sample
         mine = ours.denoiser.backbone(x, t, **cond).sample
@@ -143,6 +146,8 @@ def test_block_scales_equal_peft_per_layer_scales_in_diffusers(tiny_teacher, sty
         scale_lora_blocks(state, {"down.7": 0.5})
     with pytest.raises(ValueError, match=r"unknown LoRA block 'middle'; expected 'default', 'down', 'mid'"):
         load_model(flash_run, extra_loras=[(style_lora, {"middle": 0.5})])
+    with pytest.raises(ValueError, match=r"a LoRA scale must be a number or a dict of block scales, not \{'mid': 0.5\}"):
+        load_model(flash_run, extra_loras=[(style_lora, {"mid": {"mid": 0.5}})])
 
 
 def test_extra_lora_from_the_cli_and_its_errors(tiny_teacher, style_lora, flash_run, tmp_path, capsys):

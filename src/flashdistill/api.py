@@ -383,10 +383,10 @@ def load(path, teacher=None, device: str = "cpu", extra_loras=()) -> Loaded:
     ``teacher``: the run's teacher folder when it is no longer where the run recorded it;
     ``extra_loras``: (LoRA, scale) pairs stacked on the model (a style LoRA on a student); a scale
     is a number or per-UNet-block scales, ``{"mid": 0.5}`` (:func:`~flashdistill.models.loading.scale_lora_blocks`)."""
-    from .models.loading import load_model, lora_scale
+    from .models.loading import load_model
 
     return Loaded(load_model(os.fspath(path), device=device, teacher=None if teacher is None else os.fspath(teacher),
-                             extra_loras=[(os.fspath(p), lora_scale(s)) for p, s in extra_loras]))
+                             extra_loras=[(os.fspath(p), s) for p, s in extra_loras]))
 
 
 def _moved_teacher(run, teacher):
@@ -461,12 +461,12 @@ def evaluate(model, steps=(1, 2, 4), num_samples: int = 1000, teacher=None, guid
     ``reference`` image folder and CLIP score on ``prompts`` (local weights only). ``extra_loras``:
     (LoRA, scale) pairs stacked on the model; a style LoRA's digits rows are scored against that
     style's test set (``fd``, ``pixel_fd``, ``hist``), with ``fd_unstyled`` and ``ink`` beside."""
-    from .models.loading import load_model, lora_scale
+    from .models.loading import load_model
 
     steps = [steps] if isinstance(steps, int) else list(steps)
     path = os.fspath(model)
     teacher = None if teacher is None else os.fspath(teacher)
-    m = load_model(path, teacher=_moved_teacher(path, teacher), extra_loras=[(os.fspath(p), lora_scale(s)) for p, s in extra_loras])
+    m = load_model(path, teacher=_moved_teacher(path, teacher), extra_loras=[(os.fspath(p), s) for p, s in extra_loras])
     if m.meta.get("dataset") != "digits":
         return _evaluate_real(m, steps, num_samples, guidance, prompts, protocol, reference, inception_weights, clip_model,
                               progress)

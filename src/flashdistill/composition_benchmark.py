@@ -60,7 +60,7 @@ def report(result: dict) -> str:
                      f"{r['fd_unstyled']:.2f} | {r['ink']:.3f} | {r['adherence']:.3f} | {r['teacher_mse']:.4f} |")
     lines += ["", "| target | measured | met? |", "| --- | --- | --- |"]
     for method in STACKINGS:
-        t = result["targets"] if method == "flash + style" else result["targets_by_stacking"][method]
+        t = result["targets_by_stacking"][method]
         lines += [f"| {method}: 4-step FD <= 1.25x teacher + style 32 steps | {t['fd_ratio_4step']:.2f}x | "
                   f"{'yes' if t['fd_within_1.25x'] else 'no'} |",
                   f"| {method}: adherence within 2 points | {t['adherence_gap_points']:+.1f} points | "

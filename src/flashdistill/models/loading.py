@@ -151,17 +151,20 @@ _LORA_B_MARKERS = (".lora_B.", ".lora.up.", ".lora_up.")  # diffusers/peft and o
 def lora_scale(scale) -> float | dict[str, float]:
     """A LoRA's strength, checked: a number, or per-block scales ``{"mid": 0.5, ...}`` (keys
     ``default``, ``down``, ``mid``, ``up``, ``down.<i>``, ``up.<i>``; see :func:`scale_lora_blocks`)."""
-    if isinstance(scale, dict):
-        out = {}
-        for key, value in scale.items():
-            if not (key in ("default", "down", "mid", "up") or
-                    (key.split(".")[0] in ("down", "up") and key.count(".") == 1 and key.split(".")[1].isdigit())):
-                raise ValueError(f"unknown LoRA block {key!r}; expected {BLOCK_SCALE_KEYS}")
-            out[key] = lora_scale(value)
-        return out
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"a LoRA scale must be a number or a dict of block scales, not {scale!r}")
-    return float(scale)
+    import numbers
+
+    def number(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"a LoRA scale must be a number or a dict of block scales, not {value!r}")
+        return float(value)
+
+    if not isinstance(scale, dict):
+        return number(scale)
+    for key in scale:
+        if not (key in ("default", "down", "mid", "up") or
+                (key.split(".")[0] in ("down", "up") and key.count(".") == 1 and key.split(".")[1].isdigit())):
+            raise ValueError(f"unknown LoRA block {key!r}; expected {BLOCK_SCALE_KEYS}")
+    return {key: number(value) for key, value in scale.items()}
 
 
 def _lora_block(key: str) -> tuple[str, str] | None:
@@ -179,8 +182,11 @@ def scale_lora_blocks(state: dict, scales: dict[str, float]) -> dict:
     Every LoRA layer of a block is scaled, its resnets included; diffusers' ``set_adapters`` block
     dict scales only the blocks' attentions. Layers outside the blocks (conv_in, time embedding)
     take ``default``. The result loads in diffusers as any LoRA (``load_lora_weights``)."""
+    def b_side(key: str) -> bool:
+        return any(marker in key for marker in _LORA_B_MARKERS)
+
     scales = lora_scale(scales)
-    if not any(b in k for k in state for b in _LORA_B_MARKERS):
+    if not any(b_side(k) for k in state):
         raise ValueError("per-block scales need a LoRA with lora_B / lora.up weights; this one has none")
     used, out, blocks = set(), {}, set()
     for key, value in state.items():
@@ -192,7 +198,7 @@ def scale_lora_blocks(state: dict, scales: dict[str, float]) -> dict:
             found = next((k for k in (f"{part}.{index}", part) if k in scales), "default")
         used.add(found)
         s = scales.get(found, 1.0)
-        out[key] = value * s if s != 1.0 and any(b in key for b in _LORA_B_MARKERS) else value
+        out[key] = value * s if s != 1.0 and b_side(key) else value
     missing = sorted(set(scales) - used - {"default"})
     if missing:
         raise ValueError(f"LoRA block(s) {missing} hold no weights of this LoRA; its UNet blocks are {sorted(blocks)}")
