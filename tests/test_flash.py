@@ -199,6 +199,33 @@ def test_dmd_guidance_sets_the_real_scores_range_only(tiny_teacher, monkeypatch)
         tiny_flash(tiny_teacher, dmd_guidance=[3.0, 2.0])
 
 
+def test_first_guidance_sets_the_range_of_targets_solved_from_the_first_grid_point(tiny_teacher, monkeypatch):
+    """first_guidance = [lo, hi]: a target solved from grid[0] draws w in that range, one solved
+    from any other grid point keeps guidance_min..guidance_max; [] draws both from the latter."""
+    import flashdistill.methods.flash as flash_module
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.train import DeterministicBatches
+
+    batch = DeterministicBatches(get_dataset("digits"), 4, 1, 0, 0, 1).get(0, 0)
+    original = flash_module.cfg_model
+    for first_guidance, index, expect in (([5.0, 6.0], 0, (5.0, 6.0)), ([5.0, 6.0], 1, (1.0, 3.0)), ([], 0, (1.0, 3.0))):
+        ws = []
+
+        def spy(denoiser, cond, uncond, w):
+            ws.append(torch.as_tensor(w).clone())
+            return original(denoiser, cond, uncond, w)
+
+        monkeypatch.setattr(flash_module, "cfg_model", spy)
+        monkeypatch.setattr(flash_module, "sample_grid_index", lambda p, n, g: torch.tensor([index]))
+        m = tiny_flash(tiny_teacher, phase_steps=[0, 0, 0], use_dmd=False, use_adv=False, first_guidance=first_guidance)
+        m.setup("cpu")
+        m.step(batch, 10, m.models(), torch.Generator().manual_seed(0))
+        assert len(ws) == 1  # the target's solve
+        assert expect[0] <= ws[0].min() and ws[0].max() <= expect[1]
+    with pytest.raises(ValueError, match="first_guidance"):
+        tiny_flash(tiny_teacher, first_guidance=[2.0])
+
+
 # --- Teacher target, Eq. (2) -----------------------------------------------------------------
 
 def test_teacher_target_equals_independent_diffusers_dpm_solver(tiny_teacher):

@@ -69,6 +69,9 @@ class FlashConfig(StudentConfig):
     dmd_t_max: int = field(999, "upper end of t''")
     dmd_guidance: list[float] = field([], "CFG range [min, max] of DMD's real score, w ~ U per sample ([]: the "
                                              "target's guidance_min..guidance_max, as the reference code)")
+    first_guidance: list[float] = field([], "CFG range [min, max] of the teacher's targets solved from the first grid "
+                                             "point (t = grid[0], where every sampler's first call sits); []: "
+                                             "guidance_min..guidance_max")
     dmd_input_t_min: int = field(0, "DMD acts only on batches whose student input timestep t is >= this "
                                      "(999: only the pure-noise, one-step regime; 0: every batch)")
     dmd_fake_score: Literal["student", "trained"] = field(
@@ -116,9 +119,10 @@ class FlashConfig(StudentConfig):
             grid_probabilities(self.K, "flash", w, self.pi_std)
         if not 0 <= self.guidance_min <= self.guidance_max:
             raise ValueError(f"need 0 <= guidance_min <= guidance_max, got {self.guidance_min}, {self.guidance_max}")
-        g = self.dmd_guidance
-        if g and (len(g) != 2 or not 0 <= g[0] <= g[1]):
-            raise ValueError(f"dmd_guidance must be [] or [min, max] with 0 <= min <= max, got {g}")
+        for name in ("dmd_guidance", "first_guidance"):
+            g = getattr(self, name)
+            if g and (len(g) != 2 or not 0 <= g[0] <= g[1]):
+                raise ValueError(f"{name} must be [] or [min, max] with 0 <= min <= max, got {g}")
         if not 0 <= self.dmd_t_min <= self.dmd_t_max:
             raise ValueError(f"need 0 <= dmd_t_min <= dmd_t_max, got {self.dmd_t_min}, {self.dmd_t_max}")
         m = self.two_step_modes
@@ -244,11 +248,16 @@ class FlashDistillation(StudentMethod):
                           callback=lambda i, x: kept.update(x=x) if i == keep - index else None)
         return target, kept["x"]
 
-    def _guidance(self, b: int, generator, dmd: bool = False) -> torch.Tensor:
+    def _guidance(self, b: int, generator, dmd: bool = False, first: bool = False) -> torch.Tensor:
         """w ~ U[guidance_min, guidance_max] per sample; DMD's real score draws from ``dmd_guidance``
-        when set (the same number of draws either way, so runs differ only in the range)."""
+        and targets solved from the first grid point (``first``) from ``first_guidance`` when set
+        (the same number of draws either way, so runs differ only in the range)."""
         c = self.config
-        lo, hi = c.dmd_guidance if dmd and c.dmd_guidance else (c.guidance_min, c.guidance_max)
+        lo, hi = c.guidance_min, c.guidance_max
+        if dmd and c.dmd_guidance:
+            lo, hi = c.dmd_guidance
+        elif first and c.first_guidance:
+            lo, hi = c.first_guidance
         return (lo + (hi - lo) * torch.rand(b, generator=generator)).to(self.device)
 
     # --- target replay (target_reuse > 1): the teacher's solve is most of a step's cost ----
@@ -263,7 +272,7 @@ class FlashDistillation(StudentMethod):
         index = int(sample_grid_index(self.probabilities(step), 1, generator))
         t = self.grid[index].float().expand(x0.shape[0]).to(dev)
         x_t = sch.add_noise(x0, torch.randn(x0.shape, generator=generator).to(dev), t)
-        w = self._guidance(x0.shape[0], generator)
+        w = self._guidance(x0.shape[0], generator, first=index == 0)
         solved = {"x0": x0, "x_t": x_t, "t": t, "cond": cond, "uncond": uncond}
         keep = index + (c.consistency_skip or c.K // 4)  # default: one step of the 4-step sampler below t
         if c.consistency > 0 and keep < c.K:
