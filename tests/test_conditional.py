@@ -397,9 +397,28 @@ def test_codi_long_preset_is_the_digits_preset_at_4x_the_steps(tiny_teacher):
     long, preset = build_config(tiny_teacher, "digits-long")
     a, b = to_dict(short), to_dict(long)
     assert preset == "digits-long" and b["train"]["steps"] == 4 * a["train"]["steps"] == 2400
-    # the same but for the learning rate: digits-long keeps 5e-4, where its figures were measured
+    # the same but for the learning rate (digits-long keeps 5e-4) and the samplers (LCMScheduler's picks),
+    # where its figures were measured
     assert a["lr"] == 2e-3 and b["lr"] == 5e-4
-    assert {k: v for k, v in a.items() if k not in ("train", "lr")} == {k: v for k, v in b.items() if k not in ("train", "lr")}
+    assert a["four_step_timesteps"] == [999, 399, 199, 99] and b["two_step_timesteps"] == b["four_step_timesteps"] == []
+    differ = ("train", "lr", "two_step_timesteps", "four_step_timesteps")
+    assert {k: v for k, v in a.items() if k not in differ} == {k: v for k, v in b.items() if k not in differ}
+
+
+def test_codi_samples_at_the_timesteps_it_is_given(tiny_teacher):
+    """The digits preset's 2- and 4-step samplers sit at [999, 199] and [999, 399, 199, 99]; []
+    leaves LCMScheduler's pick on the N-grid; timesteps off the grid the student trains at, out of
+    order or of the wrong count are refused, naming them."""
+    from flashdistill.config import ConfigError
+
+    assert _codi(tiny_teacher).sampling()["timesteps"] == {"1": [999], "2": [999, 199], "4": [999, 399, 199, 99]}
+    lcm = _codi(tiny_teacher, two_step_timesteps=[], four_step_timesteps=[])
+    assert lcm.sampling()["timesteps"] == {"1": [999], "2": [999, 499], "4": [999, 759, 499, 259]}
+    with pytest.raises(ValueError, match=r"four_step_timesteps: \[400, 200, 100\] not on the N = 50 grid .*999, 979, 959, ..., 19"):
+        _codi(tiny_teacher, four_step_timesteps=[999, 400, 200, 100])
+    for bad in ([199, 999], [999], [999, 199, 99]):
+        with pytest.raises((ValueError, ConfigError), match="two_step_timesteps must be .* from high to low"):
+            _codi(tiny_teacher, two_step_timesteps=bad)
 
 
 def test_codi_adapted_model_is_the_teacher_at_step_0(tiny_teacher):
