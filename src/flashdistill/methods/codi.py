@@ -108,8 +108,8 @@ PRESETS = {
     # an early large drop and its last calls low, [999, 199] and [999, 399, 199, 99], not LCMScheduler's
     # even picks [999, 499] and [999, 759, 499, 259]: 4-step FD 3.24 / 3.15 -> 1.89 / 2.29 (inpaint, two
     # seeds), 3.91 / 5.17 -> 2.73 / 3.40 (sr), 3.27 / 3.83 -> 2.15 / 2.51 (sketch), pixel FD and
-    # per-condition diversity towards the teacher's on every one, at 0.5-1.4 points of adherence (still at
-    # or above the teacher's) and a worse sr low-res consistency (docs/conditional.md, "The sampler's
+    # per-condition diversity towards the teacher's on every one, at 0.4-1.4 points of adherence (above the
+    # teacher's, or within 0.2 point) and a worse sr low-res consistency (docs/conditional.md, "The sampler's
     # timesteps").
     "digits": {"lora_rank": 8, "lr": 2e-3, "target_ema": 0.99, "sampler_gamma": 0.0, "beta": 16.0,
                "two_step_timesteps": [999, 199], "four_step_timesteps": [999, 399, 199, 99],
