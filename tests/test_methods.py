@@ -240,6 +240,27 @@ def test_splam_snr_input_time_at_gamma_zero_reads_the_skip_end(tiny_teacher):
     torch.testing.assert_close(pred, (c_skip * ratio * x_n + c_out * x0).float(), rtol=1e-5, atol=1e-5)
 
 
+def test_lcm_and_splam_sample_at_the_grid_points_they_are_given(tiny_teacher):
+    """LCM and SPLAM share CoDi's sampler keys: their 2- and 4-step samplers sit at the given points of
+    the N-grid ([]: LCMScheduler's pick); points off that grid, out of order or of the wrong count are
+    refused, naming them. The digits presets: LCM at LCMScheduler's picks, SPLAM at [999, 299] and
+    [999, 399, 199, 99]."""
+    from flashdistill.config import ConfigError
+    from flashdistill.methods.splam import build_config as build_splam_config
+
+    assert build_lcm_config(tiny_teacher, "digits")[0].sampler_tables() == {2: [], 4: []}
+    assert build_splam_config(tiny_teacher, "digits")[0].sampler_tables() == {2: [999, 299], 4: [999, 399, 199, 99]}
+    for cls, cfg_cls in ((LCMDistillation, LCMConfig), (SPLAMDistillation, SPLAMConfig)):
+        m = tiny(cls, cfg_cls, tiny_teacher, two_step_timesteps=[999, 199], four_step_timesteps=[])
+        m.setup("cpu")
+        assert m.sampling()["timesteps"] == {"1": [999], "2": [999, 199], "4": [999, 799, 499, 299]}
+        with pytest.raises(ValueError, match=r"four_step_timesteps: \[350\] not on the N = 10 grid .*999, 899, 799, ..., 99"):
+            tiny(cls, cfg_cls, tiny_teacher, four_step_timesteps=[999, 599, 350, 99]).setup("cpu")
+        for bad in ([199, 999], [999], [999, 199, 99]):
+            with pytest.raises((ValueError, ConfigError), match="two_step_timesteps must be .* from high to low"):
+                tiny(cls, cfg_cls, tiny_teacher, two_step_timesteps=bad)
+
+
 @pytest.mark.parametrize("name", ["lcm", "splam"])
 def test_method_trains_samples_and_exports(tiny_teacher, tmp_path, name):
     from diffusers import LCMScheduler
@@ -260,10 +281,14 @@ def test_method_trains_samples_and_exports(tiny_teacher, tmp_path, name):
     assert len(logs) == 2 and all(r["consistency"] > 0 for r in logs)
     meta = json.loads((run / "flashdistill.json").read_text())
     assert meta["method"] == name and meta["scheduler_config"]["original_inference_steps"] == 10
-    assert meta["sampling"]["timesteps"] == {"1": [999], "2": [999, 499], "4": [999, 799, 499, 299]}
+    # LCM samples at LCMScheduler's picks, which its exported scheduler makes itself; the SPLAM digits
+    # preset at its own grid points, which the model card lists
+    own = {"lcm": {"1": [999], "2": [999, 499], "4": [999, 799, 499, 299]},
+           "splam": {"1": [999], "2": [999, 299], "4": [999, 399, 199, 99]}}[name]
+    assert meta["sampling"]["timesteps"] == own
     lcm = LCMScheduler.from_pretrained(run / "scheduler")
     lcm.set_timesteps(4)
-    assert lcm.timesteps.tolist() == meta["sampling"]["timesteps"]["4"]
+    assert (lcm.timesteps.tolist() == own["4"]) == (name == "lcm")
     student = load_model(run)
     for n in (1, 2, 4):
         images = sample(student, ["a handwritten digit five"] * 2, [0, 1], n)
@@ -276,6 +301,7 @@ def test_method_trains_samples_and_exports(tiny_teacher, tmp_path, name):
     card = (out / "README.md").read_text()
     assert f"# {module.Method.label} student" in card and module.Method.title in card
     assert "LCMScheduler" in card and "in 1, 2 or 4 steps" in card
+    assert all(f"| {k} | `{v}` |" in card for k, v in own.items())
 
 
 def test_splam_resume_with_ema_target_is_bit_identical(tiny_teacher, tmp_path):

@@ -88,6 +88,50 @@ class StudentConfig:
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
 
 
+@dataclass
+class GridSamplerConfig(StudentConfig):
+    """A student trained at every point of an N-point skipping grid (LCM, SPLAM, CoDi): its 2- and
+    4-step samplers may sit at any of those points, not only where LCMScheduler would put them."""
+    two_step_timesteps: list[int] = field([], "the 2-step sampler's timesteps, points of the N-grid from high to low "
+                                              "([]: LCMScheduler's pick, 999 and 499 at N = 50)")
+    four_step_timesteps: list[int] = field([], "the 4-step sampler's timesteps, points of the N-grid from high to low "
+                                               "([]: LCMScheduler's pick, 999, 759, 499 and 259 at N = 50)")
+
+    def sampler_tables(self) -> dict[int, list[int]]:
+        """The chosen timesteps per step count ([] where LCMScheduler picks)."""
+        return {2: self.two_step_timesteps, 4: self.four_step_timesteps}
+
+    def validate(self):
+        super().validate()
+        for n, ts in self.sampler_tables().items():
+            if ts and (len(ts) != n or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0):
+                raise ValueError(f"{_TABLE_KEYS[n]} must be [] or {n} timesteps >= 0 from high to low, got {ts}")
+
+
+_TABLE_KEYS = {2: "two_step_timesteps", 4: "four_step_timesteps"}
+
+
+class GridSampler:
+    """Sampling of a :class:`GridSamplerConfig` student: ``self.grid`` holds the N points it trains
+    at (set in ``prepare``), where its chosen sampler timesteps must lie."""
+
+    def check_sampler_timesteps(self) -> None:
+        points = [int(t) for t in self.grid]
+        for n, ts in self.config.sampler_tables().items():
+            off = [t for t in ts if t not in points]
+            if off:
+                raise ValueError(f"{_TABLE_KEYS[n]}: {off} not on the N = {len(points)} grid the student trains at "
+                                 f"({', '.join(map(str, points[:3]))}, ..., {points[-1]})")
+
+    def grid_timesteps(self) -> dict[str, list]:
+        """The sampling table's timesteps at 1, 2 and 4 steps: the config's choice, else LCMScheduler's."""
+        from ..core.timesteps import lcm_inference_timesteps
+
+        chosen = self.config.sampler_tables()
+        return {str(n): self._timesteps(chosen.get(n) or lcm_inference_timesteps(self.grid, n))
+                for n in (1, 2, 4) if n <= len(self.grid)}
+
+
 def scaled_count(n: int, factor: float, minimum: int = 1) -> int:
     """A count of steps ``n`` scaled by ``factor``, rounded, at least ``minimum``."""
     return max(minimum, round(n * factor))

@@ -36,14 +36,14 @@ import torch
 from ..config import field
 from ..core.schedules import append_dims, lcm_boundary_scalings, x0_to_eps
 from ..core.solvers import ddim_move
-from ..core.timesteps import lcm_inference_timesteps, next_on_grid, skipping_grid
+from ..core.timesteps import next_on_grid, skipping_grid
 from ..models.controlled import CONTROLNET_DIR, ControlledUNet, controlnet_for
 from ..models.denoiser import Denoiser
 from ..models.student import save_student
 from ..tasks import CONTROL, article, get_task, preview_condition
 from ..train import TrainConfig
 from . import base
-from .base import UNET_ALL_TARGETS, EMATarget, StudentConfig, StudentMethod, unwrap
+from .base import UNET_ALL_TARGETS, EMATarget, GridSampler, GridSamplerConfig, StudentMethod, unwrap
 
 
 
@@ -52,7 +52,7 @@ def _codi_train_defaults() -> TrainConfig:
 
 
 @dataclass
-class CoDiConfig(StudentConfig):
+class CoDiConfig(GridSamplerConfig):
     task: Literal["inpaint", "sr", "sketch"] = field("sr", "the conditional task to learn (its condition from the batch's images)")
     pe: bool = field(False, "PE-CoDi: train only the conditional encoder (the UNet stays the teacher's)")
     N: int = field(50, "points of the timestep grid; s = t - T // N")
@@ -67,10 +67,6 @@ class CoDiConfig(StudentConfig):
     ode_weights: Literal["ema", "initial"] = field("ema", "weights of the adapted model in the ODE step: its EMA "
                                                          "(paper) or those at initialisation (the code's closure)")
     t_per: Literal["batch", "sample"] = field("batch", "one t per batch (paper, Sec. 5.2) or per sample (the code)")
-    two_step_timesteps: list[int] = field([], "the 2-step sampler's timesteps, points of the N-grid from high to low "
-                                              "([]: LCMScheduler's pick, 999 and 499 at N = 50)")
-    four_step_timesteps: list[int] = field([], "the 4-step sampler's timesteps, points of the N-grid from high to low "
-                                               "([]: LCMScheduler's pick, 999, 759, 499 and 259 at N = 50)")
     train: TrainConfig = dc_field(default_factory=_codi_train_defaults, metadata={"help": "training loop"})
 
     def validate(self):
@@ -81,10 +77,6 @@ class CoDiConfig(StudentConfig):
             raise ValueError(f"target_ema must be in [0, 1), got {self.target_ema}")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
-        for name, n in (("two_step_timesteps", 2), ("four_step_timesteps", 4)):
-            ts = getattr(self, name)
-            if ts and (len(ts) != n or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0):
-                raise ValueError(f"{name} must be [] or {n} timesteps >= 0 from high to low, got {ts}")
 
 
 CONTROLNET_PIPELINES = {"sd": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
@@ -131,7 +123,7 @@ def build_config(teacher, preset: str = "auto", *layers: dict) -> tuple[CoDiConf
     return base.build_config(CoDiConfig, PRESETS, teacher, preset, *layers)
 
 
-class CoDiDistillation(EMATarget, StudentMethod):
+class CoDiDistillation(GridSampler, EMATarget, StudentMethod):
     name = "codi"
     label = "CoDi"
     title = "Conditional Diffusion Distillation (CoDi, Mei et al. 2024)"
@@ -153,12 +145,7 @@ class CoDiDistillation(EMATarget, StudentMethod):
         self.downscale = self.teacher.pixel_shape[-1] // self.teacher.image_shape[-1]
         self.grid = skipping_grid(self.schedule, c.N)
         self.grid_size = c.N
-        points = [int(t) for t in self.grid]
-        for name in ("two_step_timesteps", "four_step_timesteps"):
-            off = [t for t in getattr(c, name) if t not in points]
-            if off:
-                raise ValueError(f"{name}: {off} not on the N = {c.N} grid the student trains at "
-                                 f"({', '.join(map(str, points[:3]))}, ..., {points[-1]})")
+        self.check_sampler_timesteps()
 
     def default_targets(self) -> list[str]:
         return UNET_ALL_TARGETS
@@ -244,10 +231,7 @@ class CoDiDistillation(EMATarget, StudentMethod):
 
     # --- outputs -------------------------------------------------------------------------
     def sampling(self) -> dict:
-        c = self.config
-        chosen = {2: c.two_step_timesteps, 4: c.four_step_timesteps}
-        ts = {str(n): self._timesteps(chosen.get(n) or lcm_inference_timesteps(self.grid, n)) for n in (1, 2, 4) if n <= c.N}
-        return {"timesteps": ts, "sampler": "lcm_multistep", "gamma": self.config.sampler_gamma, "guidance": None,
+        return {"timesteps": self.grid_timesteps(), "sampler": "lcm_multistep", "gamma": self.config.sampler_gamma, "guidance": None,
                 "boundary": {"sigma_data": 0.5, "timestep_scaling": 10.0}}
 
     def preview_cond(self, prompts: list[str]) -> tuple[dict, list[torch.Tensor]]:

@@ -40,12 +40,12 @@ import torch
 
 from ..config import field
 from ..core.solvers import cfg_model, ddim_move
-from ..core.timesteps import lcm_inference_timesteps, next_on_grid, skipping_grid
+from ..core.timesteps import next_on_grid, skipping_grid
 from ..losses import consistency_loss
 from ..models.student import StudentDenoiser, add_condition_projection, guidance_embedding, w_condition
 from ..train import TrainConfig
 from . import base
-from .base import UNET_ALL_TARGETS, EMATarget, StudentConfig, StudentMethod, unwrap
+from .base import UNET_ALL_TARGETS, EMATarget, GridSampler, GridSamplerConfig, StudentMethod, unwrap
 
 
 def _lcm_train_defaults() -> TrainConfig:
@@ -53,7 +53,7 @@ def _lcm_train_defaults() -> TrainConfig:
 
 
 @dataclass
-class LCMConfig(StudentConfig):
+class LCMConfig(GridSamplerConfig):
     N: int = field(50, "points of the skipping-step grid (LCMScheduler's original_inference_steps); skip k = T // N")
     guidance: float = field(8.5, "teacher CFG scale g inside the ODE step (diffusers form, 1 = none; LCM's w = g - 1); "
                                  "with w_mode=embedded, the scale the student samples with by default")
@@ -116,7 +116,7 @@ def build_config(teacher, preset: str = "auto", *layers: dict) -> tuple[LCMConfi
     return base.build_config(LCMConfig, PRESETS, teacher, preset, *layers)
 
 
-class LCMDistillation(EMATarget, StudentMethod):
+class LCMDistillation(GridSampler, EMATarget, StudentMethod):
     name = "lcm"
     label = "LCM-LoRA"
     title = "Latent Consistency Distillation (LCM / LCM-LoRA, Luo et al. 2023)"
@@ -125,6 +125,7 @@ class LCMDistillation(EMATarget, StudentMethod):
     def prepare(self) -> None:
         self.grid = skipping_grid(self.schedule, self.config.N)
         self.grid_size = self.config.N
+        self.check_sampler_timesteps()
         self.w_embed = self.uses_w_embedding()
         lo, hi = self.config.guidance_range
         if self.w_embed and not lo <= self.config.guidance <= hi:
@@ -235,10 +236,9 @@ class LCMDistillation(EMATarget, StudentMethod):
 
     def sampling(self) -> dict:
         c = self.config
-        ts = {str(n): self._timesteps(lcm_inference_timesteps(self.grid, n)) for n in (1, 2, 4) if n <= c.N}
         told = {"w_embedding": {"dim": c.w_embedding_dim, "guidance": c.guidance, "range": list(c.guidance_range)}} \
             if self.w_embed else {}
-        return {"timesteps": ts, "sampler": "lcm_multistep", "gamma": c.sampler_gamma, "guidance": None,
+        return {"timesteps": self.grid_timesteps(), "sampler": "lcm_multistep", "gamma": c.sampler_gamma, "guidance": None,
                 "boundary": {"sigma_data": 0.5, "timestep_scaling": 10.0}, **told}
 
 

@@ -129,8 +129,14 @@ PRESETS = {
     # teacher_steps = 5 (the paper's SD1.5 multiple estimation, k = 100 by 5 DDIM steps of 20, as the
     # sd preset): 44.4 / 29.3 / 15.1 -> 15.4 / 13.0 / 9.0 at 1 / 2 / 4 steps, pixel FD and 1-step
     # adherence better too (two seeds, 2026-12-05), at 2.2x the time per step (docs/methods.md)
+    # The samplers' timesteps: SPLAM trains at every point of the N-grid, and its 2-step student samples
+    # better at [999, 299] than at LCMScheduler's [999, 499] (FD 10.28 / 9.91 -> 8.47 / 8.53, pixel FD
+    # 0.282 / 0.258 -> 0.237 / 0.222, for 0.2-0.4 points of adherence, two seeds of the methods
+    # benchmark's students), its 4-step one a little at [999, 399, 199, 99], CoDi's table (9.19 / 8.84 ->
+    # 8.84 / 8.69, adherence up); LCM-LoRA's students do not gain, so LCM keeps LCMScheduler's picks
+    # (docs/methods.md, "The sampler's timesteps").
     "digits": {**LCM_PRESETS["digits"], "gamma_dim": 32, "input_scale": "variance", "input_time": "snr",
-               "teacher_steps": 5},
+               "teacher_steps": 5, "two_step_timesteps": [999, 299], "four_step_timesteps": [999, 399, 199, 99]},
 }
 
 
