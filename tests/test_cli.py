@@ -223,6 +223,11 @@ def test_evaluate_refuses_real_model_flags_on_a_digits_model(tiny_teacher, capsy
     assert "FD" not in out
 
 
+def test_evaluate_seed_set_is_a_count(tiny_teacher, capsys):
+    code, _, err = _exit(["evaluate", "--model", str(tiny_teacher), "--seed-set", "-1"], capsys)
+    assert code == 2 and "--seed-set: expected an integer >= 0, got -1" in err
+
+
 def test_evaluate_against_itself(tiny_teacher, capsys, tmp_path):
     rc, out, err = _run(["evaluate", "--model", str(tiny_teacher), "--teacher", str(tiny_teacher),
                          "--steps", "2", "32", "--num-samples", "12", "--out", str(tmp_path / "e.json")], capsys)

@@ -326,6 +326,30 @@ def test_evaluate_reports_task_metrics_and_diversity(teachers, monkeypatch):
     assert r["teacher_mse"] is not None and r["diversity"] > 0
 
 
+def test_evaluate_seed_sets_draw_other_seeds_and_conditions(teachers, monkeypatch):
+    """Seed set 0 is the usual evaluation set; set 1 keeps the test digits and prompts and draws other
+    sample seeds and other inpainting boxes, and the teacher reference follows it (so a teacher
+    scored against itself at 32 steps still has teacher MSE 0)."""
+    from flashdistill import api, scoring
+    from flashdistill.tasks import get_task
+
+    task = get_task("inpaint")
+    usual, other = (scoring.eval_set(40, task, **scoring.seed_set_args(k)) for k in (0, 1))
+    for a, b in zip(usual, scoring.eval_set(40, task)):  # set 0: what every documented figure used
+        assert a == b if isinstance(a, list) else all(torch.equal(a[k], b[k]) for k in a) if isinstance(a, dict) else torch.equal(a, b)
+    assert usual[0] == other[0] and torch.equal(usual[4], other[4])  # same prompts, same true digits
+    assert other[2] == [100_000 + i for i in range(40)]
+    assert not all(torch.equal(usual[3][k], other[3][k]) for k in usual[3])  # other boxes
+    with pytest.raises(ValueError, match="seed_set must be >= 0"):
+        scoring.seed_set_args(-1)
+
+    monkeypatch.setattr(scoring, "DIVERSITY_CONDITIONS", 2)
+    rows = {k: api.evaluate(teachers["inpaint"], steps=[32], num_samples=6, teacher=teachers["inpaint"], seed_set=k)[0]
+            for k in (0, 1)}
+    assert rows[0]["teacher_mse"] == rows[1]["teacher_mse"] == 0.0
+    assert rows[0]["unmasked_mse"] != rows[1]["unmasked_mse"]
+
+
 def test_cli_sample_writes_the_condition_first(teachers, tmp_path, capsys):
     from PIL import Image
 

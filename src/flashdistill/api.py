@@ -401,42 +401,46 @@ def _moved_teacher(run, teacher):
     return teacher if meta.get("kind") == "student" and not Path(meta["teacher"]).exists() else None
 
 
-def _eval_inputs(model, num_samples: int):
+def _eval_inputs(model, num_samples: int, seed_set: int = 0):
     """Prompts, labels, seeds, condition and true images of the digits evaluation (condition and
-    truth None for text-to-image models)."""
-    from .scoring import eval_prompts, eval_set
+    truth None for text-to-image models); ``seed_set``: :func:`~flashdistill.scoring.seed_set_args`."""
+    from .scoring import eval_prompts, eval_set, seed_set_args
 
+    chosen = seed_set_args(seed_set)
     if model.task.keys:
-        return eval_set(num_samples, model.task)
-    return (*eval_prompts(num_samples), None, None)
+        return eval_set(num_samples, model.task, **chosen)
+    return (*eval_prompts(num_samples, chosen["seed"]), None, None)
 
 
-def teacher_reference(teacher, num_samples: int, guidance: float | None = None, progress: bool = False):
+def teacher_reference(teacher, num_samples: int, guidance: float | None = None, progress: bool = False,
+                      seed_set: int = 0):
     """The teacher's 32-step samples on the digits evaluation prompts and seeds (and conditions):
     what teacher MSE is measured against."""
     from .sample import sample
 
-    prompts, _, seeds, condition, _ = _eval_inputs(teacher, num_samples)
+    prompts, _, seeds, condition, _ = _eval_inputs(teacher, num_samples, seed_set)
     return sample(teacher, prompts, seeds, TEACHER_STEPS, guidance=guidance, progress=progress, condition=condition)
 
 
 def score_digits(model, num_samples: int, steps: list[int], guidance: float | None = None, sampler: str | None = None,
-                 reference=None, progress: bool = False, style: str | None = None, samples: dict | None = None) -> list[dict]:
+                 reference=None, progress: bool = False, style: str | None = None, samples: dict | None = None,
+                 seed_set: int = 0) -> list[dict]:
     """FD, pixel FD, histogram distance, adherence (and teacher MSE against ``reference``) of
     ``model`` on the digits prompts, one row per step count; conditional models also get their
     task's consistency metrics and the per-condition diversity (docs/metrics.md). ``style``: score
     against that style's test split (default: the style of the model's LoRA, if any). ``samples``:
     step count -> images already sampled on these prompts, seeds and settings (such as the
-    ``reference`` itself at 32 steps), scored instead of sampled again."""
+    ``reference`` itself at 32 steps), scored instead of sampled again. ``seed_set``: other sample
+    seeds and condition draws on the same test digits (0: the usual ones)."""
     from tqdm.auto import tqdm
 
-    from .scoring import diversity, diversity_set, score
+    from .scoring import diversity, diversity_set, score, seed_set_args
     from .sample import sample
 
     task = model.task
-    prompts, labels, seeds, condition, truth = _eval_inputs(model, num_samples)
+    prompts, labels, seeds, condition, truth = _eval_inputs(model, num_samples, seed_set)
     if task.keys:
-        d_prompts, d_seeds, d_condition = diversity_set(task)
+        d_prompts, d_seeds, d_condition = diversity_set(task, **seed_set_args(seed_set))
     rows = []
     for n in tqdm(steps, desc="evaluate", disable=not progress, unit="row"):
         images = (samples or {}).get(n)
@@ -453,14 +457,16 @@ def score_digits(model, num_samples: int, steps: list[int], guidance: float | No
 def evaluate(model, steps=(1, 2, 4), num_samples: int = 1000, teacher=None, guidance: float | None = None,
              sampler: str | None = None, teacher_guidance: float | None = None, prompts=None, protocol=None,
              reference=None, inception_weights=None, clip_model=None, extra_loras=(),
-             progress: bool = False) -> list[dict]:
+             progress: bool = False, seed_set: int = 0) -> list[dict]:
     """Score a teacher or a run, one row (a dict) per step count.
 
     Digits models: FD, pixel FD, histogram distance and adherence on ``num_samples`` digits prompts
     (and ``teacher_mse`` against ``teacher``'s 32-step output). Real models: FID against the
     ``reference`` image folder and CLIP score on ``prompts`` (local weights only). ``extra_loras``:
     (LoRA, scale) pairs stacked on the model; a style LoRA's digits rows are scored against that
-    style's test set (``fd``, ``pixel_fd``, ``hist``), with ``fd_unstyled`` and ``ink`` beside."""
+    style's test set (``fd``, ``pixel_fd``, ``hist``), with ``fd_unstyled`` and ``ink`` beside.
+    ``seed_set``: digits models only, a second (third, ...) set of sample seeds and condition draws
+    on the same test digits, to check a choice made on the usual set (0)."""
     from .models.loading import load_model
 
     steps = [steps] if isinstance(steps, int) else list(steps)
@@ -468,6 +474,9 @@ def evaluate(model, steps=(1, 2, 4), num_samples: int = 1000, teacher=None, guid
     teacher = None if teacher is None else os.fspath(teacher)
     m = load_model(path, teacher=_moved_teacher(path, teacher), extra_loras=[(os.fspath(p), s) for p, s in extra_loras])
     if m.meta.get("dataset") != "digits":
+        if seed_set:
+            raise ValueError(f"--seed-set {seed_set}: seed sets are the built-in digits evaluation's; {path} is "
+                             "scored on --prompts / --reference")
         return _evaluate_real(m, steps, num_samples, guidance, prompts, protocol, reference, inception_weights, clip_model,
                               progress)
     ignored = [name for name, value in (("--prompts", prompts), ("--protocol", protocol), ("--reference", reference),
@@ -475,8 +484,8 @@ def evaluate(model, steps=(1, 2, 4), num_samples: int = 1000, teacher=None, guid
     if ignored:
         raise ValueError(f"{path} is a digits model, scored on the built-in digits metrics; "
                          f"{', '.join(ignored)} only apply to real models: drop them")
-    ref = teacher_reference(load_model(teacher), num_samples, teacher_guidance, progress) if teacher else None
-    return score_digits(m, num_samples, steps, guidance, sampler, ref, progress)
+    ref = teacher_reference(load_model(teacher), num_samples, teacher_guidance, progress, seed_set) if teacher else None
+    return score_digits(m, num_samples, steps, guidance, sampler, ref, progress, seed_set=seed_set)
 
 
 def _evaluate_real(model, steps, num_samples, guidance, prompts, protocol, reference, inception_weights, clip_model,

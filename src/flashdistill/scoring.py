@@ -192,24 +192,35 @@ def eval_prompts(n: int, seed: int = 0) -> tuple[list[str], torch.Tensor, list[i
 
 COND_SEED = 1234  # masks of the conditional evaluation set
 DIVERSITY_CONDITIONS, DIVERSITY_SEEDS = 50, 8
+SEED_SET_STRIDE = 100_000  # seed set k draws its sample seeds from k * this on
 
 
-def eval_set(n: int, task, seed: int = 0) -> tuple[list[str], torch.Tensor, list[int], dict, torch.Tensor]:
+def eval_set(n: int, task, seed: int = 0, cond_seed: int = COND_SEED) -> tuple[list[str], torch.Tensor, list[int], dict, torch.Tensor]:
     """A conditional task's evaluation set: sample i takes test digit ``i mod 360`` (its label's
-    prompt, template cycling) and that digit's condition; returns prompts, labels, seeds ``seed + i``,
-    the condition and the true images."""
+    prompt, template cycling) and that digit's condition (random parts, such as inpainting's boxes,
+    drawn from ``cond_seed``); returns prompts, labels, seeds ``seed + i``, the condition and the
+    true images."""
     test = load_digits("test")
     idx = torch.arange(n) % len(test.labels)
     truth, labels = test.images[idx], test.labels[idx]
     prompts = [prompt_for(int(d), i % len(PROMPT_TEMPLATES)) for i, d in enumerate(labels)]
-    condition = task.make(truth, torch.Generator().manual_seed(COND_SEED), train=False)
+    condition = task.make(truth, torch.Generator().manual_seed(cond_seed), train=False)
     return prompts, labels, [seed + i for i in range(n)], condition, truth
 
 
-def diversity_set(task, seed: int = 0) -> tuple[list[str], list[int], dict]:
+def seed_set_args(seed_set: int) -> dict:
+    """``eval_set`` / ``diversity_set`` keywords of evaluation seed set ``seed_set`` (0: the usual
+    one): other sample seeds and, for conditional tasks, other random condition parts, on the same
+    test digits and prompts. A second set checks a choice made on the first."""
+    if seed_set < 0:
+        raise ValueError(f"seed_set must be >= 0 (0: the usual evaluation seeds), got {seed_set}")
+    return {"seed": seed_set * SEED_SET_STRIDE, "cond_seed": COND_SEED + seed_set}
+
+
+def diversity_set(task, seed: int = 0, cond_seed: int = COND_SEED) -> tuple[list[str], list[int], dict]:
     """The first ``DIVERSITY_CONDITIONS`` evaluation conditions, each ``DIVERSITY_SEEDS`` times
     (condition-major), with seeds of their own."""
-    prompts, _, _, condition, _ = eval_set(DIVERSITY_CONDITIONS, task)
+    prompts, _, _, condition, _ = eval_set(DIVERSITY_CONDITIONS, task, cond_seed=cond_seed)
     rep = torch.arange(DIVERSITY_CONDITIONS).repeat_interleave(DIVERSITY_SEEDS)
     return ([prompts[int(i)] for i in rep], [seed + 10**6 + i for i in range(len(rep))],
             {k: v[rep] for k, v in condition.items()})
