@@ -335,8 +335,10 @@ def test_evaluate_seed_sets_draw_other_seeds_and_conditions(teachers, monkeypatc
 
     task = get_task("inpaint")
     usual, other = (scoring.eval_set(40, task, **scoring.seed_set_args(k)) for k in (0, 1))
-    for a, b in zip(usual, scoring.eval_set(40, task)):  # set 0: what every documented figure used
-        assert a == b if isinstance(a, list) else all(torch.equal(a[k], b[k]) for k in a) if isinstance(a, dict) else torch.equal(a, b)
+    default = scoring.eval_set(40, task)  # set 0 is what every documented figure used
+    assert usual[0] == default[0] and usual[2] == default[2] == list(range(40))
+    assert torch.equal(usual[1], default[1]) and torch.equal(usual[4], default[4])
+    assert all(torch.equal(usual[3][k], default[3][k]) for k in default[3])
     assert usual[0] == other[0] and torch.equal(usual[4], other[4])  # same prompts, same true digits
     assert other[2] == [100_000 + i for i in range(40)]
     assert not all(torch.equal(usual[3][k], other[3][k]) for k in usual[3])  # other boxes

@@ -99,7 +99,7 @@ class GridSamplerConfig(StudentConfig):
 
     def sampler_tables(self) -> dict[int, list[int]]:
         """The chosen timesteps per step count ([] where LCMScheduler picks)."""
-        return {2: self.two_step_timesteps, 4: self.four_step_timesteps}
+        return {n: getattr(self, key) for n, key in _TABLE_KEYS.items()}
 
     def validate(self):
         super().validate()
