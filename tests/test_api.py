@@ -132,6 +132,13 @@ def test_pipeline_is_the_stock_diffusers_pipeline_with_the_student_fused(sd_run)
     latents = seeded_noise(student.model.image_shape, [3, 4])
     ref = pipe(["a cat", "a dog"], latents=latents, output_type="pt", **student.pipeline_kwargs(1)).images
     torch.testing.assert_close(ref * 2 - 1, ours.clamp(-1, 1), rtol=1e-4, atol=1e-4)
+    # a timestep of the user's choosing (--timesteps) reaches the stock pipeline's call too (one
+    # step: the pipeline's re-noising draws its own noise)
+    chosen = fd.load(run, timesteps=[899])
+    assert chosen.pipeline_kwargs(1)["timesteps"] == [899]
+    ours = chosen.generate_tensor(["a cat", "a dog"], steps=1, seed=3)
+    ref = pipe(["a cat", "a dog"], latents=latents, output_type="pt", **chosen.pipeline_kwargs(1)).images
+    torch.testing.assert_close(ref * 2 - 1, ours.clamp(-1, 1), rtol=1e-4, atol=1e-4)
 
 
 def test_kohya_export_round_trips_to_the_same_weights(sd_run, tmp_path, capsys):
@@ -223,3 +230,65 @@ def test_wandb_offline_mode_logs_without_a_network(tiny_teacher, tmp_path, monke
     run = fd.distill(tiny_teacher, tmp_path / "r", overrides=FAST, steps=2, progress=False, report_to="wandb")
     offline = list((Path(run) / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+
+
+def test_students_sample_and_evaluate_at_chosen_timesteps(tiny_teacher, tmp_path, capsys):
+    """--timesteps / timesteps=: the student samples exactly as a run whose own table held them, at
+    that step count only; the rows say where they sampled; bad input is refused, naming it."""
+    import flashdistill as fd
+    from flashdistill.cli import main
+
+    run = fd.distill(tiny_teacher, tmp_path / "run", overrides=FAST, steps=2, progress=False)
+    prompts, chosen = ["a handwritten digit one"] * 2, [999, 500, 100]
+    edited = tmp_path / "edited"  # the same run with the chosen timesteps written into its table
+    shutil.copytree(run, edited)
+    meta = json.loads((edited / "flashdistill.json").read_text())
+    meta["sampling"]["timesteps"]["3"] = chosen
+    (edited / "flashdistill.json").write_text(json.dumps(meta))
+    want = fd.load(edited).generate_tensor(prompts, steps=3, seed=2)
+    student = fd.load(run, timesteps=chosen)
+    assert student.step_counts == [1, 2, 3, 4]
+    assert torch.equal(student.generate_tensor(prompts, steps=3, seed=2), want)
+    assert torch.equal(student.generate_tensor(prompts, steps=2, seed=2),  # other step counts keep their own
+                       fd.load(run).generate_tensor(prompts, steps=2, seed=2))
+    assert student.pipeline_kwargs(3)["timesteps"] == chosen
+
+    npz = tmp_path / "s.npz"
+    assert main(["sample", "--model", str(run), "--prompt", prompts[0], "--timesteps", "999", "500", "100",
+                 "--seed", "2", "--num-images", "2", "--out", str(tmp_path / "s.png"), "--npz", str(npz)]) == 0
+    assert np.array_equal(np.load(npz)["images"], want.clamp(-1, 1).numpy())  # (the npz is clamped)
+    assert main(["evaluate", "--model", str(run), "--timesteps", "999", "500", "100", "--num-samples", "10",
+                 "--quiet", "--out", str(tmp_path / "e.json")]) == 0
+    assert "student sampled at 999 500 100 (3 steps, --timesteps)" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert [(r["steps"], r["timesteps"]) for r in rows] == [(3, chosen)]  # no --steps: the length of --timesteps
+    rows = fd.evaluate(run, num_samples=10)  # no steps: the student's own counts, each with its table
+    assert [r["steps"] for r in rows] == [1, 2, 4] and rows[0]["timesteps"] == meta["sampling"]["timesteps"]["1"]
+    # export --timesteps: the files carry the chosen table and say it was chosen at export
+    assert main(["export", "--model", str(run), "--out", str(tmp_path / "exp"), "--num-samples", "10", "--quiet",
+                 "--timesteps", "999", "500", "100"]) == 0
+    written = json.loads((tmp_path / "exp" / "flashdistill_sampling.json").read_text())
+    assert written["timesteps"]["3"] == chosen and written["chosen_at_export"] == ["3"]
+    own = json.loads((run.path / "flashdistill.json").read_text())["sampling"]["timesteps"]
+    assert {k: v for k, v in written["timesteps"].items() if k != "3"} == own
+    card = (tmp_path / "exp" / "README.md").read_text()
+    assert "chosen at export" in card and f"| 3 | `{chosen}` |" in card and "| 3 | 3 |" in card  # table and metrics
+    with pytest.raises(ValueError, match="ComfyUI / A1111 / Forge take a step count, not timesteps"):
+        fd.export(run, tmp_path / "k", format="kohya", timesteps=chosen)
+
+    for argv, needle in [
+        (["sample", "--model", str(run), "--steps", "2", "--timesteps", "999", "500", "100"],
+         "--timesteps gives 3 timestep(s) (999 500 100), so 3 steps, but --steps is 2"),
+        (["evaluate", "--model", str(run), "--steps", "1", "2", "--timesteps", "999", "500", "100"],
+         "--timesteps gives 3 timestep(s) (999 500 100), so 3 steps, but --steps is 1 2"),
+        (["sample", "--model", str(run), "--timesteps", "100", "500"],
+         "--timesteps must be integers from high to low in [0, 999], got [100, 500]"),
+        (["sample", "--model", str(run), "--timesteps", "1000"],
+         "--timesteps must be integers from high to low in [0, 999], got [1000]"),
+        (["sample", "--model", str(tiny_teacher), "--timesteps", "999", "500"], "is a teacher"),
+    ]:
+        if argv[0] == "sample":
+            argv = [*argv, "--prompt", prompts[0], "--out", str(tmp_path / "x.png")]
+        assert main(argv) != 0
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, (argv, err)

@@ -99,6 +99,31 @@ def test_two_step_timesteps_follow_the_config(tiny_teacher):
         tiny_flash(tiny_teacher, two_step_shift=4)  # would reach the first call's mode
 
 
+def test_four_step_timesteps_follow_the_config_and_the_conditional_digits_preset(tiny_teacher, tmp_path):
+    """The 4-step sampler sits at the four modes unless four_step_timesteps names K-grid points;
+    the digits preset on a built-in conditional teacher ends it at t = 124, on text-to-image not."""
+    from flashdistill.methods.flash import build_config
+
+    assert tiny_flash(tiny_teacher).sampling()["timesteps"]["4"] == [999, 749, 499, 249]
+    chosen = tiny_flash(tiny_teacher, four_step_timesteps=[999, 749, 499, 124])  # K = 8: ..., 249, 124
+    assert chosen.sampling()["timesteps"]["4"] == [999, 749, 499, 124]
+    assert chosen.sampling()["timesteps"]["2"] == tiny_flash(tiny_teacher).sampling()["timesteps"]["2"]
+    with pytest.raises(ValueError, match=r"four_step_timesteps: \[700\] not on the K = 8 grid"):
+        tiny_flash(tiny_teacher, four_step_timesteps=[999, 749, 700, 124])
+    with pytest.raises(ValueError, match=r"four_step_timesteps must be \[\] or 4 timesteps >= 0 from high to low"):
+        from_dict(FlashConfig, {"teacher": "x", "four_step_timesteps": [124, 499, 749, 999]}).validate()
+    for task, want in (("t2i", []), ("inpaint", [999, 749, 499, 124]), ("sr", [999, 749, 499, 124]),
+                       ("sketch", [999, 749, 499, 124])):
+        folder = tmp_path / task
+        folder.mkdir()
+        (folder / "flashdistill.json").write_text(json.dumps({"kind": "teacher", "task": task}))
+        config, preset = build_config(folder)
+        assert preset == "digits" and config.four_step_timesteps == want, task
+        assert build_config(folder, "digits", {"four_step_timesteps": []})[0].four_step_timesteps == []  # --set wins
+        assert build_config(folder, "digits-long")[0].four_step_timesteps == []  # measured on `digits` only
+    assert build_config(tmp_path / "stand-in", "digits")[0].four_step_timesteps == []  # the benchmark's cache key
+
+
 def test_exported_scheduler_picks_the_student_timesteps_from_the_step_count(tiny_teacher):
     """original_inference_steps is chosen so that diffusers' own set_timesteps(n), with no
     timesteps= (the upscale pipeline passes none), gives the student's timesteps; where no grid

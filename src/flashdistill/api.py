@@ -378,15 +378,23 @@ def condition_from_images(model, image=None, mask=None, sketch=None, noise_level
     return {"sketch": rep((_read_image(sketch, size, "--sketch") > 0.5).float())}
 
 
-def load(path, teacher=None, device: str = "cpu", extra_loras=()) -> Loaded:
+def load(path, teacher=None, device: str = "cpu", extra_loras=(), timesteps=None) -> Loaded:
     """A teacher folder (built-in or diffusers pipeline), a distillation run or a LoRA folder;
     ``teacher``: the run's teacher folder when it is no longer where the run recorded it;
     ``extra_loras``: (LoRA, scale) pairs stacked on the model (a style LoRA on a student); a scale
-    is a number or per-UNet-block scales, ``{"mid": 0.5}`` (:func:`~flashdistill.models.loading.scale_lora_blocks`)."""
-    from .models.loading import load_model
+    is a number or per-UNet-block scales, ``{"mid": 0.5}`` (:func:`~flashdistill.models.loading.scale_lora_blocks`).
+    ``timesteps``: a student samples at these (high to low) at ``len(timesteps)`` steps, in place
+    of its run's table (:func:`~flashdistill.models.student.with_timesteps`); also in :meth:`Loaded.pipeline_kwargs`."""
+    return Loaded(_load_model(path, teacher, device, extra_loras, timesteps))
 
-    return Loaded(load_model(os.fspath(path), device=device, teacher=None if teacher is None else os.fspath(teacher),
-                             extra_loras=[(os.fspath(p), s) for p, s in extra_loras]))
+
+def _load_model(path, teacher=None, device: str = "cpu", extra_loras=(), timesteps=None):
+    from .models.loading import load_model
+    from .models.student import with_timesteps
+
+    model = load_model(os.fspath(path), device=device, teacher=None if teacher is None else os.fspath(teacher),
+                       extra_loras=[(os.fspath(p), s) for p, s in extra_loras])
+    return model if timesteps is None else with_timesteps(model, timesteps)
 
 
 def _moved_teacher(run, teacher):
@@ -454,10 +462,10 @@ def score_digits(model, num_samples: int, steps: list[int], guidance: float | No
     return rows
 
 
-def evaluate(model, steps=(1, 2, 4), num_samples: int = 1000, teacher=None, guidance: float | None = None,
+def evaluate(model, steps=None, num_samples: int = 1000, teacher=None, guidance: float | None = None,
              sampler: str | None = None, teacher_guidance: float | None = None, prompts=None, protocol=None,
              reference=None, inception_weights=None, clip_model=None, extra_loras=(),
-             progress: bool = False, seed_set: int = 0) -> list[dict]:
+             progress: bool = False, seed_set: int = 0, timesteps=None) -> list[dict]:
     """Score a teacher or a run, one row (a dict) per step count.
 
     Digits models: FD, pixel FD, histogram distance and adherence on ``num_samples`` digits prompts
@@ -466,13 +474,35 @@ def evaluate(model, steps=(1, 2, 4), num_samples: int = 1000, teacher=None, guid
     (LoRA, scale) pairs stacked on the model; a style LoRA's digits rows are scored against that
     style's test set (``fd``, ``pixel_fd``, ``hist``), with ``fd_unstyled`` and ``ink`` beside.
     ``seed_set``: digits models only, a second (third, ...) set of sample seeds and condition draws
-    on the same test digits, to check a choice made on the usual set (0)."""
-    from .models.loading import load_model
+    on the same test digits, to check a choice made on the usual set (0). ``steps``: default 32
+    for teachers, a student's own step counts. ``timesteps``: a student samples at these (high to
+    low) at ``len(timesteps)`` steps; each student row carries the ``timesteps`` it sampled at."""
+    from .models.student import student_timesteps
 
-    steps = [steps] if isinstance(steps, int) else list(steps)
     path = os.fspath(model)
     teacher = None if teacher is None else os.fspath(teacher)
-    m = load_model(path, teacher=_moved_teacher(path, teacher), extra_loras=[(os.fspath(p), s) for p, s in extra_loras])
+    m = _load_model(path, _moved_teacher(path, teacher), extra_loras=extra_loras, timesteps=timesteps)
+    if steps is None:
+        steps = ([len(timesteps)] if timesteps else Loaded(m).step_counts) or [TEACHER_STEPS]
+    steps = [steps] if isinstance(steps, int) else list(steps)
+    if timesteps and len(timesteps) not in steps:
+        raise ValueError(f"--timesteps gives {len(timesteps)} timestep(s) ({' '.join(map(str, timesteps))}), so "
+                         f"{len(timesteps)} steps, but --steps is {' '.join(map(str, steps))}: drop --steps or "
+                         f"include {len(timesteps)}")
+    rows = _evaluate(m, path, steps, num_samples, teacher, guidance, sampler, teacher_guidance, prompts, protocol,
+                     reference, inception_weights, clip_model, progress, seed_set)
+    if m.meta.get("kind") == "student":
+        for r in rows:
+            table = m.sampling.get("timesteps", {})
+            if str(r["steps"]) in table:  # (a Lightning stage's own table is in its folder)
+                r["timesteps"] = [int(t) for t in student_timesteps(m.sampling, r["steps"])]
+    return rows
+
+
+def _evaluate(m, path, steps, num_samples, teacher, guidance, sampler, teacher_guidance, prompts, protocol, reference,
+              inception_weights, clip_model, progress, seed_set) -> list[dict]:
+    from .models.loading import load_model
+
     if m.meta.get("dataset") != "digits":
         if seed_set:
             raise ValueError(f"--seed-set {seed_set}: seed sets are the built-in digits evaluation's; {path} is "
@@ -512,10 +542,14 @@ def _evaluate_real(model, steps, num_samples, guidance, prompts, protocol, refer
                          condition_files=files)
 
 
-def export(run, out, format: str = "diffusers", teacher=None, num_samples: int = 500, progress: bool = False) -> Path:
+def export(run, out, format: str = "diffusers", teacher=None, num_samples: int = 500, progress: bool = False,
+           timesteps=None) -> Path:
     """Write a run as files other tools load: ``diffusers`` (``pipe.load_lora_weights``, a scheduler
     config and a model card; digits runs get metrics from ``num_samples`` samples per row) or
-    ``kohya`` (one ``.safetensors`` LoRA for ComfyUI / A1111 / Forge, SD1.5 and SDXL teachers)."""
+    ``kohya`` (one ``.safetensors`` LoRA for ComfyUI / A1111 / Forge, SD1.5 and SDXL teachers).
+    ``timesteps``: the diffusers export samples at these (high to low) at ``len(timesteps)`` steps
+    instead of the run's table (written to ``flashdistill_sampling.json``, the model card and its
+    metrics)."""
     from .exporting import FORMATS, export as export_diffusers, export_kohya
     from .models.loading import load_model, read_meta
 
@@ -523,18 +557,24 @@ def export(run, out, format: str = "diffusers", teacher=None, num_samples: int =
         raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
     run, teacher = os.fspath(run), None if teacher is None else os.fspath(teacher)
     if format == "kohya":
+        if timesteps:
+            raise ValueError("--timesteps: ComfyUI / A1111 / Forge take a step count, not timesteps; use --format "
+                             "diffusers, whose pipelines take timesteps=")
         return export_kohya(run, out, teacher=teacher)
-    metrics = None
+    metrics, sampling = None, None
+    if timesteps:
+        sampling = _load_model(run, teacher, timesteps=timesteps).sampling
     if read_meta(Path(run)).get("kind") == "student" and num_samples:
-        student = load_model(run, teacher=teacher)
+        student = _load_model(run, teacher, timesteps=timesteps)
         if student.meta.get("dataset") == "digits":  # metrics for the model card
             t = load_model(student.meta["teacher"])
             # (CoDi's teacher is text-to-image: no same-condition reference to compare with)
             ref = teacher_reference(t, num_samples, progress=progress) if t.task.name == student.task.name else None
-            rows = score_digits(student, num_samples, [1, 2, 4], reference=ref, progress=progress)
+            counts = sorted({1, 2, 4} | ({len(timesteps)} if timesteps else set()))
+            rows = score_digits(student, num_samples, counts, reference=ref, progress=progress)
             mse = (f"teacher MSE against the teacher's 32-step output at w = {t.default_guidance:g}" if ref is not None
                    else "no teacher MSE (the teacher is text-to-image, the student conditional)")
             metrics = {"rows": [{**r, "nfe": r["steps"]} for r in rows],
                        "note": f"Digits task, {num_samples} samples per row (see the flashdistill README for the "
                                f"metrics); {mse}."}
-    return export_diffusers(run, out, metrics, teacher=teacher)
+    return export_diffusers(run, out, metrics, teacher=teacher, sampling=sampling)

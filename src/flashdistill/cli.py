@@ -134,10 +134,11 @@ def cmd_sample(args) -> None:
     from . import api
     from .train import save_image_grid
 
-    model = api.load(args.model, teacher=args.teacher, extra_loras=_extra_loras(args))
+    steps = _sample_steps(args.steps, args.timesteps)
+    model = api.load(args.model, teacher=args.teacher, extra_loras=_extra_loras(args), timesteps=args.timesteps)
     prompts = [args.prompt] * args.num_images
     condition = model.condition(args.image, args.mask, args.sketch, args.noise_level, len(prompts))
-    images = model.generate_tensor(prompts, args.steps, seed=args.seed, guidance=args.guidance, sampler=args.sampler,
+    images = model.generate_tensor(prompts, steps, seed=args.seed, guidance=args.guidance, sampler=args.sampler,
                                    condition=condition)
     if condition is not None:  # the condition first, as the model saw it
         images = torch.cat([model.model.show(condition)[:1], images])
@@ -156,6 +157,23 @@ def _extra_loras(args) -> list[tuple[str, float | dict]]:
         raise ValueError(f"{len(scales)} --extra-lora-scale value(s) for {len(loras)} --extra-lora: give one "
                          "scale per LoRA, in the same order")
     return [(lora, scales[i] if i < len(scales) else 1.0) for i, lora in enumerate(loras)]
+
+
+def _add_timesteps(p) -> None:
+    p.add_argument("--timesteps", type=non_negative_int, nargs="+", default=None, metavar="T",
+                   help="students: sample at these timesteps, from high to low (e.g. 999 749 499 124), in place of "
+                        "the run's own table at len(T) steps; any timestep of the schedule, not only those the "
+                        "student trained at (its flashdistill.json lists its own)")
+
+
+def _sample_steps(steps, timesteps):
+    """sample's step count: --steps, else the length of --timesteps (which must agree with it)."""
+    if not timesteps:
+        return steps
+    if steps is not None and steps != len(timesteps):
+        raise ValueError(f"--timesteps gives {len(timesteps)} timestep(s) ({' '.join(map(str, timesteps))}), so "
+                         f"{len(timesteps)} steps, but --steps is {steps}: drop --steps or make it {len(timesteps)}")
+    return len(timesteps)
 
 
 def _add_extra_lora(p) -> None:
@@ -179,7 +197,7 @@ def cmd_evaluate(args) -> None:
                         sampler=args.sampler, teacher_guidance=args.teacher_guidance, prompts=args.prompts,
                         protocol=args.protocol, reference=args.reference, inception_weights=args.inception_weights,
                         clip_model=args.clip_model, extra_loras=_extra_loras(args), progress=not args.quiet,
-                        seed_set=args.seed_set)
+                        seed_set=args.seed_set, timesteps=args.timesteps)
     if rows and "fid" in rows[0]:
         for r in rows:
             fid = "-" if r["fid"] is None else f"{r['fid']:.2f}"
@@ -188,6 +206,8 @@ def cmd_evaluate(args) -> None:
             print(f"steps {r['steps']:>3}  FID {fid}  CLIP {clip}{extra}  ({r['num_samples']} prompts)")
         result = {"model": str(args.model), "protocol": args.protocol, "rows": rows}
     else:
+        if args.timesteps:
+            print(f"student sampled at {' '.join(map(str, args.timesteps))} ({len(args.timesteps)} steps, --timesteps)")
         style = rows[0].get("style", "none") if rows else "none"
         styled = "" if style == "none" else f" (both in style {style!r}, the model's LoRA)"
         print(f"FD floor (real train digits vs test digits{styled}): {fd_floor(args.num_samples, style):.3f} at "
@@ -209,7 +229,7 @@ def cmd_export(args) -> None:
     from . import api
 
     out = api.export(args.model, args.out, format=args.format, teacher=args.teacher, num_samples=args.num_samples,
-                     progress=not args.quiet)
+                     progress=not args.quiet, timesteps=args.timesteps)
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
 
@@ -328,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "recorded it (nor at the same place relative to the run)")
     p.add_argument("--num-samples", type=non_negative_int, default=500,
                    help="digits students: samples per row of the model card's metrics (0: none; default 500)")
+    p.add_argument("--timesteps", type=non_negative_int, nargs="+", default=None, metavar="T",
+                   help="--format diffusers: the export samples at these timesteps, from high to low, at len(T) steps "
+                        "instead of the run's table (flashdistill_sampling.json, the model card and its metrics say "
+                        "so); e.g. a table chosen with 'evaluate --timesteps'")
     _add_quiet(p)
     p.set_defaults(func=cmd_export)
 
@@ -348,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, help="runs: the teacher folder, if it is no longer where the run "
                                                    "recorded it (nor at the same place relative to the run)")
     p.add_argument("--prompt", required=True, help="text prompt, e.g. 'a handwritten digit seven'")
-    p.add_argument("--steps", type=positive_int, default=32, help="sampling steps (students: 1, 2 or 4)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="sampling steps (default: 32 for teachers, 2 for students, whose runs list the step counts "
+                        "they sample with, usually 1, 2 and 4)")
+    _add_timesteps(p)
     p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale for teachers (default: the teacher's), and the scale a full LCM student with a "
                    "w-embedding is told (default: its own; students without one run no CFG and ignore it, with a warning)")
     p.add_argument("--sampler", choices=["dpmpp_2m", "ddim", "euler", "unipc"], default=None, help="teacher solver (default dpmpp_2m)")
@@ -371,7 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="FD, adherence and teacher MSE on the built-in digits task",
                        description="Score a teacher or student on the digits task (metrics: docs/metrics.md).")
     p.add_argument("--model", required=True, help="teacher folder or distillation run folder")
-    p.add_argument("--steps", type=positive_int, nargs="+", default=[32], help="step counts to evaluate")
+    p.add_argument("--steps", type=positive_int, nargs="+", default=None,
+                   help="step counts to evaluate (default: 32 for teachers; for students the length of --timesteps, "
+                        "else their step counts, usually 1 2 4)")
+    _add_timesteps(p)
     p.add_argument("--guidance", type=guidance_scale, default=None,
                    help="CFG scale for teachers, and the scale a full LCM student with a w-embedding is told")
     p.add_argument("--sampler", choices=["dpmpp_2m", "ddim", "euler", "unipc"], default=None, help="teacher solver")

@@ -39,7 +39,10 @@ def _lora_state(path: Path, meta: dict):
     return state, lora_metadata(lora["rank"], lora["alpha"], lora["targets"])
 
 
-def export(run: str | Path, out: str | Path, metrics: dict | None = None, teacher: str | Path | None = None) -> Path:
+def export(run: str | Path, out: str | Path, metrics: dict | None = None, teacher: str | Path | None = None,
+           sampling: dict | None = None) -> Path:
+    """``sampling``: the sampling table to write instead of the run's (``export --timesteps``: a
+    loaded student's :attr:`sampling` after :func:`~flashdistill.models.student.with_timesteps`)."""
     from .models.loading import load_model, read_meta
     from .models.student import scheduler_class
 
@@ -47,6 +50,10 @@ def export(run: str | Path, out: str | Path, metrics: dict | None = None, teache
     meta = read_meta(run)
     if meta.get("kind") != "student":
         raise ValueError(f"{str(run)!r} holds a {meta.get('kind')!r}, not a distilled student run")
+    if sampling is not None:
+        chosen = sorted((k for k, v in sampling["timesteps"].items() if v != meta["sampling"]["timesteps"].get(k)), key=int)
+        table = dict(sorted(sampling["timesteps"].items(), key=lambda kv: int(kv[0])))
+        meta = {**meta, "sampling": {**sampling, "timesteps": table, "chosen_at_export": chosen}}
     family = meta.get("family", "digits")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {str(out)!r} exists and is not empty; choose a new one")
@@ -217,6 +224,10 @@ from diffusers import {pipe_cls}, {sched_cls_import}
 pipe.scheduler = {sched_cls}.from_pretrained("EXPORT_DIR", subfolder="scheduler")
 image = pipe("a photo of a cat"{inputs}, num_inference_steps=2, {'' if picked else f"{steps_arg}={values.get('2')}, "}guidance_scale={float(scale)!r}{eta_arg}).images[0]"""
     steps_note = f"Pass the student's own {steps_arg} for the step count you want. {guidance_note}"
+    chosen = meta["sampling"].get("chosen_at_export")
+    if chosen:
+        steps_note += (f" The {steps_arg} at {_listed(chosen)} steps were chosen at export (`flashdistill export "
+                       f"--timesteps`), not those its run recorded.")
     if picked:
         same = [k for k in values if picked[k] == values[k]]
         steps_note = (f"`{pipe_cls}` takes no `timesteps=`: the exported scheduler picks them from the step count "

@@ -77,6 +77,13 @@ def teacher_family(path: str | Path) -> str:
     return meta.get("family", "digits")
 
 
+def teacher_task(path: str | Path) -> str | None:
+    """A built-in teacher's task (``t2i``, ``inpaint``, ``sr`` or ``sketch``); None for a diffusers
+    pipeline folder (its task comes from its class, not from a preset)."""
+    path = Path(path)
+    return None if is_pipeline_folder(path) else read_meta(path).get("task") or "t2i"
+
+
 def pipeline_family(path: str | Path) -> str:
     index = json.loads((Path(path) / "model_index.json").read_text())
     name = index.get("_class_name")

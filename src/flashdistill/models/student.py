@@ -232,8 +232,29 @@ def lcm_multistep(denoiser, x: torch.Tensor, timesteps: torch.Tensor, cond: dict
 def student_timesteps(sampling: dict, steps: int) -> torch.Tensor:
     table = sampling["timesteps"]
     if str(steps) not in table:
-        raise ValueError(f"this student samples with {sorted(int(k) for k in table)} steps, got {steps}")
+        raise ValueError(f"this student samples with {sorted(int(k) for k in table)} steps, got {steps} (or pass "
+                         f"{steps} timesteps of your choosing, high to low, with --timesteps)")
     return torch.tensor(table[str(steps)], dtype=torch.float64)
+
+
+def with_timesteps(model, timesteps) -> object:
+    """``model`` (a student) sampling with ``timesteps`` (high to low) at ``len(timesteps)`` steps
+    instead of its own table's entry; the other step counts keep theirs. Any timestep of the
+    schedule is accepted; those the student trained at are in its run's ``flashdistill.json``."""
+    ts = [int(t) for t in timesteps]
+    if model.meta.get("kind") != "student":
+        raise ValueError(f"--timesteps {' '.join(map(str, ts))}: {model.path} is a teacher, which samples with "
+                         "--sampler and --steps; timesteps are for distilled students")
+    top = model.schedule.num_train_timesteps - (model.schedule.kind == "vp")
+    if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0 or ts[0] > top:
+        raise ValueError(f"--timesteps must be integers from high to low in [0, {top}], got {ts}")
+    n, table = len(ts), dict(model.sampling.get("timesteps", {}))
+    stages = model.meta.get("stages") or {}
+    if str(n) in stages and str(n) not in table:
+        raise ValueError(f"--timesteps {' '.join(map(str, ts))}: this run's {n}-step student is a stage of its own "
+                         f"({stages[str(n)]}), trained for its timesteps; it samples at those only")
+    model.sampling = {**model.sampling, "timesteps": {**table, str(n): ts}}
+    return model
 
 
 @torch.no_grad()
