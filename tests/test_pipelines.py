@@ -499,6 +499,8 @@ def test_conditional_pipeline_flash_export_round_trip(conditional_teachers, fami
         assert "takes no `timesteps=`" in card and "student's own timesteps at 1, 2 and 4 steps." in card
         assert "timesteps=" not in card.split("```python")[1]
         assert fd.load(run).pipeline_kwargs(2) == {"num_inference_steps": 2, "guidance_scale": 1.0}
+        with pytest.raises(ValueError, match="takes no timesteps=, so the stock pipeline cannot sample at the chosen"):
+            fd.load(run, timesteps=[999, 400]).pipeline_kwargs(2)  # chosen timesteps it could not honour
     for n in (1, 2, 4):
         ts = student_timesteps(student.sampling, n)
         lat = _noise(student, 2, 5)

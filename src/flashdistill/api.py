@@ -286,6 +286,9 @@ class Loaded:
             kw["sigmas"] = (ts / 1000).tolist()
         elif self.meta.get("pipeline") not in NO_TIMESTEPS_ARG:  # the upscaler: its scheduler picks them
             kw["timesteps"] = ts.long().tolist()
+        elif ts.tolist() != self.meta["sampling"]["timesteps"].get(str(steps)):
+            raise ValueError(f"{self.meta['pipeline']} takes no timesteps=, so the stock pipeline cannot sample at "
+                             f"the chosen {ts.long().tolist()}; its scheduler picks them from the step count")
         if self.meta.get("family") == "pixart":
             kw["use_resolution_binning"] = False
         return kw
