@@ -264,13 +264,17 @@ def test_students_sample_and_evaluate_at_chosen_timesteps(tiny_teacher, tmp_path
     assert [(r["steps"], r["timesteps"]) for r in rows] == [(3, chosen)]  # no --steps: the length of --timesteps
     rows = fd.evaluate(run, num_samples=10)  # no steps: the student's own counts, each with its table
     assert [r["steps"] for r in rows] == [1, 2, 4] and rows[0]["timesteps"] == meta["sampling"]["timesteps"]["1"]
-    # export --timesteps: the files carry the chosen table and say it was chosen at export
+    # several tables, one per step count (--timesteps repeated)
+    rows = fd.evaluate(run, num_samples=10, timesteps=[chosen, [999, 300]])
+    assert [(r["steps"], r["timesteps"]) for r in rows] == [(2, [999, 300]), (3, chosen)]
+    # export --timesteps: the files carry the chosen tables and say they were chosen at export
     assert main(["export", "--model", str(run), "--out", str(tmp_path / "exp"), "--num-samples", "10", "--quiet",
-                 "--timesteps", "999", "500", "100"]) == 0
+                 "--timesteps", "999", "500", "100", "--timesteps", "999", "300"]) == 0
     written = json.loads((tmp_path / "exp" / "flashdistill_sampling.json").read_text())
-    assert written["timesteps"]["3"] == chosen and written["chosen_at_export"] == ["3"]
+    assert written["timesteps"]["3"] == chosen and written["timesteps"]["2"] == [999, 300]
+    assert written["chosen_at_export"] == ["2", "3"] and list(written["timesteps"]) == ["1", "2", "3", "4"]
     own = json.loads((run.path / "flashdistill.json").read_text())["sampling"]["timesteps"]
-    assert {k: v for k, v in written["timesteps"].items() if k != "3"} == own
+    assert {k: v for k, v in written["timesteps"].items() if k not in ("2", "3")} == {k: own[k] for k in ("1", "4")}
     card = (tmp_path / "exp" / "README.md").read_text()
     assert "chosen at export" in card and f"| 3 | `{chosen}` |" in card and "| 3 | 3 |" in card  # table and metrics
     with pytest.raises(ValueError, match="ComfyUI / A1111 / Forge take a step count, not timesteps"):
@@ -278,7 +282,11 @@ def test_students_sample_and_evaluate_at_chosen_timesteps(tiny_teacher, tmp_path
 
     for argv, needle in [
         (["sample", "--model", str(run), "--steps", "2", "--timesteps", "999", "500", "100"],
-         "--timesteps gives 3 timestep(s) (999 500 100), so 3 steps, but --steps is 2"),
+         "--timesteps gives tables of 3 step(s) (999 500 100), but --steps is 2"),
+        (["sample", "--model", str(run), "--timesteps", "999", "500", "100", "--timesteps", "999", "300"],
+         "--timesteps gives tables of 3, 2 step(s) (999 500 100; 999 300), but --steps is None: pass --steps"),
+        (["evaluate", "--model", str(run), "--timesteps", "999", "500", "--timesteps", "999", "300"],
+         "--timesteps: two tables of 2 timesteps ([[999, 500], [999, 300]]); give one per step count"),
         (["evaluate", "--model", str(run), "--steps", "1", "2", "--timesteps", "999", "500", "100"],
          "--timesteps gives 3 timestep(s) (999 500 100), so 3 steps, but --steps is 1 2"),
         (["sample", "--model", str(run), "--timesteps", "100", "500"],

@@ -387,7 +387,8 @@ def load(path, teacher=None, device: str = "cpu", extra_loras=(), timesteps=None
     ``extra_loras``: (LoRA, scale) pairs stacked on the model (a style LoRA on a student); a scale
     is a number or per-UNet-block scales, ``{"mid": 0.5}`` (:func:`~flashdistill.models.loading.scale_lora_blocks`).
     ``timesteps``: a student samples at these (high to low) at ``len(timesteps)`` steps, in place
-    of its run's table (:func:`~flashdistill.models.student.with_timesteps`); also in :meth:`Loaded.pipeline_kwargs`."""
+    of its run's table, or at several such lists, one per step count
+    (:func:`~flashdistill.models.student.with_timesteps`); also in :meth:`Loaded.pipeline_kwargs`."""
     return Loaded(_load_model(path, teacher, device, extra_loras, timesteps))
 
 
@@ -479,19 +480,21 @@ def evaluate(model, steps=None, num_samples: int = 1000, teacher=None, guidance:
     ``seed_set``: digits models only, a second (third, ...) set of sample seeds and condition draws
     on the same test digits, to check a choice made on the usual set (0). ``steps``: default 32
     for teachers, a student's own step counts. ``timesteps``: a student samples at these (high to
-    low) at ``len(timesteps)`` steps; each student row carries the ``timesteps`` it sampled at."""
-    from .models.student import student_timesteps
+    low) at ``len(timesteps)`` steps, or at several such lists, one per step count; each student
+    row carries the ``timesteps`` it sampled at."""
+    from .models.student import student_timesteps, timestep_tables
 
     path = os.fspath(model)
     teacher = None if teacher is None else os.fspath(teacher)
     m = _load_model(path, _moved_teacher(path, teacher), extra_loras=extra_loras, timesteps=timesteps)
+    tables = timestep_tables(timesteps) if timesteps else []
     if steps is None:
-        steps = ([len(timesteps)] if timesteps else Loaded(m).step_counts) or [TEACHER_STEPS]
+        steps = (sorted(len(ts) for ts in tables) if tables else Loaded(m).step_counts) or [TEACHER_STEPS]
     steps = [steps] if isinstance(steps, int) else list(steps)
-    if timesteps and len(timesteps) not in steps:
-        raise ValueError(f"--timesteps gives {len(timesteps)} timestep(s) ({' '.join(map(str, timesteps))}), so "
-                         f"{len(timesteps)} steps, but --steps is {' '.join(map(str, steps))}: drop --steps or "
-                         f"include {len(timesteps)}")
+    for ts in tables:
+        if len(ts) not in steps:
+            raise ValueError(f"--timesteps gives {len(ts)} timestep(s) ({' '.join(map(str, ts))}), so {len(ts)} steps, "
+                             f"but --steps is {' '.join(map(str, steps))}: drop --steps or include {len(ts)}")
     rows = _evaluate(m, path, steps, num_samples, teacher, guidance, sampler, teacher_guidance, prompts, protocol,
                      reference, inception_weights, clip_model, progress, seed_set)
     if m.meta.get("kind") == "student":
@@ -551,10 +554,11 @@ def export(run, out, format: str = "diffusers", teacher=None, num_samples: int =
     config and a model card; digits runs get metrics from ``num_samples`` samples per row) or
     ``kohya`` (one ``.safetensors`` LoRA for ComfyUI / A1111 / Forge, SD1.5 and SDXL teachers).
     ``timesteps``: the diffusers export samples at these (high to low) at ``len(timesteps)`` steps
-    instead of the run's table (written to ``flashdistill_sampling.json``, the model card and its
+    (or several such lists, one per step count) instead of the run's table (written to ``flashdistill_sampling.json``, the model card and its
     metrics)."""
     from .exporting import FORMATS, export as export_diffusers, export_kohya
     from .models.loading import load_model, read_meta
+    from .models.student import timestep_tables
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
@@ -573,7 +577,7 @@ def export(run, out, format: str = "diffusers", teacher=None, num_samples: int =
             t = load_model(student.meta["teacher"])
             # (CoDi's teacher is text-to-image: no same-condition reference to compare with)
             ref = teacher_reference(t, num_samples, progress=progress) if t.task.name == student.task.name else None
-            counts = sorted({1, 2, 4} | ({len(timesteps)} if timesteps else set()))
+            counts = sorted({1, 2, 4} | {len(ts) for ts in timestep_tables(timesteps or [])})
             rows = score_digits(student, num_samples, counts, reference=ref, progress=progress)
             mse = (f"teacher MSE against the teacher's 32-step output at w = {t.default_guidance:g}" if ref is not None
                    else "no teacher MSE (the teacher is text-to-image, the student conditional)")

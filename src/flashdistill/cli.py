@@ -160,20 +160,25 @@ def _extra_loras(args) -> list[tuple[str, float | dict]]:
 
 
 def _add_timesteps(p) -> None:
-    p.add_argument("--timesteps", type=non_negative_int, nargs="+", default=None, metavar="T",
+    p.add_argument("--timesteps", type=non_negative_int, nargs="+", action="append", default=None, metavar="T",
                    help="students: sample at these timesteps, from high to low (e.g. 999 749 499 124), in place of "
-                        "the run's own table at len(T) steps; any timestep of the schedule, not only those the "
-                        "student trained at (its flashdistill.json lists its own)")
+                        "the run's own table at len(T) steps; repeat for other step counts; any timestep of the "
+                        "schedule, not only those the student trained at (its flashdistill.json lists its own)")
 
 
 def _sample_steps(steps, timesteps):
-    """sample's step count: --steps, else the length of --timesteps (which must agree with it)."""
+    """sample's step count: --steps, else the length of the one --timesteps (each must be a table
+    of some step count; with several, --steps picks one)."""
     if not timesteps:
         return steps
-    if steps is not None and steps != len(timesteps):
-        raise ValueError(f"--timesteps gives {len(timesteps)} timestep(s) ({' '.join(map(str, timesteps))}), so "
-                         f"{len(timesteps)} steps, but --steps is {steps}: drop --steps or make it {len(timesteps)}")
-    return len(timesteps)
+    counts = [len(ts) for ts in timesteps]
+    if steps is None and len(counts) == 1:
+        return counts[0]
+    if steps not in counts:
+        given = "; ".join(" ".join(map(str, ts)) for ts in timesteps)
+        raise ValueError(f"--timesteps gives tables of {', '.join(map(str, counts))} step(s) ({given}), but --steps is "
+                         f"{steps}: {'drop --steps or make it one of those' if steps else 'pass --steps to pick one'}")
+    return steps
 
 
 def _add_extra_lora(p) -> None:
@@ -206,8 +211,8 @@ def cmd_evaluate(args) -> None:
             print(f"steps {r['steps']:>3}  FID {fid}  CLIP {clip}{extra}  ({r['num_samples']} prompts)")
         result = {"model": str(args.model), "protocol": args.protocol, "rows": rows}
     else:
-        if args.timesteps:
-            print(f"student sampled at {' '.join(map(str, args.timesteps))} ({len(args.timesteps)} steps, --timesteps)")
+        for ts in args.timesteps or []:
+            print(f"student sampled at {' '.join(map(str, ts))} ({len(ts)} steps, --timesteps)")
         style = rows[0].get("style", "none") if rows else "none"
         styled = "" if style == "none" else f" (both in style {style!r}, the model's LoRA)"
         print(f"FD floor (real train digits vs test digits{styled}): {fd_floor(args.num_samples, style):.3f} at "
@@ -348,10 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "recorded it (nor at the same place relative to the run)")
     p.add_argument("--num-samples", type=non_negative_int, default=500,
                    help="digits students: samples per row of the model card's metrics (0: none; default 500)")
-    p.add_argument("--timesteps", type=non_negative_int, nargs="+", default=None, metavar="T",
+    p.add_argument("--timesteps", type=non_negative_int, nargs="+", action="append", default=None, metavar="T",
                    help="--format diffusers: the export samples at these timesteps, from high to low, at len(T) steps "
                         "instead of the run's table (flashdistill_sampling.json, the model card and its metrics say "
-                        "so); e.g. a table chosen with 'evaluate --timesteps'")
+                        "so); repeat for other step counts; e.g. tables chosen with 'evaluate --timesteps'")
     _add_quiet(p)
     p.set_defaults(func=cmd_export)
 

@@ -237,23 +237,41 @@ def student_timesteps(sampling: dict, steps: int) -> torch.Tensor:
     return torch.tensor(table[str(steps)], dtype=torch.float64)
 
 
+def timestep_tables(timesteps) -> list[list[int]]:
+    """``timesteps`` as a list of tables: one list of timesteps, several (one per step count), or a
+    {step count: timesteps} dict."""
+    if isinstance(timesteps, dict):
+        timesteps = list(timesteps.values())
+    timesteps = list(timesteps)
+    if timesteps and not isinstance(timesteps[0], (list, tuple)):
+        timesteps = [timesteps]
+    tables = [[int(t) for t in ts] for ts in timesteps]
+    counts = [len(ts) for ts in tables]
+    if len(set(counts)) != len(counts):
+        raise ValueError(f"--timesteps: two tables of {max(counts, key=counts.count)} timesteps ({tables}); give one per "
+                         "step count")
+    return tables
+
+
 def with_timesteps(model, timesteps) -> object:
     """``model`` (a student) sampling with ``timesteps`` (high to low) at ``len(timesteps)`` steps
-    instead of its own table's entry; the other step counts keep theirs. Any timestep of the
-    schedule is accepted; those the student trained at are in its run's ``flashdistill.json``."""
-    ts = [int(t) for t in timesteps]
-    if model.meta.get("kind") != "student":
-        raise ValueError(f"--timesteps {' '.join(map(str, ts))}: {model.path} is a teacher, which samples with "
-                         "--sampler and --steps; timesteps are for distilled students")
-    top = model.schedule.num_train_timesteps - (model.schedule.kind == "vp")
-    if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0 or ts[0] > top:
-        raise ValueError(f"--timesteps must be integers from high to low in [0, {top}], got {ts}")
-    n, table = len(ts), dict(model.sampling.get("timesteps", {}))
-    stages = model.meta.get("stages") or {}
-    if str(n) in stages and str(n) not in table:
-        raise ValueError(f"--timesteps {' '.join(map(str, ts))}: this run's {n}-step student is a stage of its own "
-                         f"({stages[str(n)]}), trained for its timesteps; it samples at those only")
-    model.sampling = {**model.sampling, "timesteps": {**table, str(n): ts}}
+    instead of its own table's entry, or with several such tables (:func:`timestep_tables`); the
+    other step counts keep theirs. Any timestep of the schedule is accepted; those the student
+    trained at are in its run's ``flashdistill.json``."""
+    table = dict(model.sampling.get("timesteps", {}))
+    for ts in timestep_tables(timesteps):
+        if model.meta.get("kind") != "student":
+            raise ValueError(f"--timesteps {' '.join(map(str, ts))}: {model.path} is a teacher, which samples with "
+                             "--sampler and --steps; timesteps are for distilled students")
+        top = model.schedule.num_train_timesteps - (model.schedule.kind == "vp")
+        if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0 or ts[0] > top:
+            raise ValueError(f"--timesteps must be integers from high to low in [0, {top}], got {ts}")
+        n, stages = len(ts), model.meta.get("stages") or {}
+        if str(n) in stages and str(n) not in table:
+            raise ValueError(f"--timesteps {' '.join(map(str, ts))}: this run's {n}-step student is a stage of its "
+                             f"own ({stages[str(n)]}), trained for its timesteps; it samples at those only")
+        table[str(n)] = ts
+    model.sampling = {**model.sampling, "timesteps": table}
     return model
 
 
