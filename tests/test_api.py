@@ -267,6 +267,10 @@ def test_students_sample_and_evaluate_at_chosen_timesteps(tiny_teacher, tmp_path
     # several tables, one per step count (--timesteps repeated)
     rows = fd.evaluate(run, num_samples=10, timesteps=[chosen, [999, 300]])
     assert [(r["steps"], r["timesteps"]) for r in rows] == [(2, [999, 300]), (3, chosen)]
+    assert fd.load(run, timesteps={3: chosen, 2: [999, 300]}).model.sampling == fd.load(
+        run, timesteps=[chosen, [999, 300]]).model.sampling
+    with pytest.raises(ValueError, match=r"each step count needs that many timesteps, got \{4: \[999, 300\]\}"):
+        fd.load(run, timesteps={4: [999, 300]})
     # export --timesteps: the files carry the chosen tables and say they were chosen at export
     assert main(["export", "--model", str(run), "--out", str(tmp_path / "exp"), "--num-samples", "10", "--quiet",
                  "--timesteps", "999", "500", "100", "--timesteps", "999", "300"]) == 0

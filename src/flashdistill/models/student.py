@@ -241,6 +241,9 @@ def timestep_tables(timesteps) -> list[list[int]]:
     """``timesteps`` as a list of tables: one list of timesteps, several (one per step count), or a
     {step count: timesteps} dict."""
     if isinstance(timesteps, dict):
+        wrong = {k: v for k, v in timesteps.items() if int(k) != len(v)}
+        if wrong:
+            raise ValueError(f"timesteps: each step count needs that many timesteps, got {wrong}")
         timesteps = list(timesteps.values())
     timesteps = list(timesteps)
     if timesteps and not isinstance(timesteps[0], (list, tuple)):
