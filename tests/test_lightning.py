@@ -237,3 +237,10 @@ def test_lightning_trains_all_stages_resumes_exactly_and_routes_by_steps(tiny_te
     out = export(tmp_path / "a", tmp_path / "export", None)
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["1-step", "2-step", "4-step"]
     assert "EulerDiscreteScheduler" in (out / "1-step" / "README.md").read_text()
+    # --timesteps: a stage samples at its own timesteps, and an export of the stages takes none
+    from flashdistill.models.student import with_timesteps
+
+    with pytest.raises(ValueError, match="this run's 4-step student is a stage of its own"):
+        with_timesteps(load_model(tmp_path / "a"), [999, 500, 300, 100])
+    with pytest.raises(ValueError, match="keeps one student per step count"):
+        export(tmp_path / "a", tmp_path / "export-chosen", None, sampling=model.sampling)

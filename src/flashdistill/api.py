@@ -498,8 +498,8 @@ def evaluate(model, steps=None, num_samples: int = 1000, teacher=None, guidance:
     rows = _evaluate(m, path, steps, num_samples, teacher, guidance, sampler, teacher_guidance, prompts, protocol,
                      reference, inception_weights, clip_model, progress, seed_set)
     if m.meta.get("kind") == "student":
+        table = m.sampling.get("timesteps", {})
         for r in rows:
-            table = m.sampling.get("timesteps", {})
             if str(r["steps"]) in table:  # (a Lightning stage's own table is in its folder)
                 r["timesteps"] = [int(t) for t in student_timesteps(m.sampling, r["steps"])]
     return rows
@@ -568,11 +568,10 @@ def export(run, out, format: str = "diffusers", teacher=None, num_samples: int =
             raise ValueError("--timesteps: ComfyUI / A1111 / Forge take a step count, not timesteps; use --format "
                              "diffusers, whose pipelines take timesteps=")
         return export_kohya(run, out, teacher=teacher)
-    metrics, sampling = None, None
-    if timesteps:
-        sampling = _load_model(run, teacher, timesteps=timesteps).sampling
+    metrics = None
+    student = _load_model(run, teacher, timesteps=timesteps) if timesteps else None  # the chosen tables
     if read_meta(Path(run)).get("kind") == "student" and num_samples:
-        student = _load_model(run, teacher, timesteps=timesteps)
+        student = student or load_model(run, teacher=teacher)
         if student.meta.get("dataset") == "digits":  # metrics for the model card
             t = load_model(student.meta["teacher"])
             # (CoDi's teacher is text-to-image: no same-condition reference to compare with)
@@ -584,4 +583,4 @@ def export(run, out, format: str = "diffusers", teacher=None, num_samples: int =
             metrics = {"rows": [{**r, "nfe": r["steps"]} for r in rows],
                        "note": f"Digits task, {num_samples} samples per row (see the flashdistill README for the "
                                f"metrics); {mse}."}
-    return export_diffusers(run, out, metrics, teacher=teacher, sampling=sampling)
+    return export_diffusers(run, out, metrics, teacher=teacher, sampling=student.sampling if timesteps else None)

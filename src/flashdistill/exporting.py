@@ -50,6 +50,9 @@ def export(run: str | Path, out: str | Path, metrics: dict | None = None, teache
     meta = read_meta(run)
     if meta.get("kind") != "student":
         raise ValueError(f"{str(run)!r} holds a {meta.get('kind')!r}, not a distilled student run")
+    if sampling is not None and meta.get("stages"):
+        raise ValueError(f"--timesteps: {str(run)!r} keeps one student per step count ({sorted(meta['stages'], key=int)}), "
+                         "each exported with its own timesteps; export a stage folder (RUN/stages/N) to choose them")
     if sampling is not None:
         chosen = sorted((k for k, v in sampling["timesteps"].items() if v != meta["sampling"]["timesteps"].get(k)), key=int)
         table = dict(sorted(sampling["timesteps"].items(), key=lambda kv: int(kv[0])))

@@ -104,11 +104,25 @@ class GridSamplerConfig(StudentConfig):
     def validate(self):
         super().validate()
         for n, ts in self.sampler_tables().items():
-            if ts and (len(ts) != n or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0):
-                raise ValueError(f"{_TABLE_KEYS[n]} must be [] or {n} timesteps >= 0 from high to low, got {ts}")
+            check_table(_TABLE_KEYS[n], n, ts)
 
 
 _TABLE_KEYS = {2: "two_step_timesteps", 4: "four_step_timesteps"}
+
+
+def check_table(key: str, n: int, ts: list[int]) -> None:
+    """A sampler table key's value: [] (the method's own pick) or ``n`` timesteps >= 0, high to low."""
+    if ts and (len(ts) != n or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0):
+        raise ValueError(f"{key} must be [] or {n} timesteps >= 0 from high to low, got {ts}")
+
+
+def check_on_grid(key: str, ts: list[int], grid, name: str = "N") -> None:
+    """Every timestep of a sampler table on the ``grid`` the student trains at (``name``: N or K)."""
+    points = [int(t) for t in grid]
+    off = [t for t in ts if t not in points]
+    if off:
+        raise ValueError(f"{key}: {off} not on the {name} = {len(points)} grid the student trains at "
+                         f"({', '.join(map(str, points[:3]))}, ..., {points[-1]})")
 
 
 class GridSampler:
@@ -116,12 +130,8 @@ class GridSampler:
     at (set in ``prepare``), where its chosen sampler timesteps must lie."""
 
     def check_sampler_timesteps(self) -> None:
-        points = [int(t) for t in self.grid]
         for n, ts in self.config.sampler_tables().items():
-            off = [t for t in ts if t not in points]
-            if off:
-                raise ValueError(f"{_TABLE_KEYS[n]}: {off} not on the N = {len(points)} grid the student trains at "
-                                 f"({', '.join(map(str, points[:3]))}, ..., {points[-1]})")
+            check_on_grid(_TABLE_KEYS[n], ts, self.grid)
 
     def grid_timesteps(self) -> dict[str, list]:
         """The sampling table's timesteps at 1, 2 and 4 steps: the config's choice, else LCMScheduler's."""

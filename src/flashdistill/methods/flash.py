@@ -134,9 +134,7 @@ class FlashConfig(StudentConfig):
         if not 0 <= self.two_step_shift < gap:
             raise ValueError(f"two_step_shift must be in [0, {gap}) grid points (below the first call's mode at "
                              f"K = {self.K}, two_step_modes {m}), got {self.two_step_shift}")
-        ts = self.four_step_timesteps
-        if ts and (len(ts) != 4 or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0):
-            raise ValueError(f"four_step_timesteps must be [] or 4 timesteps >= 0 from high to low, got {ts}")
+        base.check_table("four_step_timesteps", 4, self.four_step_timesteps)
         if self.disc_lr <= 0:
             raise ValueError(f"disc_lr must be > 0, got {self.disc_lr}")
         if self.target_reuse < 1 or self.replay_batches < 1:
@@ -229,10 +227,7 @@ class FlashDistillation(StudentMethod):
         self.grid_size = c.K
         self.teacher.denoiser.feature_block = c.feature_block
         self.replay: list[dict] = []  # solved batches, newest last (target_reuse > 1)
-        off = [t for t in c.four_step_timesteps if t not in [int(g) for g in self.grid]]
-        if off:
-            raise ValueError(f"four_step_timesteps: {off} not on the K = {c.K} grid the student trains at "
-                             f"({', '.join(str(int(g)) for g in self.grid[:3])}, ..., {int(self.grid[-1])})")
+        base.check_on_grid("four_step_timesteps", c.four_step_timesteps, self.grid, "K")
 
     def extra_models(self) -> dict:
         c = self.config

@@ -261,15 +261,15 @@ def with_timesteps(model, timesteps) -> object:
     instead of its own table's entry, or with several such tables (:func:`timestep_tables`); the
     other step counts keep theirs. Any timestep of the schedule is accepted; those the student
     trained at are in its run's ``flashdistill.json``."""
-    table = dict(model.sampling.get("timesteps", {}))
+    if model.meta.get("kind") != "student":
+        raise ValueError(f"--timesteps: {model.path} is a teacher, which samples with --sampler and --steps; "
+                         "timesteps are for distilled students")
+    table, stages = dict(model.sampling.get("timesteps", {})), model.meta.get("stages") or {}
+    top = model.schedule.num_train_timesteps - (model.schedule.kind == "vp")
     for ts in timestep_tables(timesteps):
-        if model.meta.get("kind") != "student":
-            raise ValueError(f"--timesteps {' '.join(map(str, ts))}: {model.path} is a teacher, which samples with "
-                             "--sampler and --steps; timesteps are for distilled students")
-        top = model.schedule.num_train_timesteps - (model.schedule.kind == "vp")
         if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0 or ts[0] > top:
             raise ValueError(f"--timesteps must be integers from high to low in [0, {top}], got {ts}")
-        n, stages = len(ts), model.meta.get("stages") or {}
+        n = len(ts)
         if str(n) in stages and str(n) not in table:
             raise ValueError(f"--timesteps {' '.join(map(str, ts))}: this run's {n}-step student is a stage of its "
                              f"own ({stages[str(n)]}), trained for its timesteps; it samples at those only")
