@@ -1,6 +1,7 @@
 """Flash Diffusion: pi(t), the teacher target, the losses, re-noising, LoRA, resume and DDP."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -208,9 +209,9 @@ def test_dmd_guidance_sets_the_real_scores_range_only(tiny_teacher, monkeypatch)
     for dmd_guidance, expect in (([], (1.0, 3.0)), ([5.0, 6.0], (5.0, 6.0))):
         ws = []
 
-        def spy(denoiser, cond, uncond, w):
+        def spy(denoiser, cond, uncond, w, **kw):
             ws.append(torch.as_tensor(w).clone())
-            return original(denoiser, cond, uncond, w)
+            return original(denoiser, cond, uncond, w, **kw)
 
         monkeypatch.setattr(flash_module, "cfg_model", spy)
         m = tiny_flash(tiny_teacher, phase_steps=[0, 0, 0], dmd_guidance=dmd_guidance)
@@ -222,6 +223,33 @@ def test_dmd_guidance_sets_the_real_scores_range_only(tiny_teacher, monkeypatch)
         assert expect[0] <= dmd_w.min() and dmd_w.max() <= expect[1]
     with pytest.raises(ValueError, match="dmd_guidance"):
         tiny_flash(tiny_teacher, dmd_guidance=[3.0, 2.0])
+
+
+def test_guidance_intervals_reach_the_targets_solve_and_dmds_real_score(tiny_teacher, monkeypatch):
+    """guidance_interval goes to the Eq. (2) solve's CFG, dmd_guidance_interval to DMD's real score;
+    [] (the paper) guides everywhere. Bad intervals are refused naming the key."""
+    import flashdistill.methods.flash as flash_module
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.train import DeterministicBatches
+
+    batch = DeterministicBatches(get_dataset("digits"), 4, 1, 0, 0, 1).get(0, 0)
+    original = flash_module.cfg_model
+    for target_iv, dmd_iv in (([], []), ([100, 500], [500, 999])):
+        seen = []
+
+        def spy(denoiser, cond, uncond, w, interval=None):
+            seen.append(interval)
+            return original(denoiser, cond, uncond, w, interval=interval)
+
+        monkeypatch.setattr(flash_module, "cfg_model", spy)
+        m = tiny_flash(tiny_teacher, phase_steps=[0, 0, 0], guidance_interval=target_iv, dmd_guidance_interval=dmd_iv)
+        m.setup("cpu")
+        _, logs = m.step(batch, 10, m.models(), torch.Generator().manual_seed(0))
+        assert "dmd" in logs
+        assert seen == [target_iv or None, dmd_iv or None]
+    for key, bad in (("guidance_interval", [500, 100]), ("dmd_guidance_interval", [0, 1000]), ("guidance_interval", [1])):
+        with pytest.raises(ValueError, match=rf"{key} must be \[\] or timesteps \[lo, hi\].*got {re.escape(str(bad))}"):
+            tiny_flash(tiny_teacher, **{key: bad})
 
 
 def test_first_guidance_sets_the_range_of_targets_solved_from_the_first_grid_point(tiny_teacher, monkeypatch):
@@ -236,9 +264,9 @@ def test_first_guidance_sets_the_range_of_targets_solved_from_the_first_grid_poi
     for first_guidance, index, expect in (([5.0, 6.0], 0, (5.0, 6.0)), ([5.0, 6.0], 1, (1.0, 3.0)), ([], 0, (1.0, 3.0))):
         ws = []
 
-        def spy(denoiser, cond, uncond, w):
+        def spy(denoiser, cond, uncond, w, **kw):
             ws.append(torch.as_tensor(w).clone())
-            return original(denoiser, cond, uncond, w)
+            return original(denoiser, cond, uncond, w, **kw)
 
         monkeypatch.setattr(flash_module, "cfg_model", spy)
         monkeypatch.setattr(flash_module, "sample_grid_index", lambda p, n, g: torch.tensor([index]))

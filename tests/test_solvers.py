@@ -210,6 +210,28 @@ def test_cfg_no_guidance_runs_cond_only():
         assert den.batches == [3]
 
 
+def test_cfg_guidance_interval_guides_only_inside_and_skips_uncond_outside():
+    x, w = _rand(3, 2, 4, 4), torch.tensor([1.0, 2.0, 7.5])
+    cond, uncond = _conds(3)
+    t = torch.tensor([50.0, 300.0, 900.0])  # below, inside, above [100, 500]
+    den = Counting()
+    out = cfg_model(den, cond, uncond, w, interval=(100, 500))(x, t)
+    assert den.batches == [6]
+    x0_c, x0_u = Counting()(x, t, cond), Counting()(x, t, uncond)
+    torch.testing.assert_close(out[1], (x0_u + w.reshape(-1, 1, 1, 1) * (x0_c - x0_u))[1])
+    torch.testing.assert_close(out[[0, 2]], x0_c[[0, 2]])
+    # a batch wholly outside the interval makes one cond-only call; wholly inside, plain CFG
+    den = Counting()
+    t_out = torch.full((3,), 700.0)
+    torch.testing.assert_close(cfg_model(den, cond, uncond, 4.5, interval=(100, 500))(x, t_out), Counting()(x, t_out, cond))
+    assert den.batches == [3]
+    t_in = torch.full((3,), 500.0)
+    torch.testing.assert_close(cfg_model(Counting(), cond, uncond, 4.5, interval=(100, 500))(x, t_in),
+                               cfg_model(Counting(), cond, uncond, 4.5)(x, t_in))
+    with pytest.raises(ValueError, match=r"interval.*\[500, 100\]"):
+        cfg_model(Counting(), cond, uncond, 4.5, interval=(500, 100))
+
+
 @pytest.mark.parametrize("ts", [[999, 999, 500], [100, 500], [], [[999, 500]]])
 def test_bad_timesteps_raise(ts):
     with pytest.raises(ValueError, match="timesteps"):

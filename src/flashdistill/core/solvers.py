@@ -45,24 +45,36 @@ def cat_cond(a, b):
     return a
 
 
-def cfg_model(denoiser: Callable[[Tensor, Tensor, dict], Tensor], cond: dict, uncond: dict | None, guidance) -> Model:
+def cfg_model(denoiser: Callable[[Tensor, Tensor, dict], Tensor], cond: dict, uncond: dict | None, guidance,
+              interval: tuple[float, float] | None = None) -> Model:
     """Classifier-free guidance (Ho & Salimans 2022) as an x0 model.
 
     ``denoiser(x, t, cond_dict) -> x0``. Cond and uncond run in ONE batched forward: ``x``, ``t`` and
     every tensor value of the dicts (recursively) are concatenated along dim 0, cond first; then
     ``x0 = x0_u + w * (x0_c - x0_u)``. ``guidance`` is a float or a per-sample tensor of shape (B,).
     With ``uncond=None`` or ``guidance == 1.0`` (a float) only the cond branch runs.
+    ``interval = (lo, hi)``: guidance applies only to samples whose t is in [lo, hi] (Kynkäänniemi et
+    al. 2024, "guidance in a limited interval"); the others get the cond prediction, and a call whose
+    whole batch is outside runs the cond branch alone.
     Since x0 is affine in eps (and in v) with coefficients shared by both branches, guidance in x0
     space equals guidance in eps/v space.
     """
     if uncond is None or (not torch.is_tensor(guidance) and guidance == 1.0):
         return lambda x, t: denoiser(x, t, cond)
+    if interval is not None and not interval[0] <= interval[1]:
+        raise ValueError(f"guidance interval must be [lo, hi] with lo <= hi, got {list(interval)}")
     both = cat_cond(cond, uncond)
 
     def model(x: Tensor, t: Tensor) -> Tensor:
+        inside = None
+        if interval is not None:
+            inside = (t >= interval[0]) & (t <= interval[1])
+            if not bool(inside.any()):
+                return denoiser(x, t, cond)
         x0_c, x0_u = denoiser(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         w = append_dims(guidance.to(x0_c), x0_c.ndim) if torch.is_tensor(guidance) else guidance
-        return x0_u + w * (x0_c - x0_u)
+        guided = x0_u + w * (x0_c - x0_u)
+        return guided if inside is None or bool(inside.all()) else torch.where(append_dims(inside, x0_c.ndim), guided, x0_c)
 
     return model
 

@@ -72,6 +72,9 @@ class FlashConfig(StudentConfig):
     first_guidance: list[float] = field([], "CFG range [min, max] of the teacher's targets solved from the first grid "
                                              "point (t = grid[0], where every sampler's first call sits); []: "
                                              "guidance_min..guidance_max")
+    guidance_interval: list[int] = field([], "timesteps [lo, hi] where the teacher's CFG applies in the Eq. (2) "
+                                                  "solve (w = 1, the cond call alone, elsewhere); []: everywhere (the paper)")
+    dmd_guidance_interval: list[int] = field([], "timesteps [lo, hi] of t'' where DMD's real score is guided; []: everywhere")
     dmd_input_t_min: int = field(0, "DMD acts only on batches whose student input timestep t is >= this "
                                      "(999: only the pure-noise, one-step regime; 0: every batch)")
     dmd_fake_score: Literal["student", "trained"] = field(
@@ -125,6 +128,10 @@ class FlashConfig(StudentConfig):
             g = getattr(self, name)
             if g and (len(g) != 2 or not 0 <= g[0] <= g[1]):
                 raise ValueError(f"{name} must be [] or [min, max] with 0 <= min <= max, got {g}")
+        for name in ("guidance_interval", "dmd_guidance_interval"):
+            g = getattr(self, name)
+            if g and (len(g) != 2 or not 0 <= g[0] <= g[1] <= 999):
+                raise ValueError(f"{name} must be [] or timesteps [lo, hi] with 0 <= lo <= hi <= 999, got {g}")
         if not 0 <= self.dmd_t_min <= self.dmd_t_max:
             raise ValueError(f"need 0 <= dmd_t_min <= dmd_t_max, got {self.dmd_t_min}, {self.dmd_t_max}")
         m = self.two_step_modes
@@ -263,7 +270,7 @@ class FlashDistillation(StudentMethod):
                        keep: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Eq. (2) target: DPM-Solver++(2M) with CFG from grid[index] down to x0 on the K-grid.
         With ``keep`` (a grid index below ``index``), also the solve's state at grid[keep]."""
-        model = cfg_model(self.teacher.denoiser, cond, uncond, w)
+        model = cfg_model(self.teacher.denoiser, cond, uncond, w, interval=self.config.guidance_interval or None)
         if keep is None:
             return dpmpp_2m(model, x_t, self.grid[index:], self.schedule)
         kept = {}
@@ -360,7 +367,8 @@ class FlashDistillation(StudentMethod):
             n_dmd = torch.randn(x0.shape, generator=generator).to(dev)
             noisy = sch.add_noise(x0_student.detach(), n_dmd, t_dmd)
             with torch.no_grad():
-                x0_real = cfg_model(self.teacher.denoiser, cond, uncond, self._guidance(b, generator, dmd=True))(noisy, t_dmd)
+                x0_real = cfg_model(self.teacher.denoiser, cond, uncond, self._guidance(b, generator, dmd=True),
+                                    interval=c.dmd_guidance_interval or None)(noisy, t_dmd)
                 if self.trains_fake_score:
                     x0_fake = Denoiser(_unwrap(models["fake"]), sch)(noisy, t_dmd, cond)
                 else:
