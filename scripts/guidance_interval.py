@@ -14,8 +14,7 @@ import argparse
 import torch
 
 from flashdistill.api import load
-from flashdistill.core.solvers import dpmpp_2m
-from flashdistill.sample import seeded_noise, teacher_timesteps
+from flashdistill.sample import sample_teacher
 from flashdistill.scoring import eval_prompts, score, seed_set_args
 
 
@@ -29,20 +28,6 @@ def guidance_item(text: str) -> tuple[float, tuple[float, float] | None]:
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"expected w or w:lo:hi (numbers), got {text!r}")
-
-
-def sample_with_interval(model, prompts, seeds, steps, w, interval, batch_size=250):
-    from flashdistill.core.solvers import cfg_model
-
-    ts = teacher_timesteps(model.schedule, steps)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
-        x = seeded_noise(model.image_shape, s).to(model.device)
-        spatial = model.spatial(None, len(p), torch.Generator().manual_seed(int(s[0]) + 7919))
-        m = cfg_model(model.denoiser, model.cond(p, spatial), model.uncond(len(p), spatial), w, interval=interval)
-        out.append(dpmpp_2m(m, x, ts, model.schedule).cpu())
-    return torch.cat(out)
 
 
 def main(argv=None) -> None:
@@ -61,7 +46,7 @@ def main(argv=None) -> None:
         prompts, labels, seeds = eval_prompts(args.num_samples, seed=seed_set_args(k)["seed"])
         for w, interval in args.guidance:
             with torch.no_grad():
-                images = sample_with_interval(model, prompts, seeds, args.steps, w, interval)
+                images = sample_teacher(model, prompts, seeds, args.steps, w, guidance_interval=interval)
             r = score(images, labels)
             where = "everywhere" if interval is None else f"at {interval[0]:g} <= t <= {interval[1]:g}"
             print(f"set {k}  w = {w:g} {where}: FD {r['fd']:.2f}  pixel FD {r['pixel_fd']:.3f}  "

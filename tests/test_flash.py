@@ -252,6 +252,21 @@ def test_guidance_intervals_reach_the_targets_solve_and_dmds_real_score(tiny_tea
             tiny_flash(tiny_teacher, **{key: bad})
 
 
+def test_teacher_sampling_with_a_guidance_interval(tiny_teacher):
+    """sample_teacher's guidance_interval: one that holds every timestep gives plain CFG, one that
+    holds none gives w = 1 (the cond branch alone), one in between neither."""
+    from flashdistill.models.loading import load_model
+    from flashdistill.sample import sample_teacher
+
+    t = load_model(tiny_teacher)
+    prompts, seeds = ["a handwritten digit three", "a handwritten digit seven"], [0, 1]
+    guided, plain = (sample_teacher(t, prompts, seeds, 4, w) for w in (3.0, 1.0))
+    torch.testing.assert_close(sample_teacher(t, prompts, seeds, 4, 3.0, guidance_interval=(0, 999)), guided)
+    torch.testing.assert_close(sample_teacher(t, prompts, seeds, 4, 3.0, guidance_interval=(1000, 1000)), plain)
+    part = sample_teacher(t, prompts, seeds, 4, 3.0, guidance_interval=(0, 500))
+    assert not torch.allclose(part, guided) and not torch.allclose(part, plain)
+
+
 def test_first_guidance_sets_the_range_of_targets_solved_from_the_first_grid_point(tiny_teacher, monkeypatch):
     """first_guidance = [lo, hi]: a target solved from grid[0] draws w in that range, one solved
     from any other grid point keeps guidance_min..guidance_max; [] draws both from the latter."""

@@ -27,9 +27,11 @@ def teacher_timesteps(schedule, steps: int, spacing: str = "trailing") -> torch.
 @torch.no_grad()
 def sample_teacher(model, prompts: list[str], seeds: list[int], steps: int, guidance: float,
                    sampler: str = "dpmpp_2m", spacing: str = "trailing", batch_size: int = 256,
-                   progress: bool = False, condition: dict | None = None) -> torch.Tensor:
+                   progress: bool = False, condition: dict | None = None,
+                   guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
     """Teacher samples in [-1, 1] (not clamped), float32 (N, C, H, W). ``condition``: a conditional
-    teacher's spatial condition, one item per prompt, in both CFG branches."""
+    teacher's spatial condition, one item per prompt, in both CFG branches. ``guidance_interval``:
+    CFG only at timesteps in [lo, hi] (:func:`~flashdistill.core.solvers.cfg_model`)."""
     from .tasks import index
 
     if len(prompts) != len(seeds):
@@ -41,7 +43,8 @@ def sample_teacher(model, prompts: list[str], seeds: list[int], steps: int, guid
         p, s = prompts[i: i + batch_size], seeds[i: i + batch_size]
         x = seeded_noise(model.image_shape, s).to(model.device)
         spatial = model.spatial(index(condition, slice(i, i + batch_size)), len(p), torch.Generator().manual_seed(int(s[0]) + 7919))
-        m = cfg_model(model.denoiser, model.cond(p, spatial), model.uncond(len(p), spatial), guidance)
+        m = cfg_model(model.denoiser, model.cond(p, spatial), model.uncond(len(p), spatial), guidance,
+                      interval=guidance_interval)
         out.append(solve(m, x, ts, model.schedule).cpu())
     return torch.cat(out)
 
