@@ -128,6 +128,31 @@ def test_profile_step_splits_the_step(tiny_teacher):
     assert parts["forward"] + parts["backward"] + parts["optimizer"] <= r["ms_per_step"] * 1.01
 
 
+
+def test_throughput_alternates_batch_sizes_and_rates_them_against_the_smallest_eager(tiny_teacher):
+    from unittest import mock
+
+    from flashdistill import diagnostics
+
+    calls = []
+
+    def fake_profile(teacher, overrides, steps, batch_size, compile):  # samples/s grows with the batch
+        calls.append((batch_size, compile))
+        return {"samples_per_second": batch_size * (1.5 if compile else 1.0) * (1 + 0.1 * len(calls))}
+
+    with mock.patch.object(diagnostics, "profile_step", fake_profile):
+        rows = diagnostics.throughput(tiny_teacher, batch_sizes=(8, 4), compile=True, rounds=2, steps=1)
+    # alternating: every configuration once per round, the smallest batch's eager run first
+    assert calls == [(4, False), (4, True), (8, False), (8, True)] * 2
+    assert [(r["batch_size"], r["compile"]) for r in rows] == [(4, False), (4, True), (8, False), (8, True)]
+    assert rows[0]["speedup"] == 1.0 and len(rows[0]["samples_per_second"]) == 2
+    # per-round ratios: round 1 (calls 1-4) and round 2 (calls 5-8) against that round's baseline
+    expected = [(8 * 1.5 * 1.4) / (4 * 1.1), (8 * 1.5 * 1.8) / (4 * 1.5)]
+    assert rows[3]["speedup"] == pytest.approx(sum(expected) / 2)
+    # and the real step runs through it
+    real = diagnostics.throughput(tiny_teacher, batch_sizes=(2,), compile=False, rounds=1, steps=1)
+    assert real[0]["median"] > 0 and real[0]["speedup"] == 1.0
+
 def test_one_step_fit_learns_its_pool_and_scores_at_each_checkpoint(tiny_teacher):
     from flashdistill.diagnostics import one_step_fit
 

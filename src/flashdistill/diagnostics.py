@@ -17,6 +17,8 @@
   sr: the low-res consistency), the task metric of *one* denoiser call x0(x_t, t) from the noised
   true image, per t, for the teacher and for students: the least error a sampler whose last call
   is at that t can leave, whatever it learned.
+- ``profile_step`` / ``throughput``: where a Flash step's time goes, and the training samples per
+  second at several batch sizes, eager and with ``train.compile``, alternating in one process.
 
 ``python -m flashdistill.diagnostics --teacher DIR [--student RUN --what regression]`` prints them.
 """
@@ -347,6 +349,26 @@ def profile_step(teacher_dir, overrides: dict | None = None, steps: int = 32, ba
     return {"ms_per_step": 1000 * total / steps, "samples_per_second": batch_size * steps / total, "parts_ms": ms}
 
 
+def throughput(teacher_dir, batch_sizes=(16, 32, 64), compile: bool = True, rounds: int = 3, steps: int = 16,
+               overrides: dict | None = None) -> list[dict]:
+    """Training samples per second of the Flash step (digits preset + ``overrides``, last phase) at
+    each batch size, eager and (``compile``) with ``train.compile``: the configurations alternate
+    in ``rounds`` rounds in one process, so a noisy machine's drift hits them alike. Each row holds
+    its per-round samples/s, their median, and the per-round ratio to the first configuration
+    (the smallest batch, eager), whose median is the speed-up quoted."""
+    import statistics
+
+    configs = [(bs, c) for bs in sorted(batch_sizes) for c in ((False, True) if compile else (False,))]
+    per = {cfg: [] for cfg in configs}
+    for _ in range(rounds):
+        for bs, c in configs:
+            per[(bs, c)].append(profile_step(teacher_dir, overrides, steps=steps, batch_size=bs, compile=c)["samples_per_second"])
+    base = per[configs[0]]
+    return [{"batch_size": bs, "compile": c, "samples_per_second": per[(bs, c)],
+             "median": statistics.median(per[(bs, c)]),
+             "speedup": statistics.median([a / b for a, b in zip(per[(bs, c)], base)])} for bs, c in configs]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m flashdistill.diagnostics", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -357,9 +379,14 @@ def main(argv=None) -> None:
                     "regression, the first), their one-call context error (--what context), a Lightning run "
                     "(--what lightning: its 2-step stage's samples against its 1-step stage's)")
     ap.add_argument("--what", nargs="+", default=["disc", "target"],
-                    choices=["disc", "target", "regression", "dmd", "profile", "onestep", "context", "lightning"])
-    ap.add_argument("--compile", action="store_true", help="--what profile: also profile with train.compile=true "
-                                                          "(fresh solves and the preset, side by side with the eager runs)")
+                    choices=["disc", "target", "regression", "dmd", "profile", "throughput", "onestep", "context", "lightning"])
+    ap.add_argument("--compile", action="store_true", help="also time train.compile=true, beside the eager runs (--what "
+                                                          "profile: fresh solves and the preset; --what throughput: each batch size)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64],
+                    help="--what throughput: batch sizes to time (the smallest, eager, is the baseline; default 16 32 64)")
+    ap.add_argument("--rounds", type=int, default=3, help="--what throughput: alternating rounds (default 3)")
+    ap.add_argument("--fresh", action="store_true", help="--what throughput: a fresh teacher solve every step "
+                    "(target_reuse=1, the paper's math) instead of the digits preset's replay")
     ap.add_argument("--lora-rank", type=int, default=5, help="--what onestep: LoRA rank")
     ap.add_argument("--lora-targets", nargs="+", help="--what onestep: LoRA target modules (default: the digits "
                     "family's, attention and feed-forward; add conv1 conv2 for the resnet convolutions)")
@@ -450,6 +477,18 @@ def main(argv=None) -> None:
                               ("backward", "backward"), ("optimizer", "optimizer")):
                 v = parts.get(key, 0.0)
                 print(f"  {name:<46}{v:7.1f} ms {100 * v / r['ms_per_step']:5.1f}%")
+
+    if "throughput" in args.what:
+        if any(b < 1 for b in args.batch_sizes) or args.rounds < 1:
+            ap.error(f"--batch-sizes {args.batch_sizes} and --rounds {args.rounds} must be positive")
+        over = {"target_reuse": 1} if args.fresh else {}
+        what = "a fresh teacher solve every step" if args.fresh else "the digits preset (a teacher solve every 4th step)"
+        print(f"training samples/s, one Flash step, {what}, last phase; {args.rounds} alternating rounds "
+              f"of 16 steps; speed-up: median of the per-round ratios to batch {min(args.batch_sizes)}, eager")
+        for r in throughput(args.teacher, args.batch_sizes, compile=args.compile, rounds=args.rounds, overrides=over):
+            label = f"batch {r['batch_size']}, {'train.compile' if r['compile'] else 'eager'}"
+            print(f"  {label:<26}{r['median']:7.1f} samples/s  {r['speedup']:.2f}x   rounds: "
+                  + ", ".join(f"{v:.1f}" for v in r["samples_per_second"]), flush=True)
 
 
 if __name__ == "__main__":
