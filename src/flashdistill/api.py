@@ -251,9 +251,11 @@ class Loaded:
         return condition_from_images(self.model, image, mask, sketch, noise_level, n)
 
     def generate_tensor(self, prompts, steps: int | None = None, seed: int = 0, guidance: float | None = None,
-                        sampler: str | None = None, condition: dict | None = None):
+                        sampler: str | None = None, condition: dict | None = None,
+                        guidance_interval: tuple[float, float] | None = None):
         """Images in [-1, 1], float32 (N, C, H, W); image i uses seed ``seed + i`` (as ``sample``).
-        Conditional models take ``condition`` (see :meth:`condition`), one item per prompt."""
+        Conditional models take ``condition`` (see :meth:`condition`), one item per prompt. Teachers
+        guide only at timesteps in ``guidance_interval`` = (lo, hi) when it is given."""
         from .sample import sample
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -261,7 +263,7 @@ class Loaded:
             raise ValueError("prompts is empty: pass a prompt or a list of prompts")
         seeds = [int(seed) + i for i in range(len(prompts))]
         return sample(self.model, prompts, seeds, steps or self.default_steps, guidance=guidance, sampler=sampler,
-                      condition=condition)
+                      condition=condition, guidance_interval=guidance_interval)
 
     def generate(self, prompts, steps: int | None = None, seed: int = 0, guidance: float | None = None,
                  sampler: str | None = None, scale: int = 1, condition: dict | None = None) -> list:
@@ -436,7 +438,7 @@ def teacher_reference(teacher, num_samples: int, guidance: float | None = None, 
 
 def score_digits(model, num_samples: int, steps: list[int], guidance: float | None = None, sampler: str | None = None,
                  reference=None, progress: bool = False, style: str | None = None, samples: dict | None = None,
-                 seed_set: int = 0) -> list[dict]:
+                 seed_set: int = 0, guidance_interval: tuple[float, float] | None = None) -> list[dict]:
     """FD, pixel FD, histogram distance, adherence (and teacher MSE against ``reference``) of
     ``model`` on the digits prompts, one row per step count; conditional models also get their
     task's consistency metrics and the per-condition diversity (docs/metrics.md). ``style``: score
@@ -457,10 +459,12 @@ def score_digits(model, num_samples: int, steps: list[int], guidance: float | No
     for n in tqdm(steps, desc="evaluate", disable=not progress, unit="row"):
         images = (samples or {}).get(n)
         if images is None:
-            images = sample(model, prompts, seeds, n, guidance=guidance, sampler=sampler, condition=condition)
+            images = sample(model, prompts, seeds, n, guidance=guidance, sampler=sampler, condition=condition,
+                            guidance_interval=guidance_interval)
         row = {"steps": n, **score(images, labels, reference, style=style or model.meta.get("style", "none"))}
         if task.keys:
-            spread = sample(model, d_prompts, d_seeds, n, guidance=guidance, sampler=sampler, condition=d_condition)
+            spread = sample(model, d_prompts, d_seeds, n, guidance=guidance, sampler=sampler, condition=d_condition,
+                            guidance_interval=guidance_interval)
             row.update({"task": task.name, **task.metrics(images, condition, truth), "diversity": diversity(spread)})
         rows.append(row)
     return rows
@@ -469,7 +473,8 @@ def score_digits(model, num_samples: int, steps: list[int], guidance: float | No
 def evaluate(model, steps=None, num_samples: int = 1000, teacher=None, guidance: float | None = None,
              sampler: str | None = None, teacher_guidance: float | None = None, prompts=None, protocol=None,
              reference=None, inception_weights=None, clip_model=None, extra_loras=(),
-             progress: bool = False, seed_set: int = 0, timesteps=None) -> list[dict]:
+             progress: bool = False, seed_set: int = 0, timesteps=None,
+             guidance_interval: tuple[float, float] | None = None) -> list[dict]:
     """Score a teacher or a run, one row (a dict) per step count.
 
     Digits models: FD, pixel FD, histogram distance and adherence on ``num_samples`` digits prompts
@@ -481,7 +486,8 @@ def evaluate(model, steps=None, num_samples: int = 1000, teacher=None, guidance:
     on the same test digits, to check a choice made on the usual set (0). ``steps``: default 32
     for teachers, a student's own step counts. ``timesteps``: a student samples at these (high to
     low) at ``len(timesteps)`` steps, or at several such lists, one per step count; each student
-    row carries the ``timesteps`` it sampled at."""
+    row carries the ``timesteps`` it sampled at. ``guidance_interval``: teachers apply CFG only at
+    timesteps in (lo, hi) (Kynkäänniemi et al. 2024); ``teacher``'s reference keeps full guidance."""
     from .models.student import student_timesteps, timestep_tables
 
     path = os.fspath(model)
@@ -496,7 +502,7 @@ def evaluate(model, steps=None, num_samples: int = 1000, teacher=None, guidance:
             raise ValueError(f"--timesteps gives {len(ts)} timestep(s) ({' '.join(map(str, ts))}), so {len(ts)} steps, "
                              f"but --steps is {' '.join(map(str, steps))}: drop --steps or include {len(ts)}")
     rows = _evaluate(m, path, steps, num_samples, teacher, guidance, sampler, teacher_guidance, prompts, protocol,
-                     reference, inception_weights, clip_model, progress, seed_set)
+                     reference, inception_weights, clip_model, progress, seed_set, guidance_interval)
     if m.meta.get("kind") == "student":
         table = m.sampling.get("timesteps", {})
         for r in rows:
@@ -506,7 +512,7 @@ def evaluate(model, steps=None, num_samples: int = 1000, teacher=None, guidance:
 
 
 def _evaluate(m, path, steps, num_samples, teacher, guidance, sampler, teacher_guidance, prompts, protocol, reference,
-              inception_weights, clip_model, progress, seed_set) -> list[dict]:
+              inception_weights, clip_model, progress, seed_set, guidance_interval=None) -> list[dict]:
     from .models.loading import load_model
 
     if m.meta.get("dataset") != "digits":
@@ -514,18 +520,19 @@ def _evaluate(m, path, steps, num_samples, teacher, guidance, sampler, teacher_g
             raise ValueError(f"--seed-set {seed_set}: seed sets are the built-in digits evaluation's; {path} is "
                              "scored on --prompts / --reference")
         return _evaluate_real(m, steps, num_samples, guidance, prompts, protocol, reference, inception_weights, clip_model,
-                              progress)
+                              progress, guidance_interval)
     ignored = [name for name, value in (("--prompts", prompts), ("--protocol", protocol), ("--reference", reference),
                                         ("--inception-weights", inception_weights), ("--clip-model", clip_model)) if value]
     if ignored:
         raise ValueError(f"{path} is a digits model, scored on the built-in digits metrics; "
                          f"{', '.join(ignored)} only apply to real models: drop them")
     ref = teacher_reference(load_model(teacher), num_samples, teacher_guidance, progress, seed_set) if teacher else None
-    return score_digits(m, num_samples, steps, guidance, sampler, ref, progress, seed_set=seed_set)
+    return score_digits(m, num_samples, steps, guidance, sampler, ref, progress, seed_set=seed_set,
+                        guidance_interval=guidance_interval)
 
 
 def _evaluate_real(model, steps, num_samples, guidance, prompts, protocol, reference, inception_weights, clip_model,
-                   progress: bool = False):
+                   progress: bool = False, guidance_interval=None):
     from .metrics import (PROTOCOLS, MetricUnavailable, clip_scorer, evaluate_real, inception_extractor,
                           read_prompts, reference_features, reference_files)
 
@@ -545,7 +552,7 @@ def _evaluate_real(model, steps, num_samples, guidance, prompts, protocol, refer
     feats = reference_features(os.fspath(reference), extractor) if reference else None
     files = reference_files(os.fspath(reference)) if model.task.keys else None
     return evaluate_real(model, texts, steps, guidance, feats, extractor, scorer, progress=progress,
-                         condition_files=files)
+                         condition_files=files, guidance_interval=guidance_interval)
 
 
 def export(run, out, format: str = "diffusers", teacher=None, num_samples: int = 500, progress: bool = False,

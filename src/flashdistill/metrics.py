@@ -165,7 +165,8 @@ def _embeds(out) -> torch.Tensor:
 
 def evaluate_real(model, prompts: list[str], steps: list[int], guidance: float | None = None,
                   reference: np.ndarray | None = None, extractor=None, scorer=None, seed: int = 0,
-                  batch_size: int = 8, progress: bool = True, condition_files: list[Path] | None = None) -> list[dict]:
+                  batch_size: int = 8, progress: bool = True, condition_files: list[Path] | None = None,
+                  guidance_interval: tuple[float, float] | None = None) -> list[dict]:
     """Per step count: FID of the generated images against ``reference`` features (when given with
     ``extractor``) and CLIP score (when ``scorer``); sample i uses seed ``seed + i``. Images are
     embedded batch by batch and not kept.
@@ -196,7 +197,8 @@ def evaluate_real(model, prompts: list[str], steps: list[int], guidance: float |
                                 model.pixel_shape[-1])
             condition = conditions_from(task, truth, i, model.default_noise_level)
         for n in steps:
-            images = sample(model, p, seeds[i: i + batch_size], n, guidance=guidance, condition=condition)
+            images = sample(model, p, seeds[i: i + batch_size], n, guidance=guidance, condition=condition,
+                            guidance_interval=guidance_interval)
             if use_fid:
                 feats[n].append(np.asarray(extractor(images), dtype=np.float64))
             if scorer is not None:

@@ -66,8 +66,10 @@ def stage_model(model, steps: int):
 @torch.no_grad()
 def sample(model, prompts: list[str], seeds: list[int], steps: int, guidance: float | None = None,
            sampler: str | None = None, batch_size: int = 256, progress: bool = False,
-           decode: bool = True, condition: dict | None = None) -> torch.Tensor:
-    """Samples from a teacher (solver + CFG at ``guidance``) or a student run (its own few-step
+           decode: bool = True, condition: dict | None = None,
+           guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
+    """Samples from a teacher (solver + CFG at ``guidance``, only at timesteps in
+    ``guidance_interval`` = (lo, hi) when given) or a student run (its own few-step
     sampler, no CFG; a full LCM student with a w-embedding is told ``guidance`` instead); images in [-1, 1] (latent models: decoded by the VAE unless ``decode=False``). Conditional models
     (inpaint, sr, sketch) take ``condition``, a dict of tensors with one item per prompt (see
     :mod:`flashdistill.tasks`)."""
@@ -83,10 +85,13 @@ def sample(model, prompts: list[str], seeds: list[int], steps: int, guidance: fl
                            f"in); only teachers and w-embedded full LCM students take a guidance scale")
         if sampler is not None:
             ignored.append(f"sampler {sampler!r} ignored: a student samples with its own few-step sampler")
+        if guidance_interval is not None:
+            ignored.append(f"guidance interval {list(guidance_interval)} ignored: this student runs no CFG")
         if ignored:
             warnings.warn("; ".join(ignored), UserWarning, stacklevel=2)
         x = sample_student(model, prompts, seeds, steps, batch_size=batch_size, condition=condition, guidance=guidance)
     else:
         x = sample_teacher(model, prompts, seeds, steps, model.default_guidance if guidance is None else guidance,
-                           sampler or "dpmpp_2m", batch_size=batch_size, progress=progress, condition=condition)
+                           sampler or "dpmpp_2m", batch_size=batch_size, progress=progress, condition=condition,
+                           guidance_interval=guidance_interval)
     return model.decode(x.to(model.device)).cpu() if decode else x
