@@ -358,7 +358,7 @@ def throughput(teacher_dir, batch_sizes=(16, 32, 64), compile: bool = True, roun
     (the smallest batch, eager), whose median is the speed-up quoted."""
     import statistics
 
-    configs = [(bs, c) for bs in sorted(batch_sizes) for c in ((False, True) if compile else (False,))]
+    configs = [(bs, c) for bs in sorted(set(batch_sizes)) for c in ((False, True) if compile else (False,))]
     per = {cfg: [] for cfg in configs}
     for _ in range(rounds):
         for bs, c in configs:
