@@ -128,7 +128,6 @@ def test_profile_step_splits_the_step(tiny_teacher):
     assert parts["forward"] + parts["backward"] + parts["optimizer"] <= r["ms_per_step"] * 1.01
 
 
-
 def test_throughput_alternates_batch_sizes_and_rates_them_against_the_smallest_eager(tiny_teacher):
     from unittest import mock
 
@@ -152,6 +151,7 @@ def test_throughput_alternates_batch_sizes_and_rates_them_against_the_smallest_e
     # and the real step runs through it
     real = diagnostics.throughput(tiny_teacher, batch_sizes=(2,), compile=False, rounds=1, steps=1)
     assert real[0]["median"] > 0 and real[0]["speedup"] == 1.0
+
 
 def test_one_step_fit_learns_its_pool_and_scores_at_each_checkpoint(tiny_teacher):
     from flashdistill.diagnostics import one_step_fit

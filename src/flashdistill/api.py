@@ -266,12 +266,14 @@ class Loaded:
                       condition=condition, guidance_interval=guidance_interval)
 
     def generate(self, prompts, steps: int | None = None, seed: int = 0, guidance: float | None = None,
-                 sampler: str | None = None, scale: int = 1, condition: dict | None = None) -> list:
+                 sampler: str | None = None, scale: int = 1, condition: dict | None = None,
+                 guidance_interval: tuple[float, float] | None = None) -> list:
         """PIL images, one per prompt (a string is one prompt). Students sample with their own
         few-step sampler and no CFG (``steps`` default 2; a full LCM student with a w-embedding is
         told ``guidance`` instead, within its trained range, default its own); teachers with
-        ``sampler`` and CFG ``guidance`` (default 32 steps of DPM-Solver++ at the teacher's scale)."""
-        return _pil(self.generate_tensor(prompts, steps, seed, guidance, sampler, condition), scale)
+        ``sampler`` and CFG ``guidance`` (default 32 steps of DPM-Solver++ at the teacher's scale),
+        applied only at timesteps in ``guidance_interval`` = (lo, hi) when it is given."""
+        return _pil(self.generate_tensor(prompts, steps, seed, guidance, sampler, condition, guidance_interval), scale)
 
     def pipeline_kwargs(self, steps: int) -> dict:
         """Keyword arguments of the diffusers pipeline call that sample this student with ``steps``
