@@ -164,7 +164,7 @@ def test_one_step_fit_learns_its_pool_and_scores_at_each_checkpoint(tiny_teacher
     assert all(np.isfinite(r["fd"]) and 0 <= r["adherence"] <= 1 for r in rows)
 
 
-def test_one_call_context_error_is_the_task_metric_of_one_call(tmp_path, tiny_teacher):
+def test_one_call_and_own_state_context_error_are_the_task_metric(tmp_path, tiny_teacher):
     """The one-call bound is the task's own metric (inpaint: unmasked_mse) of x0(x_t, t) from the
     true image noised at t: a denoiser that returns the truth scores 0, every t gets a row, and a
     text-to-image teacher is refused in one line."""
@@ -192,3 +192,17 @@ def test_one_call_context_error_is_the_task_metric_of_one_call(tmp_path, tiny_te
     assert all(r[k] > 0 for r in rows for k in r if k.startswith("teacher"))
     with pytest.raises(ValueError, match="inpaint or sr teacher"):
         one_call_context_error(load_model(tiny_teacher), num_samples=4)
+    # the same metric from a student's own sampler states: an oracle student (every call returns
+    # the truth) scores 0 on its samples and on every call; the teacher does not
+    from flashdistill.diagnostics import own_state_context_error
+
+    oracle = Oracle()
+    oracle.sampling, oracle.image_shape, oracle.schedule = ({"timesteps": {"4": [999, 749, 499, 124]}, "gamma": 0.0},
+                                                            teacher.image_shape, teacher.schedule)
+    oracle.device, oracle.denoiser = teacher.device, lambda x, t, cond: Oracle.truth
+    r = own_state_context_error(teacher, oracle, K=8, num_samples=16)
+    assert r["metric"] == "unmasked_mse" and r["samples"] == 0.0
+    assert [row["t"] for row in r["rows"]] == [749, 499, 124]
+    assert all(row["student call"] == 0.0 and row["teacher call"] > 0 and row["teacher solve"] > 0 for row in r["rows"])
+    with pytest.raises(ValueError, match="inpaint or sr teacher"):
+        own_state_context_error(load_model(tiny_teacher), oracle, num_samples=4)

@@ -378,6 +378,55 @@ def test_consistency_target_mixes_the_students_x0_from_the_solve_one_sampler_ste
         tiny_flash(tiny_teacher, consistency=0.5, consistency_skip=8)
 
 
+def test_backward_simulation_trains_on_the_students_own_sampler_state(tiny_teacher, monkeypatch):
+    """backward_simulation = p: a batch below the first grid point takes as x_t the state the
+    student's own sampler reaches at t (its calls above t, each move as the sampler's), and the
+    teacher's target is solved from it; batches at the first grid point keep the noised real sample."""
+    import flashdistill.methods.flash as flash
+    from flashdistill.data.digits import get_dataset
+    from flashdistill.models.student import StudentDenoiser, lcm_multistep
+    from flashdistill.train import DeterministicBatches
+
+    batch = DeterministicBatches(get_dataset("digits"), 4, 1, 0, 0, 1).get(0, 0)
+    m = tiny_flash(tiny_teacher, backward_simulation=1.0, sampler_gamma=0.5, use_dmd=False, use_adv=False)
+    m.setup("cpu")
+    models = m.models()
+    with torch.no_grad():  # a LoRA away from zero: the student's state differs from the teacher's
+        for p in models["student"].parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    student = models["student"]
+    cond = m.inputs(batch, torch.Generator().manual_seed(0))[1]
+    # K = 8: the 4-step sampler calls at 999, 749, 499, 249; t = grid[5] has three calls above it
+    t = m.grid[5].float().expand(4)
+    assert m.sampling()["timesteps"]["4"] == [999, 749, 499, 249] and float(t[0]) not in (999, 749, 499, 249)
+    got = m.simulated_state(student, (4, 1, 8, 8), t, cond, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    x, noises, seen = torch.randn(4, 1, 8, 8, generator=g), [torch.randn(4, 1, 8, 8, generator=g) for _ in range(3)], {}
+
+    def recording(x_t, tt, c):
+        seen[int(tt[0])] = x_t
+        return StudentDenoiser(student, m.schedule)(x_t, tt, c)
+
+    with torch.no_grad():
+        lcm_multistep(recording, x, torch.tensor([999, 749, 499, int(t[0])]), cond, m.schedule, noises, gamma=0.5)
+    torch.testing.assert_close(got, seen[int(t[0])])
+    assert not torch.allclose(got, seen[499], atol=1e-2)
+    # in a training step: the simulated state goes to the teacher's solve and to the student
+    for index, simulated in ((5, True), (0, False)):
+        monkeypatch.setattr(flash, "sample_grid_index", lambda *a: torch.tensor([index]))
+        state = torch.full((4, 1, 8, 8), 0.25)
+        monkeypatch.setattr(m, "simulated_state", lambda *a: state)
+        solves = []
+        monkeypatch.setattr(m, "teacher_target", lambda x_t, *a, **k: solves.append(x_t) or torch.zeros_like(x_t))
+        m.step(batch, 10, models, torch.Generator().manual_seed(0))
+        assert torch.equal(solves[0], state) is simulated
+    with pytest.raises(ValueError, match="backward_simulation"):
+        tiny_flash(tiny_teacher, backward_simulation=2.0)
+    with pytest.raises(ValueError, match="backward_simulation_steps"):
+        tiny_flash(tiny_teacher, backward_simulation_steps=3)
+
+
 # --- Losses ----------------------------------------------------------------------------------
 
 def _gaussian_x0(mu, s2, schedule):
@@ -542,9 +591,9 @@ def test_target_reuse_solves_every_rth_step_replays_kept_batches_and_resumes_exa
         solves.append(self.current_step)
         return real_solve(self, *args)
 
-    def recording_pick(self, batch, step, generator):
+    def recording_pick(self, batch, step, generator, student=None):
         self.current_step, kept = step, list(self.replay)
-        picked = real_pick(self, batch, step, generator)
+        picked = real_pick(self, batch, step, generator, student)
         if not solves or solves[-1] != step:
             replayed.append(any(picked is e for e in kept))
         return picked

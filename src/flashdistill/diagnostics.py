@@ -17,6 +17,11 @@
   sr: the low-res consistency), the task metric of *one* denoiser call x0(x_t, t) from the noised
   true image, per t, for the teacher and for students: the least error a sampler whose last call
   is at that t can leave, whatever it learned.
+- ``own_state_context_error``: the same metric from the states a student's own few-step sampler
+  reaches (its calls above each of its timesteps): the student's call there, the teacher's one call
+  and the teacher's K-grid solve from that state, beside that solve from the noised true image:
+  how much of a few-step sample's context error its own earlier steps carry in, and whether the
+  teacher's target from such a state (backward simulation) could remove it.
 - ``profile_step`` / ``throughput``: where a Flash step's time goes, and the training samples per
   second at several batch sizes, eager and with ``train.compile``, alternating in one process.
 
@@ -248,6 +253,14 @@ def dmd_direction(student, teacher, guidance: tuple[float, float], num_samples: 
     return rows
 
 
+def _context_metric(teacher, caller: str) -> str:
+    """The task's context metric (inpaint: ``unmasked_mse``; sr: ``consistency``); other tasks refused."""
+    names = [m for m in teacher.task.metric_names if m in ("unmasked_mse", "consistency")]
+    if not names:
+        raise ValueError(f"{caller} needs an inpaint or sr teacher (a context metric), not task {teacher.task.name!r}")
+    return names[0]
+
+
 @torch.no_grad()
 def one_call_context_error(teacher, students: dict | None = None, ts=(999, 749, 499, 249, 124, 30),
                            num_samples: int = 1000, guidance: float | None = None, seed: int = 0) -> list[dict]:
@@ -256,11 +269,7 @@ def one_call_context_error(teacher, students: dict | None = None, ts=(999, 749, 
     the teacher with CFG at ``guidance`` (default: its own) and without, and for each student."""
     from .scoring import eval_set
 
-    task = teacher.task
-    names = [m for m in task.metric_names if m in ("unmasked_mse", "consistency")]
-    if not names:
-        raise ValueError(f"one_call_context_error needs an inpaint or sr teacher (a context metric), not task {task.name!r}")
-    metric = names[0]
+    task, metric = teacher.task, _context_metric(teacher, "one_call_context_error")
     prompts, _, _, condition, truth = eval_set(num_samples, task)
     x0 = teacher.encode(truth)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
@@ -281,6 +290,53 @@ def one_call_context_error(teacher, students: dict | None = None, ts=(999, 749, 
             row[name] = task.metrics(teacher.decode(call(x_t, tt)), condition, truth)[metric]
         rows.append(row)
     return rows
+
+
+@torch.no_grad()
+def own_state_context_error(teacher, student, steps: int = 4, K: int = 16, num_samples: int = 1000,
+                            guidance: float | None = None) -> dict:
+    """For a conditional student's ``steps``-step sampler (seeded as ``evaluate`` seeds it): the
+    task's context metric of its samples, and per sampler timestep t below the first, of x0 from
+    the state x_t the sampler reaches there: the student's own call, the teacher's one CFG call,
+    the teacher's DPM-Solver++ solve on the K-grid from x_t down, and that solve from the true
+    image noised at t (one noise draw)."""
+    from .core.solvers import dpmpp_2m
+    from .models.student import lcm_multistep, student_timesteps, w_condition
+    from .sample import teacher_timesteps
+    from .scoring import eval_set
+
+    task, metric = teacher.task, _context_metric(teacher, "own_state_context_error")
+    prompts, _, seeds, condition, truth = eval_set(num_samples, task)
+
+    def score(x0):
+        return task.metrics(teacher.decode(x0), condition, truth)[metric]
+
+    ts = student_timesteps(student.sampling, steps)
+    gens = [torch.Generator().manual_seed(int(k)) for k in seeds]
+    draws = [torch.stack([torch.randn(student.image_shape, generator=g) for g in gens]) for _ in range(len(ts))]
+    sp = student.spatial(condition, num_samples, torch.Generator().manual_seed(int(seeds[0]) + 7919))
+    scond = {**student.cond(prompts, sp), **w_condition(student.sampling, num_samples, None, student.device)}
+    states = {}
+
+    def recording(x, t, c):
+        states[int(t[0])] = x
+        return student.denoiser(x, t, c)
+
+    samples = lcm_multistep(recording, draws[0], ts, scond, student.schedule, draws[1:], gamma=student.sampling.get("gamma", 1.0))
+    tsp = teacher.spatial(condition, num_samples, torch.Generator().manual_seed(int(seeds[0]) + 7919))
+    model = cfg_model(teacher.denoiser, teacher.cond(prompts, tsp), teacher.uncond(num_samples, tsp),
+                      teacher.default_guidance if guidance is None else guidance)
+    grid = teacher_timesteps(teacher.schedule, K)
+    x0 = teacher.encode(truth)
+    rows = []
+    for t, x in list(states.items())[1:]:
+        tt = torch.full((num_samples,), float(t))
+        below = torch.cat([torch.tensor([t]), grid[grid < t]])
+        rows.append({"t": t, "student call": score(student.denoiser(x, tt, scond)), "teacher call": score(model(x, tt)),
+                     "teacher solve": score(dpmpp_2m(model, x, below, teacher.schedule)),
+                     "teacher solve, true x_t": score(dpmpp_2m(model, teacher.schedule.add_noise(x0, draws[0], tt), below,
+                                                               teacher.schedule))})
+    return {"metric": metric, "steps": steps, "samples": score(samples), "rows": rows}
 
 
 def profile_step(teacher_dir, overrides: dict | None = None, steps: int = 32, batch_size: int = 16,
@@ -376,10 +432,12 @@ def main(argv=None) -> None:
     ap.add_argument("--K", type=int, default=16, help="teacher grid size (digits preset: 16)")
     ap.add_argument("--t-prime", type=int, nargs="+", default=[10, 250, 500, 750], help="re-noising timesteps to probe")
     ap.add_argument("--student", nargs="+", help="student run folder(s): its one-step regression error (--what "
-                    "regression, the first), their one-call context error (--what context), a Lightning run "
+                    "regression, the first), their one-call context error (--what context) and from their own "
+                    "4-step sampler's states (--what own-state), a Lightning run "
                     "(--what lightning: its 2-step stage's samples against its 1-step stage's)")
     ap.add_argument("--what", nargs="+", default=["disc", "target"],
-                    choices=["disc", "target", "regression", "dmd", "profile", "throughput", "onestep", "context", "lightning"])
+                    choices=["disc", "target", "regression", "dmd", "profile", "throughput", "onestep", "context", "own-state",
+                             "lightning"])
     ap.add_argument("--compile", action="store_true", help="also time train.compile=true, beside the eager runs (--what "
                                                           "profile: fresh solves and the preset; --what throughput: each batch size)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64],
@@ -394,6 +452,11 @@ def main(argv=None) -> None:
     from .models.loading import load_model
 
     teacher = load_model(args.teacher)
+    if {"context", "own-state"} & set(args.what):
+        try:
+            _context_metric(teacher, "--what context and own-state")
+        except ValueError as e:
+            ap.error(str(e))
     if "disc" in args.what:
         data = load_digits("train")
         print("discriminator separation (held-out accuracy; chance 0.5)")
@@ -458,6 +521,15 @@ def main(argv=None) -> None:
         print(f"{rows[0]['metric']} of one call x0(x_t, t) from the noised true test images (1,000)")
         for r in rows:
             print(f"  t={r['t']:>4}  " + "  ".join(f"{k}: {v:.5f}" for k, v in r.items() if k not in ("t", "metric")))
+    if "own-state" in args.what:
+        if not args.student:
+            ap.error("--what own-state needs --student RUN (a conditional student)")
+        for run in args.student:
+            r = own_state_context_error(teacher, load_model(run), K=args.K)
+            print(f"{run}: {r['metric']} of its {r['steps']}-step samples {r['samples']:.5f}; of x0 from the state its sampler "
+                  f"reaches at t (1,000 test conditions; the teacher's solve on the K = {args.K} grid)")
+            for row in r["rows"]:
+                print(f"  t={row['t']:>4}  " + "  ".join(f"{k}: {v:.5f}" for k, v in row.items() if k != "t"))
     if "profile" in args.what:
         runs = [("digits preset (a teacher solve every 4th step)", {}, False),
                 ("a fresh teacher solve every step", {"target_reuse": 1}, False),

@@ -36,7 +36,7 @@ from ..losses import denoising_loss, discriminator_loss, distillation_loss, dmd_
 from ..models.denoiser import Denoiser
 from ..models.discriminator import DiscriminatorHead
 from ..models.adapters import base_copy
-from ..models.student import StudentDenoiser, make_student_backbone
+from ..models.student import StudentDenoiser, lcm_move, make_student_backbone
 from ..sample import teacher_timesteps
 from ..train import TrainConfig
 from . import base
@@ -98,6 +98,12 @@ class FlashConfig(StudentConfig):
     consistency_skip: int = field(0, "grid points from t down to the consistency target's state (0: K/4, one "
                                      "step of the 4-step sampler; 1: LCM's one-link chain on the K-grid); "
                                      "batches with no grid point that far below keep the solve")
+    backward_simulation: float = field(0.0, "share of solved batches below the first grid point whose x_t is the student's "
+                                            "own state (DMD2's backward simulation: its backward_simulation_steps-step "
+                                            "sampler from pure noise, no grad, its calls above t, then moved to t) instead "
+                                            "of the noised real sample; the teacher's Eq. (2) target is solved from that "
+                                            "state (0: the paper)")
+    backward_simulation_steps: int = field(4, "the student sampler (2 or 4 steps) that backward_simulation runs")
     train: TrainConfig = dc_field(default_factory=_flash_train_defaults, metadata={"help": "training loop"})
 
     def budget_overrides(self, factor: float) -> dict:
@@ -148,6 +154,10 @@ class FlashConfig(StudentConfig):
             raise ValueError(f"target_reuse and replay_batches must be >= 1, got {self.target_reuse}, {self.replay_batches}")
         if not 0 <= self.consistency <= 1:
             raise ValueError(f"consistency must be a share in [0, 1], got {self.consistency}")
+        if not 0 <= self.backward_simulation <= 1:
+            raise ValueError(f"backward_simulation must be a share in [0, 1], got {self.backward_simulation}")
+        if self.backward_simulation_steps not in (2, 4):
+            raise ValueError(f"backward_simulation_steps must be 2 or 4 (a student sampler), got {self.backward_simulation_steps}")
         if not 0 <= self.consistency_skip < self.K:
             raise ValueError(f"consistency_skip must be in [0, K) grid points (0: K/4), got {self.consistency_skip} "
                              f"with K = {self.K}")
@@ -291,10 +301,27 @@ class FlashDistillation(StudentMethod):
         return (lo + (hi - lo) * torch.rand(b, generator=generator)).to(self.device)
 
     # --- target replay (target_reuse > 1): the teacher's solve is most of a step's cost ----
-    def _solved_batch(self, batch: dict, step: int, generator: torch.Generator) -> dict:
+    @torch.no_grad()
+    def simulated_state(self, student, shape: tuple, t: torch.Tensor, cond: dict, generator: torch.Generator) -> torch.Tensor:
+        """Backward simulation (DMD2, Yin et al. 2024, sec. 4.5): the state x_t the student's own
+        ``backward_simulation_steps``-step sampler reaches at ``t`` from pure noise: its calls at the
+        sampler's timesteps above t, each followed by the sampler's move, the last one to t."""
+        c = self.config
+        calls = [v for v in self.sampling()["timesteps"][str(c.backward_simulation_steps)] if v > float(t[0])]
+        x = torch.randn(shape, generator=generator).to(self.device)
+        denoise = StudentDenoiser(student, self.schedule)
+        for i, s in enumerate(calls):
+            t_i = torch.full_like(t, float(s))
+            t_next = torch.full_like(t, float(calls[i + 1])) if i + 1 < len(calls) else t
+            z = torch.randn(shape, generator=generator).to(self.device)
+            x = lcm_move(x, denoise(x, t_i, cond), t_i, t_next, self.schedule, z, c.sampler_gamma)
+        return x
+
+    def _solved_batch(self, batch: dict, step: int, generator: torch.Generator, student=None) -> dict:
         """Eq. (3): one grid index per batch; Eq. (2): the teacher's target from the noised real
-        sample. With target_reuse > 1, every R-th step solves a fresh batch and keeps it; the steps
-        between replay one of the kept batches, drawn uniformly."""
+        sample, or with ``backward_simulation`` from the ``student``'s own state at t. With
+        target_reuse > 1, every R-th step solves a fresh batch and keeps it; the steps between
+        replay one of the kept batches, drawn uniformly."""
         c, sch, dev = self.config, self.schedule, self.device
         if c.target_reuse > 1 and step % c.target_reuse and self.replay:
             return self.replay[int(torch.randint(len(self.replay), (1,), generator=generator))]
@@ -302,6 +329,8 @@ class FlashDistillation(StudentMethod):
         index = int(sample_grid_index(self.probabilities(step), 1, generator))
         t = self.grid[index].float().expand(x0.shape[0]).to(dev)
         x_t = sch.add_noise(x0, torch.randn(x0.shape, generator=generator).to(dev), t)
+        if c.backward_simulation > 0 and index > 0 and float(torch.rand((), generator=generator)) < c.backward_simulation:
+            x_t = self.simulated_state(student, x0.shape, t, cond, generator)
         w = self._guidance(x0.shape[0], generator, first=index == 0)
         solved = {"x0": x0, "x_t": x_t, "t": t, "cond": cond, "uncond": uncond}
         keep = index + (c.consistency_skip or c.K // 4)  # default: one step of the 4-step sampler below t
@@ -324,7 +353,7 @@ class FlashDistillation(StudentMethod):
 
     def step(self, batch: dict, step: int, models: dict, generator: torch.Generator):
         c, sch, dev = self.config, self.schedule, self.device
-        solved = self._solved_batch(batch, step, generator)
+        solved = self._solved_batch(batch, step, generator, _unwrap(models["student"]))
         x0, x_t, t, target, cond, uncond = (solved[k] for k in ("x0", "x_t", "t", "target", "cond", "uncond"))
         b = x0.shape[0]
         phase = self.phase(step)

@@ -190,6 +190,24 @@ def save_student(out: Path, backbone: nn.Module, meta: dict) -> None:
 
 
 @torch.no_grad()
+def lcm_move(x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, schedule, z: torch.Tensor,
+             gamma: float = 1.0) -> torch.Tensor:
+    """One move of the few-step student sampler (:func:`lcm_multistep`) from ``x`` at ``t`` to
+    ``t_next`` given the student's ``x0``; ``z`` is the fresh noise (unused at ``gamma = 0``)."""
+    if gamma == 1.0:
+        return schedule.add_noise(x0, z.to(x0), t_next)
+    a_i, s_i = (append_dims(f(t.double()), x.ndim) for f in (schedule.alpha, schedule.sigma))
+    eps = x0_to_eps(x0.double(), x.double(), a_i, s_i)
+    s = torch.floor((1.0 - gamma) * t_next.double())
+    x = schedule.add_noise(x0.double(), eps, s)  # the DDIM move to s
+    if gamma > 0.0:  # forward noise from s to t_next: x_n = (a_n / a_s) x_s + sqrt(s_n^2 - (a_n s_s / a_s)^2) z
+        a_s, s_s = (append_dims(f(s), x.ndim) for f in (schedule.alpha, schedule.sigma))
+        a_n, s_n = (append_dims(f(t_next.double()), x.ndim) for f in (schedule.alpha, schedule.sigma))
+        ratio = a_n / a_s
+        x = ratio * x + (s_n**2 - (ratio * s_s) ** 2).clamp_min(0).sqrt() * z.double()
+    return x.to(x0.dtype)
+
+
 def lcm_multistep(denoiser, x: torch.Tensor, timesteps: torch.Tensor, cond: dict, schedule,
                   noises: list[torch.Tensor] | None = None, gamma: float = 1.0) -> torch.Tensor:
     """Few-step student sampling: x0 = f(x, t_i), then a move to t_{i+1} whose stochasticity is
@@ -212,20 +230,7 @@ def lcm_multistep(denoiser, x: torch.Tensor, timesteps: torch.Tensor, cond: dict
         if i + 1 == len(timesteps):
             break
         t_next = timesteps[i + 1].expand(b).to(x.device)
-        z = noises[i] if noises is not None else torch.randn_like(x0)
-        if gamma == 1.0:
-            x = schedule.add_noise(x0, z.to(x0), t_next)
-            continue
-        a_i, s_i = (append_dims(f(t_i.double()), x.ndim) for f in (schedule.alpha, schedule.sigma))
-        eps = x0_to_eps(x0.double(), x.double(), a_i, s_i)
-        s = torch.floor((1.0 - gamma) * t_next.double())
-        x = schedule.add_noise(x0.double(), eps, s)  # the DDIM move to s
-        if gamma > 0.0:  # forward noise from s to t_next: x_n = (a_n / a_s) x_s + sqrt(s_n^2 - (a_n s_s / a_s)^2) z
-            a_s, s_s = (append_dims(f(s), x.ndim) for f in (schedule.alpha, schedule.sigma))
-            a_n, s_n = (append_dims(f(t_next.double()), x.ndim) for f in (schedule.alpha, schedule.sigma))
-            ratio = a_n / a_s
-            x = ratio * x + (s_n**2 - (ratio * s_s) ** 2).clamp_min(0).sqrt() * z.double()
-        x = x.to(x0.dtype)
+        x = lcm_move(x, x0, t_i, t_next, schedule, noises[i] if noises is not None else torch.randn_like(x0), gamma)
     return x0
 
 
