@@ -286,63 +286,6 @@ def test_flash_on_a_conditional_teacher_passes_the_condition_everywhere(teachers
     assert grid  # the preview (condition row first) was written
 
 
-def test_context_loss_is_the_error_outside_the_mask():
-    """Inpaint's kept region is the complement of the concat's mask channel (pixel models here;
-    latent models put the resized mask there too), and the context loss is the mean squared error
-    over it only: an error inside the mask costs nothing, an offset d outside costs d^2."""
-    from flashdistill.losses import context_loss
-
-    task = get_task("inpaint")
-    x = _digits(4)
-    c = task.make(x, torch.Generator().manual_seed(0), train=False)
-    keep = task.keep(task.kwargs(c))
-    assert torch.equal(keep, 1 - c["mask"])
-    assert get_task("t2i").keep({}) is None and get_task("sr").keep(get_task("sr").kwargs(
-        get_task("sr").make(x, torch.Generator().manual_seed(0)))) is None
-    inside = x + 0.7 * c["mask"]
-    assert context_loss(inside, x, keep)[0].item() == 0.0
-    outside = x + 0.3 * keep
-    torch.testing.assert_close(context_loss(outside, x, keep)[0], torch.tensor(0.09))
-    assert context_loss(outside, x, torch.zeros_like(keep))[0].item() == 0.0  # nothing kept (a full mask)
-
-
-@pytest.mark.parametrize("task", ["inpaint", "t2i"])
-def test_flash_context_weight_adds_the_context_loss_on_inpainting_only(teachers, tiny_teacher, task):
-    """With context_weight w, a Flash step's student loss is the distillation loss plus w times the
-    context loss against the real sample outside the mask; a teacher without a kept region (text to
-    image) trains as before."""
-    from flashdistill.data.digits import get_dataset
-    from flashdistill.losses import context_loss
-    from flashdistill.methods.flash import FlashDistillation, build_config
-    from flashdistill.methods import flash
-    from flashdistill.train import DeterministicBatches
-
-    teacher = teachers[task] if task == "inpaint" else tiny_teacher
-    cfg, _ = build_config(teacher, "digits", {"use_adv": False, "use_dmd": False, "context_weight": 2.5,
-                                               "train": {"batch_size": 4}})
-    m = FlashDistillation(cfg)
-    m.setup("cpu")
-    batch = DeterministicBatches(get_dataset("digits"), 4, 1, 0, 0, 1).get(0, 0)
-    seen = []
-
-    def spy(pred, x0, keep):
-        seen.append((x0, keep))
-        return context_loss(pred, x0, keep)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flash, "context_loss", spy)
-        losses, logs = m.step(batch, 0, m.models(), torch.Generator().manual_seed(0))
-    if task == "t2i":
-        assert "context" not in logs and not seen
-        torch.testing.assert_close(losses[0][1], logs["distill"])
-        return
-    assert logs["context"] > 0
-    torch.testing.assert_close(losses[0][1], logs["distill"] + 2.5 * logs["context"])
-    (x0, keep), = seen
-    assert torch.equal(x0, batch["image"].float())  # the real sample (a pixel teacher: no VAE)
-    assert keep.shape == (4, 1, 8, 8) and set(keep.unique().tolist()) <= {0.0, 1.0} and 0 < keep.mean() < 1
-
-
 @pytest.mark.parametrize("method", ["lcm", "splam", "lightning"])
 def test_peer_methods_on_a_conditional_teacher(teachers, method, tmp_path, monkeypatch):
     """LCM, SPLAM and SDXL-Lightning share the input path: every backbone call of their training

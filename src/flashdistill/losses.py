@@ -23,14 +23,6 @@ def distillation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse
     return loss, {"distill": loss.detach()}
 
 
-def context_loss(pred: torch.Tensor, x0: torch.Tensor, keep: torch.Tensor):
-    """Mean squared error of the student's x0 against the real sample over the region the output
-    must keep (``keep``, (B, 1, h, w), 1 = keep: outside an inpainting mask); 0 where nothing is kept."""
-    keep = keep.to(pred.dtype).expand_as(pred)
-    loss = ((pred - x0.detach().to(pred.dtype)) ** 2 * keep).sum() / keep.sum().clamp(min=1)
-    return loss, {"context": loss.detach()}
-
-
 def denoising_loss(pred: torch.Tensor, target: torch.Tensor):
     """The teacher's own objective (MSE on the native output: eps, v or flow velocity); here it
     trains DMD2's fake score on the student's samples."""

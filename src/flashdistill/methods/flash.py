@@ -32,7 +32,7 @@ from ..checkpoint import pack_tree, unpack_tree
 from ..config import field
 from ..core.solvers import cat_cond, cfg_model, dpmpp_2m
 from ..core.timesteps import PI_KINDS, grid_probabilities, mode_indices, phase_at, sample_grid_index
-from ..losses import context_loss, denoising_loss, discriminator_loss, distillation_loss, dmd_loss, generator_adv_loss
+from ..losses import denoising_loss, discriminator_loss, distillation_loss, dmd_loss, generator_adv_loss
 from ..models.denoiser import Denoiser
 from ..models.discriminator import DiscriminatorHead
 from ..models.adapters import base_copy
@@ -59,10 +59,6 @@ class FlashConfig(StudentConfig):
     guidance_min: float = field(3.0, "teacher CFG scale w ~ U[min, max], one draw per sample")
     guidance_max: float = field(13.0, "upper end of the teacher CFG range")
     distill_loss: Literal["mse", "l1", "huber"] = field("mse", "distillation distance (Eq. 2)")
-    context_weight: float = field(0.0, "inpainting teachers: weight of an L2 loss between the student's x0 and the "
-                                       "real sample outside the mask, the region the output must keep (not in the "
-                                       "paper; 0: off)")
-    context_t_min: int = field(0, "context_weight acts only on batches whose student input timestep t is >= this")
     use_adv: bool = field(True, "use the adversarial loss (Eq. 4)")
     use_dmd: bool = field(True, "use the DMD loss (Eq. 5)")
     gan_loss: Literal["lsgan", "hinge", "wgan"] = field("lsgan", "GAN objective")
@@ -152,8 +148,6 @@ class FlashConfig(StudentConfig):
             raise ValueError(f"two_step_shift must be in [0, {gap}) grid points (below the first call's mode at "
                              f"K = {self.K}, two_step_modes {m}), got {self.two_step_shift}")
         base.check_table("four_step_timesteps", 4, self.four_step_timesteps)
-        if self.context_weight < 0:
-            raise ValueError(f"context_weight must be >= 0, got {self.context_weight}")
         if self.disc_lr <= 0:
             raise ValueError(f"disc_lr must be > 0, got {self.disc_lr}")
         if self.target_reuse < 1 or self.replay_batches < 1:
@@ -374,11 +368,6 @@ class FlashDistillation(StudentMethod):
         x0_student = student(x_t, t, cond)
         loss, logs = distillation_loss(x0_student, target, c.distill_loss)
         logs.update({"phase": torch.tensor(float(phase)), "t": t[0].detach()})
-        keep = self.teacher.task.keep(cond) if c.context_weight > 0 and float(t[0]) >= c.context_t_min else None
-        if keep is not None:
-            l_ctx, ctx_logs = context_loss(x0_student, x0, keep)
-            loss = loss + c.context_weight * l_ctx
-            logs.update(ctx_logs)
 
         losses = []
         lam_adv, lam_dmd = c.lambda_adv[phase], c.lambda_dmd[phase]
