@@ -192,17 +192,24 @@ def test_one_call_and_own_state_context_error_are_the_task_metric(tmp_path, tiny
     assert all(r[k] > 0 for r in rows for k in r if k.startswith("teacher"))
     with pytest.raises(ValueError, match="inpaint or sr teacher"):
         one_call_context_error(load_model(tiny_teacher), num_samples=4)
-    # the same metric from a student's own sampler states: an oracle student (every call returns
-    # the truth) scores 0 on its samples and on every call; the teacher does not
-    from flashdistill.diagnostics import own_state_context_error
+    # the same metric from the states a student's own sampler reaches: here a "student" that is the
+    # teacher without CFG, sampling at [999, 749, 499, 124] with the deterministic move
+    import dataclasses
 
-    oracle = Oracle()
-    oracle.sampling, oracle.image_shape, oracle.schedule = ({"timesteps": {"4": [999, 749, 499, 124]}, "gamma": 0.0},
-                                                            teacher.image_shape, teacher.schedule)
-    oracle.device, oracle.denoiser = teacher.device, lambda x, t, cond: Oracle.truth
-    r = own_state_context_error(teacher, oracle, K=8, num_samples=16)
-    assert r["metric"] == "unmasked_mse" and r["samples"] == 0.0
-    assert [row["t"] for row in r["rows"]] == [749, 499, 124]
-    assert all(row["student call"] == 0.0 and row["teacher call"] > 0 and row["teacher solve"] > 0 for row in r["rows"])
+    from flashdistill.diagnostics import own_state_context_error
+    from flashdistill.models.student import sample_student
+
+    student = dataclasses.replace(teacher, sampling={"timesteps": {"4": [999, 749, 499, 124]}, "gamma": 0.0})
+    r = own_state_context_error(teacher, student, K=8, num_samples=16, guidance=1.0)
+    assert r["metric"] == "unmasked_mse" and [row["t"] for row in r["rows"]] == [749, 499, 124]
+    # its samples are evaluate's (sample_student, the same seeds), and its last call made them
+    prompts, _, seeds, condition, truth = eval_set(16, teacher.task)
+    images = teacher.decode(sample_student(student, prompts, seeds, 4, condition=condition))
+    assert r["samples"] == teacher.task.metrics(images, condition, truth)["unmasked_mse"] == r["rows"][-1]["student call"]
+    # the teacher at w = 1 called on the recorded state is the student's call there
+    for row in r["rows"]:
+        assert row["teacher call"] == pytest.approx(row["student call"], rel=1e-4)
+        assert row["teacher solve"] > 0 and row["teacher solve, true x_t"] > 0
+    assert r["rows"][0]["student call"] > r["rows"][-1]["student call"]  # less context error at lower t
     with pytest.raises(ValueError, match="inpaint or sr teacher"):
-        own_state_context_error(load_model(tiny_teacher), oracle, num_samples=4)
+        own_state_context_error(load_model(tiny_teacher), student, num_samples=4)

@@ -591,7 +591,7 @@ def test_target_reuse_solves_every_rth_step_replays_kept_batches_and_resumes_exa
         solves.append(self.current_step)
         return real_solve(self, *args)
 
-    def recording_pick(self, batch, step, generator, student=None):
+    def recording_pick(self, batch, step, generator, student):
         self.current_step, kept = step, list(self.replay)
         picked = real_pick(self, batch, step, generator, student)
         if not solves or solves[-1] != step:

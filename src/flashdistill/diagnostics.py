@@ -301,8 +301,8 @@ def own_state_context_error(teacher, student, steps: int = 4, K: int = 16, num_s
     the teacher's DPM-Solver++ solve on the K-grid from x_t down, and that solve from the true
     image noised at t (one noise draw)."""
     from .core.solvers import dpmpp_2m
-    from .models.student import lcm_multistep, student_timesteps, w_condition
-    from .sample import teacher_timesteps
+    from .models.student import sample_student
+    from .sample import seeded_noise, teacher_timesteps
     from .scoring import eval_set
 
     task, metric = teacher.task, _context_metric(teacher, "own_state_context_error")
@@ -311,30 +311,25 @@ def own_state_context_error(teacher, student, steps: int = 4, K: int = 16, num_s
     def score(x0):
         return task.metrics(teacher.decode(x0), condition, truth)[metric]
 
-    ts = student_timesteps(student.sampling, steps)
-    gens = [torch.Generator().manual_seed(int(k)) for k in seeds]
-    draws = [torch.stack([torch.randn(student.image_shape, generator=g) for g in gens]) for _ in range(len(ts))]
-    sp = student.spatial(condition, num_samples, torch.Generator().manual_seed(int(seeds[0]) + 7919))
-    scond = {**student.cond(prompts, sp), **w_condition(student.sampling, num_samples, None, student.device)}
-    states = {}
-
-    def recording(x, t, c):
-        states[int(t[0])] = x
-        return student.denoiser(x, t, c)
-
-    samples = lcm_multistep(recording, draws[0], ts, scond, student.schedule, draws[1:], gamma=student.sampling.get("gamma", 1.0))
-    tsp = teacher.spatial(condition, num_samples, torch.Generator().manual_seed(int(seeds[0]) + 7919))
+    states = {}  # t -> (the state the sampler calls the student on, the student's x0 there)
+    hook = student.denoiser.register_forward_hook(lambda _, args, x0: states.update({int(args[1][0]): (args[0], x0)}))
+    try:  # the student's own sampler, seeded as evaluate seeds it, its calls recorded
+        samples = sample_student(student, prompts, seeds, steps, batch_size=num_samples, condition=condition)
+    finally:
+        hook.remove()
+    tsp = teacher.spatial(condition, num_samples, torch.Generator().manual_seed(int(seeds[0]) + 7919))  # as sample_student
     model = cfg_model(teacher.denoiser, teacher.cond(prompts, tsp), teacher.uncond(num_samples, tsp),
                       teacher.default_guidance if guidance is None else guidance)
     grid = teacher_timesteps(teacher.schedule, K)
     x0 = teacher.encode(truth)
     rows = []
-    for t, x in list(states.items())[1:]:
+    noise = seeded_noise(teacher.image_shape, seeds)  # the sampler's first draw
+    for t, (x, x0_student) in list(states.items())[1:]:
         tt = torch.full((num_samples,), float(t))
         below = torch.cat([torch.tensor([t]), grid[grid < t]])
-        rows.append({"t": t, "student call": score(student.denoiser(x, tt, scond)), "teacher call": score(model(x, tt)),
+        rows.append({"t": t, "student call": score(x0_student), "teacher call": score(model(x, tt)),
                      "teacher solve": score(dpmpp_2m(model, x, below, teacher.schedule)),
-                     "teacher solve, true x_t": score(dpmpp_2m(model, teacher.schedule.add_noise(x0, draws[0], tt), below,
+                     "teacher solve, true x_t": score(dpmpp_2m(model, teacher.schedule.add_noise(x0, noise, tt), below,
                                                                teacher.schedule))})
     return {"metric": metric, "steps": steps, "samples": score(samples), "rows": rows}
 

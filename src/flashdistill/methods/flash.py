@@ -19,7 +19,8 @@ Departures from the public reference code (see shared/METHOD_NOTES.md), on purpo
   target replay (``target_reuse``: a teacher solve trains R steps; the digits preset uses 4), and
   a consistency share in the Eq. (2) target (``consistency``: the student's own x0 from the
   teacher's solve one 4-step-sampler step lower, or ``consistency_skip`` grid points lower, as
-  LCM's target).
+  LCM's target), and DMD2's backward simulation (``backward_simulation``: x_t the state the
+  student's own sampler reaches at t, the target solved from it).
 """
 from __future__ import annotations
 
@@ -317,7 +318,7 @@ class FlashDistillation(StudentMethod):
             x = lcm_move(x, denoise(x, t_i, cond), t_i, t_next, self.schedule, z, c.sampler_gamma)
         return x
 
-    def _solved_batch(self, batch: dict, step: int, generator: torch.Generator, student=None) -> dict:
+    def _solved_batch(self, batch: dict, step: int, generator: torch.Generator, student) -> dict:
         """Eq. (3): one grid index per batch; Eq. (2): the teacher's target from the noised real
         sample, or with ``backward_simulation`` from the ``student``'s own state at t. With
         target_reuse > 1, every R-th step solves a fresh batch and keeps it; the steps between

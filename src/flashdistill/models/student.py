@@ -189,7 +189,6 @@ def save_student(out: Path, backbone: nn.Module, meta: dict) -> None:
     (out / "flashdistill.json").write_text(json.dumps({"kind": "student", **meta}, indent=2))
 
 
-@torch.no_grad()
 def lcm_move(x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, schedule, z: torch.Tensor,
              gamma: float = 1.0) -> torch.Tensor:
     """One move of the few-step student sampler (:func:`lcm_multistep`) from ``x`` at ``t`` to
@@ -208,6 +207,7 @@ def lcm_move(x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_next: torch.T
     return x.to(x0.dtype)
 
 
+@torch.no_grad()
 def lcm_multistep(denoiser, x: torch.Tensor, timesteps: torch.Tensor, cond: dict, schedule,
                   noises: list[torch.Tensor] | None = None, gamma: float = 1.0) -> torch.Tensor:
     """Few-step student sampling: x0 = f(x, t_i), then a move to t_{i+1} whose stochasticity is
