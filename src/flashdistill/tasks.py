@@ -57,11 +57,6 @@ class Task:
         generator)``: a latent model's VAE encoder, for tasks whose condition enters as latents."""
         return {}
 
-    def keep(self, cond: dict) -> torch.Tensor | None:
-        """Where the output must reproduce the input, from the backbone's keyword arguments
-        (``cond``): a (B, 1, h, w) 0/1 map at the denoiser's resolution, or None (no such region)."""
-        return None
-
     def control(self, condition: dict) -> torch.Tensor:
         """The condition as one image for a ControlNet (CoDi's conditional encoder), (N, C, H, W)."""
         raise ValueError("a text-to-image task has no condition image")
@@ -132,12 +127,6 @@ class Inpaint(Task):
         latents = encode(masked, generator)
         mask = F.interpolate(mask, size=tuple(latents.shape[-2:])).to(latents)
         return {CONCAT: torch.cat([mask, latents], 1)}
-
-    def keep(self, cond):
-        """Outside the mask: the concat's first channel is the mask (1 = repaint) at the denoiser's
-        resolution, in pixel and latent models alike."""
-        concat = cond.get(CONCAT)
-        return None if concat is None else 1 - concat[:, :1]
 
     def control(self, condition):
         return self.kwargs(condition)[CONCAT]

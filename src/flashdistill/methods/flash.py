@@ -105,10 +105,6 @@ class FlashConfig(StudentConfig):
                                             "of the noised real sample; the teacher's Eq. (2) target is solved from that "
                                             "state (0: the paper)")
     backward_simulation_steps: int = field(4, "the student sampler (2 or 4 steps) that backward_simulation runs")
-    known_region_target: bool = field(False, "inpainting teachers, with backward_simulation: on a simulated batch the "
-                                             "Eq. (2) target outside the mask is the image the condition keeps, not "
-                                             "the teacher's solve from the student's state, which carries that "
-                                             "state's error there (not in the paper)")
     train: TrainConfig = dc_field(default_factory=_flash_train_defaults, metadata={"help": "training loop"})
 
     def budget_overrides(self, factor: float) -> dict:
@@ -334,20 +330,16 @@ class FlashDistillation(StudentMethod):
         index = int(sample_grid_index(self.probabilities(step), 1, generator))
         t = self.grid[index].float().expand(x0.shape[0]).to(dev)
         x_t = sch.add_noise(x0, torch.randn(x0.shape, generator=generator).to(dev), t)
-        simulated = c.backward_simulation > 0 and index > 0 and float(torch.rand((), generator=generator)) < c.backward_simulation
-        if simulated:
+        if c.backward_simulation > 0 and index > 0 and float(torch.rand((), generator=generator)) < c.backward_simulation:
             x_t = self.simulated_state(student, x0.shape, t, cond, generator)
         w = self._guidance(x0.shape[0], generator, first=index == 0)
         solved = {"x0": x0, "x_t": x_t, "t": t, "cond": cond, "uncond": uncond}
-        known = self.teacher.task.keep(cond) if c.known_region_target and simulated else None
         keep = index + (c.consistency_skip or c.K // 4)  # default: one step of the 4-step sampler below t
         if c.consistency > 0 and keep < c.K:
             solved["target"], solved["x_next"] = self.teacher_target(x_t, index, cond, uncond, w, keep=keep)
             solved["t_next"] = self.grid[keep].float().expand(x0.shape[0]).to(dev).contiguous()
         else:
             solved["target"] = self.teacher_target(x_t, index, cond, uncond, w)
-        if known is not None:  # the kept region's true pixels, which the condition carries
-            solved["target"] = torch.lerp(solved["target"], x0, known.to(x0.dtype).expand_as(x0))
         if c.target_reuse > 1:
             solved["t"] = t.contiguous()  # laid out as a checkpoint restores it
             self.replay = (self.replay + [solved])[-c.replay_batches:]
