@@ -150,6 +150,53 @@ def test_block_scales_equal_peft_per_layer_scales_in_diffusers(tiny_teacher, sty
         load_model(flash_run, extra_loras=[(style_lora, {"mid": {"mid": 0.5}})])
 
 
+def test_extra_lora_limited_to_timesteps_switches_per_call_as_diffusers_set_adapters(tiny_teacher, style_lora,
+                                                                                      flash_run, tmp_path):
+    """A stacked LoRA with a timestep interval [lo, hi] applies at the calls whose timestep is
+    inside it, at its scale, and not at the others: per call, diffusers' UNet with both adapters and
+    the style's set_adapters weight set to the scale or to 0; a sample equals one whose calls switch
+    between the fused styled student and the plain one by timestep. A call mixing timesteps on both
+    sides is refused, and so are a bad interval and a second limited LoRA."""
+    import flashdistill as fd
+    from flashdistill.models.loading import load_model
+
+    scale = 0.7
+    ours = load_model(flash_run, extra_loras=[(style_lora, scale, (0, 600))])
+    assert ours.meta["extra_loras"] == [{"path": str(style_lora), "scale": scale, "interval": [0.0, 600.0]}]
+    unet = _two_adapter_unet(tiny_teacher, flash_run, style_lora, tmp_path / "export", scale)
+    x, _, cond = _probe(ours)
+    plain, fused = load_model(flash_run), load_model(flash_run, extra_loras=[(style_lora, scale)])
+    with torch.no_grad():
+        for t, weight, same_as in ((999, 0.0, plain), (600, scale, fused), (20, scale, fused), (601, 0.0, plain)):
+            tt = torch.full((3,), t)
+            unet.set_adapters(["flash", "style"], weights=[1.0, weight])
+            mine = ours.denoiser.backbone(x, tt, **cond).sample
+            torch.testing.assert_close(mine, unet(x, tt, **cond).sample, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(mine, same_as.denoiser.backbone(x, tt, **cond).sample, rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match=r"limited to timesteps \[0, 600\] needs one timestep per call"):
+            ours.denoiser.backbone(x, torch.tensor([999, 500, 20]), **cond)
+
+    # a 4-step sample with the style on every call but the first (t = 999)
+    prompts = ["a handwritten digit two", "a handwritten digit eight"]
+    got = fd.load(flash_run, extra_loras=[(style_lora, 1.0, (0, 998))]).generate_tensor(prompts, 4, seed=3)
+    switching = load_model(flash_run, extra_loras=[(style_lora, 1.0)])  # the style fused; its first call is the plain student's
+    styled_call, plain_call = switching.denoiser.backbone.forward, load_model(flash_run).denoiser.backbone
+    switching.denoiser.backbone.forward = lambda x, timestep, **kw: (
+        plain_call if float(timestep.flatten()[0]) >= 999 else styled_call)(x, timestep=timestep, **kw)
+    want = fd.Loaded(switching).generate_tensor(prompts, 4, seed=3)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    everywhere = fd.load(flash_run, extra_loras=[(style_lora, 1.0)]).generate_tensor(prompts, 4, seed=3)
+    assert (got - everywhere).abs().max() > 1e-3  # the first call made a difference
+
+    with pytest.raises(ValueError, match=r"needs 0 <= lo <= hi, got \[600, 20\]"):
+        load_model(flash_run, extra_loras=[(style_lora, 1.0, (600, 20))])
+    with pytest.raises(ValueError, match="one extra LoRA per model can be limited to a timestep interval"):
+        load_model(flash_run, extra_loras=[(style_lora, 1.0, (0, 998)), (style_lora, 0.5, (0, 500))])
+    # a fused LoRA given after the limited one is stacked before it
+    both = load_model(flash_run, extra_loras=[(style_lora, 1.0, (0, 998)), (style_lora, 0.5)])
+    assert [e.get("interval") for e in both.meta["extra_loras"]] == [None, [0.0, 998.0]]
+
+
 def test_extra_lora_from_the_cli_and_its_errors(tiny_teacher, style_lora, flash_run, tmp_path, capsys):
     from flashdistill.cli import main
 
@@ -174,6 +221,18 @@ def test_extra_lora_from_the_cli_and_its_errors(tiny_teacher, style_lora, flash_
     want = fd.load(flash_run, extra_loras=[(style_lora, {"default": 0.5, "mid": 0.0})]).generate_tensor(
         ["a handwritten digit two"] * 2, 2)
     np.testing.assert_allclose(np.load(blocks)["images"], want.clamp(-1, 1).numpy(), atol=1e-6)
+    limited = tmp_path / "limited.npz"
+    assert main(["sample", "--model", str(flash_run), "--prompt", "a handwritten digit two", "--steps", "2",
+                 "--num-images", "2", "--out", str(out), "--npz", str(limited), "--extra-lora", str(style_lora),
+                 "--extra-lora-scale", "mid=0.5", "--extra-lora-interval", "0", "998"]) == 0
+    want = fd.load(flash_run, extra_loras=[(style_lora, {"mid": 0.5}, (0, 998))]).generate_tensor(
+        ["a handwritten digit two"] * 2, 2)
+    np.testing.assert_allclose(np.load(limited)["images"], want.clamp(-1, 1).numpy(), atol=1e-6)
+    assert np.abs(np.load(limited)["images"] - np.load(blocks)["images"]).max() > 1e-3
+    code, err = error("--extra-lora", str(style_lora), "--extra-lora-interval", "998", "0")
+    assert code == 2 and "--extra-lora-interval 998 0: expected LO <= HI" in err
+    code, err = error("--extra-lora-interval", "0", "998")
+    assert code == 2 and "limits an --extra-lora, and none is given" in err
     with pytest.raises(SystemExit) as exit_:
         error("--extra-lora", str(style_lora), "--extra-lora-scale", "mid=half")
     assert exit_.value.code == 2 and "got 'half' in 'mid=half'" in capsys.readouterr().err
@@ -226,8 +285,10 @@ def test_composition_benchmark_writes_every_row(tmp_path, monkeypatch, tiny_chan
         ("teacher + style", 32, 64), ("teacher + style", 1, 2), ("teacher + style", 2, 4), ("teacher + style", 4, 8),
         ("flash + style", 1, 1), ("flash + style", 2, 2), ("flash + style", 4, 4),
         ("flash + style (mid 0.5)", 1, 1), ("flash + style (mid 0.5)", 2, 2), ("flash + style (mid 0.5)", 4, 4),
+        ("flash + style (mid 0.5, from the 2nd call)", 2, 2), ("flash + style (mid 0.5, from the 2nd call)", 4, 4),
         ("teacher (no style)", 32, 64), ("flash (no style)", 4, 4)]
-    assert [r["style_scale"] for r in result["rows"] if "style_scale" in r] == [1.0] * 3 + [{"mid": 0.5}] * 3
+    assert [r["style_scale"] for r in result["rows"] if "style_scale" in r] == [1.0] * 3 + [{"mid": 0.5}] * 5
+    assert [r["style_interval"] for r in result["rows"] if "style_scale" in r] == [None] * 6 + [(0, 998)] * 2
     assert all(r["style"] == "thick" and {"fd_unstyled", "ink", "teacher_mse"} <= set(r) for r in result["rows"])
     assert result["rows"][0]["teacher_mse"] == 0.0  # the reference is teacher + style at 32 steps
     assert set(result["targets"]) >= {"fd_ratio_4step", "fd_within_1.25x", "adherence_within_2_points"}

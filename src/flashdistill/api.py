@@ -389,7 +389,9 @@ def load(path, teacher=None, device: str = "cpu", extra_loras=(), timesteps=None
     """A teacher folder (built-in or diffusers pipeline), a distillation run or a LoRA folder;
     ``teacher``: the run's teacher folder when it is no longer where the run recorded it;
     ``extra_loras``: (LoRA, scale) pairs stacked on the model (a style LoRA on a student); a scale
-    is a number or per-UNet-block scales, ``{"mid": 0.5}`` (:func:`~flashdistill.models.loading.scale_lora_blocks`).
+    is a number or per-UNet-block scales, ``{"mid": 0.5}`` (:func:`~flashdistill.models.loading.scale_lora_blocks`);
+    a (LoRA, scale, (lo, hi)) triple applies that LoRA only at the calls whose timestep is in [lo, hi]
+    (one per model; e.g. (0, 998): every call of a student but its first, at t = 999).
     ``timesteps``: a student samples at these (high to low) at ``len(timesteps)`` steps, in place
     of its run's table, or at several such lists, one per step count
     (:func:`~flashdistill.models.student.with_timesteps`); also in :meth:`Loaded.pipeline_kwargs`."""
@@ -401,7 +403,7 @@ def _load_model(path, teacher=None, device: str = "cpu", extra_loras=(), timeste
     from .models.student import with_timesteps
 
     model = load_model(os.fspath(path), device=device, teacher=None if teacher is None else os.fspath(teacher),
-                       extra_loras=[(os.fspath(p), s) for p, s in extra_loras])
+                       extra_loras=[(os.fspath(p), *rest) for p, *rest in extra_loras])
     return model if timesteps is None else with_timesteps(model, timesteps)
 
 
@@ -482,7 +484,7 @@ def evaluate(model, steps=None, num_samples: int = 1000, teacher=None, guidance:
     Digits models: FD, pixel FD, histogram distance and adherence on ``num_samples`` digits prompts
     (and ``teacher_mse`` against ``teacher``'s 32-step output). Real models: FID against the
     ``reference`` image folder and CLIP score on ``prompts`` (local weights only). ``extra_loras``:
-    (LoRA, scale) pairs stacked on the model; a style LoRA's digits rows are scored against that
+    (LoRA, scale) pairs, or (LoRA, scale, (lo, hi)) triples, stacked on the model (:func:`load`); a style LoRA's digits rows are scored against that
     style's test set (``fd``, ``pixel_fd``, ``hist``), with ``fd_unstyled`` and ``ink`` beside.
     ``seed_set``: digits models only, a second (third, ...) set of sample seeds and condition draws
     on the same test digits, to check a choice made on the usual set (0). ``steps``: default 32

@@ -12,6 +12,8 @@ the plain test split), ``ink`` (mean pixel value) and adherence beside:
 - the Flash student with the style LoRA stacked at scale 1, at 1, 2 and 4 steps, and with the
   style's mid block (the 4x4 bottleneck, where the digit's layout is set) at half strength
   (``--extra-lora-scale mid=0.5``, chosen on a second set of sample seeds: docs/conditional.md);
+  and the latter on every call but the student's first (``--extra-lora-interval 0 998``), at 2
+  and 4 steps (at 1 step it would be the student alone);
 - the teacher and the Flash student without the style (how far the style moves the metrics).
 
 Targets (issue 13): the stacked 4-step student's FD within 1.25x of teacher + style at 32 steps, and
@@ -31,7 +33,10 @@ TEACHER_STEPS = 32
 SOLVER_STEPS = (1, 2, 4)
 STUDENT_STEPS = (1, 2, 4)
 MID_HALF = {"mid": 0.5}  # the style LoRA's mid block at half strength, every other block at 1
-STACKINGS = {"flash + style": 1.0, "flash + style (mid 0.5)": MID_HALF}
+SECOND_CALL_ON = (0, 998)  # the style on every call of the student but its first (t = 999)
+# name -> (scale, timestep interval or None, step counts)
+STACKINGS = {"flash + style": (1.0, None, STUDENT_STEPS), "flash + style (mid 0.5)": (MID_HALF, None, STUDENT_STEPS),
+             "flash + style (mid 0.5, from the 2nd call)": (MID_HALF, SECOND_CALL_ON, (2, 4))}
 
 
 def style_overrides(base_dir: Path) -> dict:
@@ -92,11 +97,12 @@ def run_composition(out, cache="runs/cache", num_samples: int | None = None, pro
     ensure_flash(base_dir, flash_dir, None, progress)
 
     models = {"teacher + style": load_model(base_dir, extra_loras=[(style_dir, 1.0)]),
-              **{name: load_model(flash_dir, extra_loras=[(style_dir, scale)]) for name, scale in STACKINGS.items()},
+              **{name: load_model(flash_dir, extra_loras=[(style_dir, scale, interval)])
+                 for name, (scale, interval, _) in STACKINGS.items()},
               "teacher (no style)": load_model(base_dir), "flash (no style)": load_model(flash_dir)}
     w = models["teacher + style"].default_guidance
     reference = teacher_reference(models["teacher + style"], num_samples)
-    jobs = [("teacher + style", [TEACHER_STEPS, *SOLVER_STEPS]), *((name, list(STUDENT_STEPS)) for name in STACKINGS),
+    jobs = [("teacher + style", [TEACHER_STEPS, *SOLVER_STEPS]), *((name, list(steps)) for name, (_, _, steps) in STACKINGS.items()),
             ("teacher (no style)", [TEACHER_STEPS]), ("flash (no style)", [4])]
     rows = []
     for name, steps in tqdm(jobs, desc="rows", disable=not progress):
@@ -104,7 +110,8 @@ def run_composition(out, cache="runs/cache", num_samples: int | None = None, pro
         student = name.startswith("flash")
         for r in score_digits(model, num_samples, steps, reference=reference, style=STYLE):
             rows.append({"method": name, "nfe": r["steps"] * (1 if student else 2), "guidance": None if student else w,
-                         **({"style_scale": STACKINGS[name]} if name in STACKINGS else {}),
+                         **({"style_scale": STACKINGS[name][0], "style_interval": STACKINGS[name][1]}
+                            if name in STACKINGS else {}),
                          **({"train_seconds": style_seconds} if name == "teacher + style" else {}), **r})
 
     prompts, _, seeds = eval_prompts(10)  # one of each digit
@@ -112,7 +119,7 @@ def run_composition(out, cache="runs/cache", num_samples: int | None = None, pro
               (f"teacher, {TEACHER_STEPS} steps", sample(models["teacher (no style)"], prompts, seeds, TEACHER_STEPS)),
               ("dpmpp_2m + style, 2 steps (4 NFE)", sample(models["teacher + style"], prompts, seeds, 2))]
     strips += [(f"{name}, {n} step{'s' * (n > 1)}", sample(models[name], prompts, seeds, n))
-               for name in STACKINGS for n in STUDENT_STEPS]
+               for name, (_, _, steps) in STACKINGS.items() for n in steps]
     strips.append(("flash, 4 steps", sample(models["flash (no style)"], prompts, seeds, 4)))
     result = {"preset": "composition", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "num_samples": num_samples, "style": STYLE, "fd_floor": fd_floor(num_samples, STYLE),

@@ -74,15 +74,49 @@ def load_teacher(path: str | Path, device="cpu", dtype: torch.dtype = torch.floa
 
 
 def load_model(path: str | Path, device="cpu", teacher: str | Path | None = None,
-               extra_loras: list[tuple[str | Path, float | dict]] = ()) -> Model:
+               extra_loras: list[tuple] = ()) -> Model:
     """A teacher folder (built-in or diffusers pipeline), a distillation run folder or a LoRA folder
     (its base teacher with the LoRA); ``teacher`` overrides the teacher folder a run (or the base a
     LoRA) recorded (a run copied to another machine). ``extra_loras``: (LoRA folder or file, scale)
-    pairs fused into the model, in order (:func:`apply_lora`)."""
+    pairs fused into the model, in order, or (LoRA, scale, (lo, hi)) triples: that LoRA applies only
+    at timesteps in [lo, hi] (:func:`apply_lora`; one such LoRA per model, stacked after the others)."""
     model = _load(Path(path), device, teacher)
-    for source, scale in extra_loras:
-        apply_lora(model, source, scale)
+    entries = [tuple(e) for e in extra_loras]
+    if sum(len(e) > 2 and e[2] is not None for e in entries) > 1:
+        raise ValueError("one extra LoRA per model can be limited to a timestep interval; got several")
+    for source, scale, *interval in sorted(entries, key=lambda e: len(e) > 2 and e[2] is not None):
+        apply_lora(model, source, scale, interval[0] if interval else None)
     return model.to(device)
+
+
+def lora_interval(interval) -> tuple[float, float]:
+    """A timestep interval [lo, hi], checked: two numbers, 0 <= lo <= hi."""
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"a LoRA's timestep interval is two numbers [lo, hi], got {interval!r}") from None
+    if not 0 <= lo <= hi:
+        raise ValueError(f"a LoRA's timestep interval [lo, hi] needs 0 <= lo <= hi, got [{lo:g}, {hi:g}]")
+    return lo, hi
+
+
+def scope_lora(backbone: torch.nn.Module, interval: tuple[float, float]) -> None:
+    """Switch the unfused LoRA layers of ``backbone`` on at the calls whose timestep is in
+    ``interval`` and off at the others (a forward pre-hook reading the backbone's ``timestep``):
+    diffusers' ``set_adapters`` weight of that LoRA set to its scale or 0 before each step. A call
+    mixing timesteps inside and outside the interval is refused."""
+    layers, (lo, hi) = lora_layers(backbone), interval
+
+    def switch(_module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        inside = (torch.as_tensor(t).flatten() >= lo) & (torch.as_tensor(t).flatten() <= hi)
+        if bool(inside.any()) != bool(inside.all()):
+            raise ValueError(f"a LoRA limited to timesteps [{lo:g}, {hi:g}] needs one timestep per call, or all "
+                             f"on one side; got {torch.as_tensor(t).flatten().tolist()}")
+        for m in layers:  # peft's flag, as adapter_scope sets it (no requires_grad side effects)
+            m.__dict__["_disable_adapters"] = not bool(inside.all())
+
+    backbone.register_forward_pre_hook(switch, with_kwargs=True)
 
 
 def _load(path: Path, device, teacher) -> Model:
@@ -205,14 +239,20 @@ def scale_lora_blocks(state: dict, scales: dict[str, float]) -> dict:
     return out
 
 
-def apply_lora(model: Model, source: str | Path, scale: float | dict = 1.0) -> Model:
+def apply_lora(model: Model, source: str | Path, scale: float | dict = 1.0,
+               interval: tuple[float, float] | None = None) -> Model:
     """Stack a LoRA on ``model`` without training: read with the family's diffusers LoRA loader
     (``lora_state_dict``: diffusers, peft and kohya files), loaded with the backbone's own
     ``load_lora_adapter``, fused at ``scale`` and unloaded, the same weights as diffusers'
     ``set_adapters([..., name], [..., scale])`` over the model's own LoRA; ``scale`` may be per
     UNet block (``{"mid": 0.5}``: :func:`scale_lora_blocks`). ``source``: a LoRA folder
     of ours, a folder with ``pytorch_lora_weights.safetensors`` or a ``.safetensors`` file. A LoRA
-    folder with a ``style`` makes the model's digits metrics score against that style."""
+    folder with a ``style`` makes the model's digits metrics score against that style.
+
+    ``interval`` (lo, hi): the LoRA applies only at the calls whose timestep is in [lo, hi]; it stays
+    an unfused adapter, switched per call (:func:`scope_lora`), and nothing can be stacked after it.
+    In diffusers: the same adapter's ``set_adapters`` weight set to ``scale`` or 0 before each step
+    (``callback_on_step_end``)."""
     import diffusers
 
     source = Path(source)
@@ -230,7 +270,9 @@ def apply_lora(model: Model, source: str | Path, scale: float | dict = 1.0) -> M
         raise ValueError(f"extra LoRAs stack on UNet and SD3 teachers and their students (diffusers has a LoRA "
                          f"loader for those), not on this {family} {type(backbone).__name__} model")
     if lora_layers(backbone):
-        raise ValueError("this model carries an unfused LoRA; load it for inference (fused) before stacking another")
+        raise ValueError("this model carries an unfused LoRA (a training student, or an extra LoRA limited to a "
+                         "timestep interval); stack other LoRAs before it")
+    interval = None if interval is None else lora_interval(interval)
     folder, weight_name = (source.parent, source.name) if source.is_file() else (source, LORA_WEIGHTS)
     if not (folder / weight_name).is_file():
         raise ModelNotFound(f"no LoRA weights at {str(folder / weight_name)!r}")
@@ -255,11 +297,17 @@ def apply_lora(model: Model, source: str | Path, scale: float | dict = 1.0) -> M
         raise ValueError(f"LoRA {str(source)!r} does not fit this model's {type(backbone).__name__}: {e}") from e
     if not lora_layers(backbone):
         raise ValueError(f"LoRA {str(source)!r} holds no {prefix} weights for this model")
-    backbone.fuse_lora(lora_scale=1.0 if isinstance(scale, dict) else scale, adapter_names=[name])
-    backbone.unload_lora()
+    if interval is None:
+        backbone.fuse_lora(lora_scale=1.0 if isinstance(scale, dict) else scale, adapter_names=[name])
+        backbone.unload_lora()
+    else:  # kept as an adapter at its scale, switched per call
+        if not isinstance(scale, dict):
+            backbone.set_adapters([name], weights=[scale])
+        scope_lora(backbone, interval)
     forget_layout(backbone)
     backbone.eval().requires_grad_(False)
-    model.meta = {**model.meta, "extra_loras": [*model.meta.get("extra_loras", []), {"path": str(source), "scale": scale}]}
+    entry = {"path": str(source), "scale": scale, **({"interval": list(interval)} if interval else {})}
+    model.meta = {**model.meta, "extra_loras": [*model.meta.get("extra_loras", []), entry]}
     if own.get("style"):
         model.meta["style"] = own["style"]
     return model
