@@ -225,7 +225,7 @@ def _add_extra_lora(p) -> None:
                    help="apply the first --extra-lora only at the calls whose timestep is in [LO, HI] (kept unfused "
                         "and switched per call, as diffusers' set_adapters weight changed per step). '0 998' leaves "
                         "a student's first call (t = 999) to the student alone: with '--extra-lora-scale mid=0.5' "
-                        "the digits style LoRA then scores 4-step FD 1.10-1.18x the styled teacher's at 1.7-1.8 "
+                        "the digits style LoRA then scores 4-step FD 1.10-1.18x the styled teacher's at 1.5-1.8 "
                         "points less adherence (docs/conditional.md, 'LoRA composition'); at 2 steps the style "
                         "comes too late")
 
