@@ -141,6 +141,52 @@ def test_pipeline_is_the_stock_diffusers_pipeline_with_the_student_fused(sd_run)
     torch.testing.assert_close(ref * 2 - 1, ours.clamp(-1, 1), rtol=1e-4, atol=1e-4)
 
 
+def test_extra_lora_interval_is_the_stock_pipeline_with_set_adapters_per_step(sd_run, tmp_path):
+    """The diffusers recipe of --extra-lora-interval (docs/guide.md): in the stock pipeline with the
+    exported student LoRA and an extra LoRA as two adapters, the extra one's set_adapters weight set
+    before each step (0 outside [lo, hi], its scale inside, by a callback_on_step_end) gives the
+    toolkit's 2-step sample with that LoRA limited to [lo, hi]. The extra LoRA here is the student's
+    own export at scale 0.5, on the second call only."""
+    import diffusers
+
+    import flashdistill as fd
+    from flashdistill.models.student import lcm_multistep, student_timesteps
+
+    teacher, run = sd_run
+    export = fd.export(run, tmp_path / "export", num_samples=0)
+    lora = export / "pytorch_lora_weights.safetensors"
+    ours = fd.load(run, extra_loras=[(lora, 0.5, (0, 600))]).model
+    ts = student_timesteps(ours.sampling, 2)
+    assert float(ts[0]) > 600 >= float(ts[1])  # the first call outside the interval, the second inside
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(teacher), safety_checker=None,
+                                                             requires_safety_checker=False)
+    pipe.load_lora_weights(str(export), adapter_name="flash")
+    pipe.load_lora_weights(str(export), adapter_name="extra")
+    pipe.scheduler = diffusers.LCMScheduler.from_pretrained(export, subfolder="scheduler")
+
+    def weight(t):
+        return 0.5 if 0 <= float(t) <= 600 else 0.0
+
+    def per_step(pipe, i, t, callback_kwargs):
+        if i + 1 < len(pipe.scheduler.timesteps):
+            pipe.set_adapters(["flash", "extra"], [1.0, weight(pipe.scheduler.timesteps[i + 1])])
+        return callback_kwargs
+
+    prompts = ["a cat", "a dog"]
+    lat = torch.randn(2, *ours.image_shape, generator=torch.Generator().manual_seed(5))
+    pipe.set_adapters(["flash", "extra"], [1.0, weight(ts[0])])
+    ref = pipe(prompts, num_inference_steps=2, timesteps=ts.long().tolist(), guidance_scale=1.0, latents=lat.clone(),
+               generator=torch.Generator().manual_seed(7), output_type="latent", callback_on_step_end=per_step).images
+    gen = torch.Generator().manual_seed(7)
+    noises = [torch.randn(lat.shape, generator=gen) for _ in range(2)]
+    with torch.no_grad():
+        mine = lcm_multistep(ours.denoiser, lat, ts, ours.cond(prompts), ours.schedule, noises)
+        everywhere = fd.load(run, extra_loras=[(lora, 0.5)]).model
+        whole = lcm_multistep(everywhere.denoiser, lat, ts, everywhere.cond(prompts), everywhere.schedule, noises)
+    torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item() + 1e-6)
+    assert (mine - whole).abs().max() > 1e-4  # the first call made a difference
+
+
 def test_kohya_export_round_trips_to_the_same_weights(sd_run, tmp_path, capsys):
     import diffusers
     from diffusers.utils import convert_unet_state_dict_to_peft
