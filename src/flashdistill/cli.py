@@ -53,14 +53,19 @@ def _add_guidance_interval(p) -> None:
                         "same adherence (docs/quality.md section 20). Students run no CFG and ignore it")
 
 
-def _guidance_interval(args):
-    """--guidance-interval LO HI as a (lo, hi) tuple, None when absent; LO > HI is refused."""
-    if args.guidance_interval is None:
+def _interval(flag: str, pair, example: str):
+    """A LO HI timestep flag's value as a (lo, hi) tuple, None when absent; LO > HI is refused."""
+    if pair is None:
         return None
-    lo, hi = args.guidance_interval
+    lo, hi = pair
     if lo > hi:
-        raise ValueError(f"--guidance-interval {lo:g} {hi:g}: expected LO <= HI (timesteps, e.g. 100 500)")
+        raise ValueError(f"{flag} {lo:g} {hi:g}: expected LO <= HI (timesteps, e.g. {example})")
     return lo, hi
+
+
+def _guidance_interval(args):
+    """--guidance-interval LO HI as a (lo, hi) tuple, None when absent."""
+    return _interval("--guidance-interval", args.guidance_interval, "100 500")
 
 
 def lora_scale_arg(text: str) -> float | dict[str, float]:
@@ -178,14 +183,11 @@ def _extra_loras(args) -> list[tuple]:
         raise ValueError(f"{len(scales)} --extra-lora-scale value(s) for {len(loras)} --extra-lora: give one "
                          "scale per LoRA, in the same order")
     out = [(lora, scales[i] if i < len(scales) else 1.0) for i, lora in enumerate(loras)]
-    interval = getattr(args, "extra_lora_interval", None)
+    interval = _interval("--extra-lora-interval", args.extra_lora_interval, "0 998")
     if interval is not None:
-        lo, hi = interval
         if not out:
-            raise ValueError(f"--extra-lora-interval {lo:g} {hi:g} limits an --extra-lora, and none is given")
-        if lo > hi:
-            raise ValueError(f"--extra-lora-interval {lo:g} {hi:g}: expected LO <= HI (timesteps, e.g. 0 998)")
-        out[0] = (*out[0], (lo, hi))
+            raise ValueError(f"--extra-lora-interval {interval[0]:g} {interval[1]:g} limits an --extra-lora, and none is given")
+        out[0] = (*out[0], interval)
     return out
 
 

@@ -108,11 +108,11 @@ def scope_lora(backbone: torch.nn.Module, interval: tuple[float, float]) -> None
     layers, (lo, hi) = lora_layers(backbone), interval
 
     def switch(_module, args, kwargs):
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        inside = (torch.as_tensor(t).flatten() >= lo) & (torch.as_tensor(t).flatten() <= hi)
+        t = torch.as_tensor(kwargs.get("timestep", args[1] if len(args) > 1 else None)).flatten()
+        inside = (t >= lo) & (t <= hi)
         if bool(inside.any()) != bool(inside.all()):
             raise ValueError(f"a LoRA limited to timesteps [{lo:g}, {hi:g}] needs one timestep per call, or all "
-                             f"on one side; got {torch.as_tensor(t).flatten().tolist()}")
+                             f"on one side; got {t.tolist()}")
         for m in layers:  # peft's flag, as adapter_scope sets it (no requires_grad side effects)
             m.__dict__["_disable_adapters"] = not bool(inside.all())
 
